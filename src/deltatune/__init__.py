@@ -1,7 +1,33 @@
-"""deltatune: parameter-efficient (delta) fine-tuning for PyTorch."""
+"""deltatune: parameter-efficient (delta) fine-tuning for PyTorch.
+
+Quick start::
+
+    import deltatune as dt
+    model = dt.apply(model, dt.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))
+    dt.trainable_summary(model).print()
+    ...  # train
+    dt.save_delta(model, "out/delta")
+"""
 
 from __future__ import annotations
 
+from ._version import __version__
+from .api import (
+    active_adapters,
+    adapter_names,
+    apply,
+    delete_adapter,
+    disable_adapters,
+    get_config,
+    merge,
+    merge_and_unload,
+    set_active_adapter,
+    targeted_modules,
+    unload,
+    unmerge,
+)
+from .checkpoint import delta_state_dict, load_delta, save_delta
+from .config import DeltaConfig, config_from_dict, load_config
 from .errors import (
     AdapterNotFoundError,
     CheckpointError,
@@ -13,18 +39,46 @@ from .errors import (
     TargetNotFoundError,
     UnsupportedModuleError,
 )
-
-__version__ = "0.1.0"
+from .freeze import TrainableSummary, freeze_delta, trainable_summary
+from .methods import get_method, method_names
+from .methods.lora import LoraConfig
+from .peft_io import export_peft, import_peft
 
 __all__ = [
     "AdapterNotFoundError",
     "CheckpointError",
     "DataFormatError",
+    "DeltaConfig",
     "DeltaConfigError",
     "DeltaConfigTypeError",
     "DeltaError",
+    "LoraConfig",
     "MissingPackageError",
     "TargetNotFoundError",
+    "TrainableSummary",
     "UnsupportedModuleError",
     "__version__",
+    "active_adapters",
+    "adapter_names",
+    "apply",
+    "config_from_dict",
+    "delete_adapter",
+    "delta_state_dict",
+    "disable_adapters",
+    "export_peft",
+    "freeze_delta",
+    "get_config",
+    "get_method",
+    "import_peft",
+    "load_config",
+    "load_delta",
+    "merge",
+    "merge_and_unload",
+    "method_names",
+    "save_delta",
+    "set_active_adapter",
+    "targeted_modules",
+    "trainable_summary",
+    "unload",
+    "unmerge",
 ]

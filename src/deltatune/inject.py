@@ -1,0 +1,198 @@
+"""Finding target modules by name (exact, suffix, wildcard, regex, "all-linear") and replacing them.
+
+Names are *logical*: the module paths of the original model, unaffected by delta wrappers
+(``...q_proj`` stays ``...q_proj`` even when the module there is a LoRA wrapper whose original
+layer sits at ``...q_proj.base_layer``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from .errors import TargetNotFoundError
+
+__all__ = [
+    "ModuleSlot",
+    "iter_module_slots",
+    "match_pattern",
+    "layer_index",
+    "select_targets",
+    "is_linear_like",
+    "output_layer_names",
+]
+
+_REGEX_CHARS = set("^$()[]{}+?|\\*")
+DEFAULT_LAYER_PATTERNS = ("layers", "h", "layer", "blocks", "block")
+
+
+@dataclass
+class ModuleSlot:
+    """A module in the logical tree, with the real parent and attribute that hold it."""
+
+    name: str
+    module: nn.Module
+    parent: nn.Module | None
+    attr: str | None
+
+
+def iter_module_slots(model: nn.Module) -> Iterator[ModuleSlot]:
+    """Yield every module under its logical name; delta wrappers are yielded but not entered,
+    except for their base layer's children (which keep the logical prefix)."""
+    from .methods.base import DeltaLayer
+
+    def visit(prefix: str, module: nn.Module, parent: nn.Module | None, attr: str | None) -> Iterator[ModuleSlot]:
+        yield ModuleSlot(prefix, module, parent, attr)
+        inner = module
+        while isinstance(inner, DeltaLayer):
+            inner = inner.base_layer
+        for child_name, child in inner.named_children():
+            yield from visit(f"{prefix}.{child_name}" if prefix else child_name, child, inner, child_name)
+
+    yield from visit("", model, None, None)
+
+
+def _pattern_kind(pattern: str) -> tuple[str, str]:
+    if pattern.startswith("re:"):
+        return "regex", pattern[3:]
+    if any(c in pattern for c in "*?["):
+        return "glob", pattern
+    return "name", pattern
+
+
+def match_pattern(name: str, pattern: str) -> bool:
+    """Does logical module ``name`` match one entry of a target list?"""
+    kind, pat = _pattern_kind(pattern)
+    if kind == "regex":
+        return re.fullmatch(pat, name) is not None
+    if kind == "glob":
+        return fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(name, "*." + pat)
+    return name == pat or name.endswith("." + pat)
+
+
+def normalise_patterns(spec: str | Sequence[str] | None) -> list[str] | None:
+    """Turn a config's target spec into a list of list-style entries."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec == "all-linear":
+            return ["all-linear"]
+        if any(c in _REGEX_CHARS for c in spec):
+            return ["re:" + spec]
+        return [spec]
+    return list(spec)
+
+
+def layer_index(name: str, patterns: Sequence[str] | None = None) -> int | None:
+    """The layer number in a name like ``model.layers.3.mlp`` (None when there is none)."""
+    for pat in patterns or DEFAULT_LAYER_PATTERNS:
+        m = re.search(rf"(?:^|\.){re.escape(pat)}\.(\d+)(?:\.|$)", name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear or transformers' GPT-2 Conv1D."""
+    if isinstance(module, nn.Linear):
+        return True
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def output_layer_names(model: nn.Module) -> set[str]:
+    """Names of the output projection(s) (tied LM head, classifier) that "all-linear" leaves out."""
+    names: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = None
+    if callable(get_out):
+        try:
+            out = get_out()
+        except (NotImplementedError, AttributeError):
+            out = None
+    for slot in iter_module_slots(model):
+        leaf = slot.name.rsplit(".", 1)[-1]
+        if (out is not None and slot.module is out) or leaf in ("lm_head", "score", "classifier", "cls", "qa_outputs"):
+            names.add(slot.name)
+    return names
+
+
+def _closest(names: list[str], patterns: Sequence[str]) -> list[str]:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n})
+    out: list[str] = []
+    for p in patterns:
+        probe = p[3:] if p.startswith("re:") else p
+        probe = probe.rsplit(".", 1)[-1].strip("*")
+        out += difflib.get_close_matches(probe, leaves, n=5, cutoff=0.4)
+    seen: list[str] = []
+    for c in out + leaves[:10]:
+        if c not in seen:
+            seen.append(c)
+    return seen[:10]
+
+
+def select_targets(
+    model: nn.Module,
+    target_modules: str | Sequence[str] | None,
+    *,
+    exclude_modules: str | Sequence[str] | None = None,
+    layers_to_transform: Sequence[int] | None = None,
+    layers_pattern: str | Sequence[str] | None = None,
+    what: str = "target_modules",
+    skip: set[str] | None = None,
+) -> list[ModuleSlot]:
+    """Resolve a target spec to module slots, in model order.
+
+    Raises :class:`TargetNotFoundError` when an entry matches no module (naming the closest
+    module names), so a typo is never silently ignored.
+    """
+    patterns = normalise_patterns(target_modules) or []
+    excludes = normalise_patterns(exclude_modules) or []
+    lp = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    slots = [s for s in iter_module_slots(model) if s.name and s.parent is not None]
+    names = [s.name for s in slots]
+    out_names = output_layer_names(model) if "all-linear" in patterns else set()
+
+    def hit(slot: ModuleSlot, pattern: str) -> bool:
+        if pattern == "all-linear":
+            from .methods.base import unwrap
+
+            return is_linear_like(unwrap(slot.module)) and slot.name not in out_names
+        return match_pattern(slot.name, pattern)
+
+    unmatched = [p for p in patterns if not any(hit(s, p) for s in slots)]
+    if unmatched:
+        raise TargetNotFoundError(
+            f"{what} entr{'y' if len(unmatched) == 1 else 'ies'} {unmatched} matched no module of "
+            f"{type(model).__name__}; closest module names: {_closest(names, unmatched)}"
+        )
+    bad_ex = [p for p in excludes if not any(match_pattern(s.name, p) for s in slots)]
+    if bad_ex:
+        raise TargetNotFoundError(
+            f"exclude_modules entr{'y' if len(bad_ex) == 1 else 'ies'} {bad_ex} matched no module of "
+            f"{type(model).__name__}; closest module names: {_closest(names, bad_ex)}"
+        )
+    chosen: list[ModuleSlot] = []
+    for slot in slots:
+        if skip and slot.name in skip:
+            continue
+        if not any(hit(slot, p) for p in patterns):
+            continue
+        if any(match_pattern(slot.name, p) for p in excludes):
+            continue
+        if layers_to_transform is not None:
+            idx = layer_index(slot.name, lp)
+            if idx is None or idx not in layers_to_transform:
+                continue
+        chosen.append(slot)
+    if not chosen:
+        raise TargetNotFoundError(
+            f"{what}={list(patterns)} with exclude_modules={excludes or None}, "
+            f"layers_to_transform={list(layers_to_transform) if layers_to_transform is not None else None} "
+            f"selects no module of {type(model).__name__}; closest module names: {_closest(names, patterns)}"
+        )
+    return chosen

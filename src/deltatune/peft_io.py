@@ -1,0 +1,235 @@
+"""Import and export of the PEFT LoRA adapter format (``adapter_config.json`` +
+``adapter_model.safetensors``), so deltatune adapters load in PEFT/vLLM and theirs load here.
+
+Fused-slice layers (``enable_lora``) are exported exactly as an ordinary LoRA of rank
+``r * enabled_slices`` whose B matrix is block-structured (zeros on the disabled slices), with the
+rank and alpha written into ``rank_pattern`` / ``alpha_pattern`` so the scaling stays the same.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .api import _record, apply
+from .errors import CheckpointError, DeltaConfigError
+from .io_utils import atomic_write_bytes, atomic_write_text
+from .methods.base import ModulesToSaveWrapper, delta_layers, get_records, logical_param_name
+from .methods.lora import LoraConfig, LoraLayer
+from .validation import check_type
+
+__all__ = ["export_peft", "import_peft"]
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_WEIGHTS_BIN = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+
+def _logical(path: str) -> str:
+    return logical_param_name(path)
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
+                *, base_model_name_or_path: str | None = None, task_type: str | None = None) -> Path:
+    """Write adapter ``adapter_name`` (LoRA) in PEFT's format; returns the directory."""
+    from safetensors.torch import save
+
+    record = _record(model, adapter_name)
+    if record.method != "lora":
+        raise DeltaConfigError(f"export_peft supports LoRA adapters only; adapter {adapter_name!r} is {record.method!r}")
+    cfg = record.config
+    assert isinstance(cfg, LoraConfig)
+    tensors: dict[str, torch.Tensor] = {}
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    targets: list[str] = []
+    for path, layer in delta_layers(model):
+        if isinstance(layer, ModulesToSaveWrapper):
+            if adapter_name in layer.adapter_names:
+                name = _logical(path)
+                for pname, p in layer.modules_to_save[adapter_name].named_parameters():
+                    tensors[f"{PREFIX}{name}.{pname}"] = p.detach()
+            continue
+        if not isinstance(layer, LoraLayer) or adapter_name not in layer.adapter_names:
+            continue
+        name = _logical(path)
+        targets.append(name)
+        r, alpha = layer.r[adapter_name], layer.alpha[adapter_name]
+        key = f"{PREFIX}{name}"
+        if layer.kind == "embedding":
+            tensors[f"{key}.lora_embedding_A"] = layer.lora_embedding_A[adapter_name].detach()
+            tensors[f"{key}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name].detach()
+        else:
+            A = layer.lora_A[adapter_name].weight.detach()
+            B = layer.lora_B[adapter_name].weight.detach()
+            slices = layer.slices[adapter_name]
+            if slices is not None:
+                n_on, k = sum(slices), len(slices)
+                step = layer.out_features // k
+                full_B = B.new_zeros(layer.out_features, r * n_on)
+                j = 0
+                for i, on in enumerate(slices):
+                    if on:
+                        full_B[i * step : (i + 1) * step, j * r : (j + 1) * r] = B[j * step : (j + 1) * step]
+                        j += 1
+                B = full_B
+                alpha = alpha * (math.sqrt(n_on) if cfg.use_rslora else n_on)
+                r = r * n_on
+            tensors[f"{key}.lora_A.weight"] = A
+            tensors[f"{key}.lora_B.weight"] = B
+        if layer.use_dora[adapter_name]:
+            mag = layer.lora_magnitude[adapter_name].detach()
+            if layer.kind == "conv":
+                mag = mag.view(1, -1, *([1] * (layer.base_layer.weight.dim() - 2)))
+            tensors[f"{key}.lora_magnitude_vector"] = mag
+        if r != cfg.r:
+            rank_pattern[name] = r
+        if alpha != cfg.alpha:
+            alpha_pattern[name] = alpha
+    from .methods import get_method
+
+    for pname in get_method("lora").extra_trainable(model, cfg, adapter_name):
+        p = model.get_parameter(pname)
+        logical = _logical(pname)
+        owner = logical.rsplit(".", 1)[0]
+        suffix = "base_layer.bias" if owner in targets else "bias"
+        tensors[f"{PREFIX}{owner}.{suffix}"] = p.detach()
+    if not tensors:
+        raise CheckpointError(f"adapter {adapter_name!r} owns no LoRA tensors; nothing to export")
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path
+        or getattr(getattr(model, "config", None), "_name_or_path", None),
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.use_dora,
+        "bias": cfg.bias,
+        "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in delta_layers(model) if isinstance(layer, LoraLayer)),
+        "target_modules": sorted(targets),
+        "exclude_modules": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "modules_to_save": list(record.modules_to_save) or None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+        "lora_bias": False,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    atomic_write_bytes(directory / PEFT_WEIGHTS, save(out, metadata={"format": "pt"}))
+    atomic_write_text(directory / PEFT_CONFIG, json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def _peft_patterns(table: dict[str, Any]) -> dict[str, Any]:
+    # PEFT matches pattern keys as a suffix regex: "(.*\.)?<key>$".
+    return {f"re:(.*\\.)?{k}": v for k, v in (table or {}).items()}
+
+
+def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> nn.Module:
+    """Apply a PEFT LoRA adapter directory to ``model`` as adapter ``name`` (in place; returns it)."""
+    check_type("directory", directory, (str, os.PathLike), "a path")
+    directory = Path(directory)
+    cfg_path = directory / PEFT_CONFIG
+    if not cfg_path.is_file():
+        raise DeltaConfigError(f"directory must hold a PEFT {PEFT_CONFIG}, got {str(directory)!r}")
+    pc = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if pc.get("peft_type") != "LORA":
+        raise CheckpointError(f"import_peft reads LoRA adapters only; {str(cfg_path)!r} has peft_type {pc.get('peft_type')!r}")
+    unsupported = {k: pc[k] for k in ("lora_bias", "layer_replication", "use_qalora", "target_parameters") if pc.get(k)}
+    if pc.get("init_lora_weights") not in (True, False, "gaussian", None):
+        unsupported["init_lora_weights"] = pc["init_lora_weights"]
+    if unsupported:
+        raise CheckpointError(f"PEFT adapter uses options deltatune does not import: {unsupported}")
+    if (directory / PEFT_WEIGHTS).is_file():
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(directory / PEFT_WEIGHTS))
+    elif (directory / PEFT_WEIGHTS_BIN).is_file():
+        tensors = torch.load(directory / PEFT_WEIGHTS_BIN, map_location="cpu", weights_only=True)
+    else:
+        raise CheckpointError(f"{str(directory)!r} has neither {PEFT_WEIGHTS} nor {PEFT_WEIGHTS_BIN}")
+    targets = pc.get("target_modules")
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = ["re:" + targets]
+    lp = pc.get("layers_pattern")
+    config = LoraConfig(
+        r=pc["r"],
+        alpha=pc.get("lora_alpha", 8),
+        dropout=pc.get("lora_dropout", 0.0) or 0.0,
+        use_rslora=bool(pc.get("use_rslora", False)),
+        use_dora=bool(pc.get("use_dora", False)),
+        bias=pc.get("bias", "none"),
+        target_modules=targets,
+        exclude_modules=pc.get("exclude_modules") or None,
+        layers_to_transform=pc.get("layers_to_transform"),
+        layers_pattern=lp or None,
+        rank_pattern=_peft_patterns(pc.get("rank_pattern")),
+        alpha_pattern=_peft_patterns(pc.get("alpha_pattern")),
+        modules_to_save=pc.get("modules_to_save") or None,
+        fan_in_fan_out=bool(pc.get("fan_in_fan_out", False)),
+    )
+    apply(model, config, name)
+    state = {}
+    for key, value in tensors.items():
+        if not key.startswith(PREFIX):
+            raise CheckpointError(f"unexpected key {key!r} in the PEFT adapter (expected the prefix {PREFIX!r})")
+        state[key[len(PREFIX):]] = value
+    _load_peft_tensors(model, state, name)
+    return model
+
+
+def _load_peft_tensors(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    params = {_logical(k): v for k, v in model.named_parameters(remove_duplicate=False)}
+    wanted: dict[str, torch.nn.Parameter] = {}
+    for path, layer in delta_layers(model):
+        logical = _logical(path)
+        if isinstance(layer, ModulesToSaveWrapper) and name in layer.adapter_names:
+            for pname, p in layer.modules_to_save[name].named_parameters():
+                wanted[f"{logical}.{pname}"] = p
+        elif isinstance(layer, LoraLayer) and name in layer.adapter_names:
+            if layer.kind == "embedding":
+                wanted[f"{logical}.lora_embedding_A"] = layer.lora_embedding_A[name]
+                wanted[f"{logical}.lora_embedding_B"] = layer.lora_embedding_B[name]
+            else:
+                wanted[f"{logical}.lora_A.weight"] = layer.lora_A[name].weight
+                wanted[f"{logical}.lora_B.weight"] = layer.lora_B[name].weight
+            if layer.use_dora[name]:
+                wanted[f"{logical}.lora_magnitude_vector"] = layer.lora_magnitude[name]
+    for key in state:
+        if key.endswith("bias") and key not in wanted:
+            logical = key.replace(".base_layer.bias", ".bias")
+            if logical in params:
+                wanted[key] = params[logical]
+    missing = sorted(set(wanted) - set(state) - {k for k in wanted if k.endswith("bias") and k not in state})
+    unexpected = sorted(set(state) - set(wanted))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"PEFT adapter does not fit the model: missing {missing[:10]}, not in the model {unexpected[:10]}"
+        )
+    with torch.no_grad():
+        for key, p in wanted.items():
+            if key not in state:
+                continue
+            t = state[key]
+            if t.numel() != p.numel():
+                raise CheckpointError(f"{key}: PEFT tensor shape {tuple(t.shape)} vs model {tuple(p.shape)}")
+            p.copy_(t.reshape(p.shape).to(dtype=p.dtype, device=p.device))
+
+
+def adapters_of(model: nn.Module) -> list[str]:
+    """The adapter names on the model (convenience for the CLI)."""
+    return list(get_records(model))
