@@ -1,0 +1,37 @@
+"""The training engine: :class:`Trainer`, :class:`TrainConfig` and their helpers."""
+
+from __future__ import annotations
+
+from .checkpoint import (
+    find_latest_checkpoint,
+    list_checkpoints,
+    load_trainable_params,
+    save_trainable_params,
+)
+from .config import TrainConfig
+from .distributed import EpochBatchSampler
+from .logging import read_log
+from .losses import PadCollator, causal_lm_loss
+from .optim import AdamW, param_groups
+from .schedules import build_scheduler, lr_factor
+from .trainer import Trainer, TrainerCallback, TrainState, set_seed
+
+__all__ = [
+    "AdamW",
+    "EpochBatchSampler",
+    "PadCollator",
+    "TrainConfig",
+    "TrainState",
+    "Trainer",
+    "TrainerCallback",
+    "build_scheduler",
+    "causal_lm_loss",
+    "find_latest_checkpoint",
+    "list_checkpoints",
+    "load_trainable_params",
+    "lr_factor",
+    "param_groups",
+    "read_log",
+    "save_trainable_params",
+    "set_seed",
+]

@@ -1,0 +1,128 @@
+"""Token-level losses and the default collate function.
+
+A loss function returns ``(loss, n)``: ``loss`` is the *mean* over ``n`` units (tokens for a
+language model, examples for a classifier). The trainer weights each micro-batch by ``n`` so that
+an accumulated (or distributed) batch is averaged over all of its units, exactly as one big batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DeltaConfigError
+
+__all__ = [
+    "IGNORE_INDEX",
+    "PadCollator",
+    "causal_lm_loss",
+    "count_loss_tokens",
+    "get_logits",
+]
+
+IGNORE_INDEX = -100
+
+
+def get_logits(outputs: Any) -> torch.Tensor:
+    """The logits of a model output: ``outputs.logits``, ``outputs["logits"]`` or the tensor itself."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, Mapping):
+        logits = outputs.get("logits")
+    if logits is None and isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        logits = outputs[0]
+    if logits is None:
+        raise DeltaConfigError(
+            f"the default loss needs model outputs with .logits (or a logits tensor), got {type(outputs).__name__}; "
+            "pass loss_fn=... to the Trainer for other models"
+        )
+    return logits
+
+
+def _aligned_labels(labels: torch.Tensor, shift: bool) -> torch.Tensor:
+    return labels[..., 1:] if shift else labels
+
+
+def count_loss_tokens(labels: torch.Tensor, shift: bool = True) -> int:
+    """How many label positions count in the loss (not ``-100``; after the causal shift if ``shift``)."""
+    return int((_aligned_labels(labels, shift) != IGNORE_INDEX).sum())
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0, shift: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token cross-entropy (fp32) and the number of counted tokens.
+
+    With ``shift`` the logits at position ``t`` predict ``labels[t + 1]`` (Hugging Face causal-LM
+    convention, labels aligned with ``input_ids``). Positions labelled ``-100`` are ignored.
+    ``sum / n`` equals ``F.cross_entropy(..., ignore_index=-100, label_smoothing=...)``.
+    """
+    if shift:
+        logits = logits[..., :-1, :]
+        labels = labels[..., 1:]
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    labels = labels.reshape(-1).to(logits.device)
+    total = F.cross_entropy(
+        logits, labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, reduction="sum"
+    )
+    return total, (labels != IGNORE_INDEX).sum()
+
+
+_SEQ_PAD = {"attention_mask": 0, "labels": IGNORE_INDEX, "token_type_ids": 0, "special_tokens_mask": 1}
+
+
+class PadCollator:
+    """Collate a list of feature dicts, right-padding the variable-length sequence fields.
+
+    ``input_ids`` are padded with ``pad_token_id``, ``attention_mask`` with 0, ``labels`` with -100,
+    ``token_type_ids`` with 0. Without ``attention_mask`` one is built from the lengths; without
+    ``labels`` (and without a ``label`` key) the labels are a copy of ``input_ids`` with padding
+    set to -100 (causal LM). Other keys go through ``torch.utils.data.default_collate``.
+    Non-dict examples are passed to ``default_collate`` unchanged.
+    """
+
+    def __init__(self, pad_token_id: int = 0) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: Sequence[Any]) -> Any:
+        if not features or not isinstance(features[0], Mapping):
+            return torch.utils.data.default_collate(list(features))
+        keys = list(features[0].keys())
+        for i, f in enumerate(features):
+            if set(f.keys()) != set(keys):
+                raise DeltaConfigError(
+                    f"every example in a batch must have the same keys; example 0 has {sorted(keys)}, "
+                    f"example {i} has {sorted(f.keys())}"
+                )
+        batch: dict[str, Any] = {}
+        seq_keys = [k for k in keys if k == "input_ids" or k in _SEQ_PAD]
+        lengths = None
+        if "input_ids" in keys:
+            lengths = [len(f["input_ids"]) for f in features]
+        for key in keys:
+            if key in seq_keys:
+                pad = self.pad_token_id if key == "input_ids" else _SEQ_PAD[key]
+                batch[key] = _pad([f[key] for f in features], pad)
+            else:
+                batch[key] = torch.utils.data.default_collate([f[key] for f in features])
+        if lengths is not None:
+            width = batch["input_ids"].shape[1]
+            valid = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+            if "attention_mask" not in batch:
+                batch["attention_mask"] = valid.long()
+            if "labels" not in batch and "label" not in batch:
+                batch["labels"] = batch["input_ids"].masked_fill(~valid, IGNORE_INDEX)
+        return batch
+
+
+def _pad(seqs: list[Any], value: int) -> torch.Tensor:
+    tensors = [s if isinstance(s, torch.Tensor) else torch.as_tensor(s) for s in seqs]
+    width = max(int(t.shape[0]) for t in tensors)
+    out = torch.full((len(tensors), width), value, dtype=tensors[0].dtype)
+    for i, t in enumerate(tensors):
+        out[i, : t.shape[0]] = t
+    return out

@@ -1,0 +1,148 @@
+"""AdamW with a bias-correction switch, and the weight-decay grouping rule.
+
+``torch.optim.AdamW`` always applies Adam's bias corrections. :class:`AdamW` here computes the
+same update when ``bias_correction=True`` and the uncorrected one (as in the original BERT
+optimiser) when ``False``::
+
+    p <- p * (1 - lr * wd)                        # decoupled weight decay
+    m <- beta1 * m + (1 - beta1) * g
+    v <- beta2 * v + (1 - beta2) * g * g
+    bias_correction=True:   p <- p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+    bias_correction=False:  p <- p - lr * m / (sqrt(v) + eps)
+
+Weight-decay rule (:func:`param_groups`): a trainable parameter is decayed unless it is
+one-dimensional (biases, norm scales, 1-D adapter vectors), its name ends with ``bias``, or it
+belongs to a normalisation module (``LayerNorm``, ``GroupNorm``, ``BatchNorm*``, ``InstanceNorm*``,
+``LocalResponseNorm`` or any class whose name contains ``Norm``, e.g. ``LlamaRMSNorm``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..validation import check_bool, check_float
+
+__all__ = ["AdamW", "param_groups", "uses_weight_decay"]
+
+_NORM_TYPES = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.modules.batchnorm._NormBase,
+)
+
+
+def _is_norm_module(module: nn.Module) -> bool:
+    return isinstance(module, _NORM_TYPES) or "Norm" in type(module).__name__
+
+
+def uses_weight_decay(name: str, param: torch.Tensor, owner: nn.Module | None = None) -> bool:
+    """Whether the rule above decays parameter ``name`` (``owner`` is the module that holds it)."""
+    if param.ndim < 2 or name.split(".")[-1].endswith("bias"):
+        return False
+    return not (owner is not None and _is_norm_module(owner))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Split the ``requires_grad`` parameters of ``model`` into a decayed and a non-decayed group.
+
+    Each group carries ``"names"`` (parameter names, in ``named_parameters`` order) so that a
+    checkpoint can check it is loaded into the same parameters. Empty groups are left out.
+    """
+    decay: list[tuple[str, nn.Parameter]] = []
+    no_decay: list[tuple[str, nn.Parameter]] = []
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        for p_name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            (decay if uses_weight_decay(full, param, module) else no_decay).append((full, param))
+    groups = []
+    if decay:
+        groups.append({"params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": [p for _, p in no_decay], "names": [n for n, _ in no_decay], "weight_decay": 0.0})
+    return groups
+
+
+class AdamW(torch.optim.Optimizer):
+    """Decoupled-weight-decay Adam with ``bias_correction`` on or off (see the module docstring).
+
+    Works on any float parameters; the moment buffers have the parameter's dtype and device.
+    Uses multi-tensor (``torch._foreach_*``) kernels per parameter group.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        bias_correction: bool = True,
+    ) -> None:
+        lr = check_float("lr", lr, low=0.0)
+        check_float("betas[0]", betas[0], low=0.0, high=1.0, high_inclusive=False)
+        check_float("betas[1]", betas[1], low=0.0, high=1.0, high_inclusive=False)
+        check_float("eps", eps, low=0.0, low_inclusive=False)
+        check_float("weight_decay", weight_decay, low=0.0)
+        check_bool("bias_correction", bias_correction)
+        defaults = {
+            "lr": lr,
+            "betas": (float(betas[0]), float(betas[1])),
+            "eps": float(eps),
+            "weight_decay": float(weight_decay),
+            "bias_correction": bias_correction,
+        }
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Apply one update to every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("deltatune AdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] = int(state["step"]) + 1
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+            if not params:
+                continue
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            beta1, beta2 = group["betas"]
+            if wd != 0.0:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+            denom = torch._foreach_sqrt(exp_avg_sqs)
+            if group["bias_correction"]:
+                torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**t) for t in steps])
+                torch._foreach_add_(denom, eps)
+                torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1.0 - beta1**t) for t in steps])
+            else:
+                torch._foreach_add_(denom, eps)
+                torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr)
+        return loss
