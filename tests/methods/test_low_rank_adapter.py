@@ -1,0 +1,182 @@
+"""Low-rank adapters: factorised projections, identity init, training, save/load, counts, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from deltatune import api
+from deltatune.checkpoint import load_delta, save_delta
+from deltatune.errors import DeltaConfigError, DeltaConfigTypeError
+from deltatune.freeze import trainable_summary
+from deltatune.methods import get_method
+from deltatune.methods.adapter import AdapterConfig
+from deltatune.methods.base import DeltaLayer
+from deltatune.methods.low_rank_adapter import LowRankAdapterConfig, LowRankAdapterLayer, LowRankAdapterMethod
+
+METHOD = get_method("low_rank_adapter")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+def test_identity_at_init_and_placement(tiny, arch):
+    model = tiny.model(arch)
+    batch = tiny.batch(arch)
+    with torch.no_grad():
+        ref = model(**batch).logits
+        api.apply(model, LowRankAdapterConfig(reduction_factor=4, low_rank_size=2))
+        out = model(**batch).logits
+    assert torch.equal(out, ref)
+    # same placement as the adapter method (houlsby: attention output and FFN output)
+    other = tiny.model(arch)
+    api.apply(other, AdapterConfig(bottleneck_size=2))
+    assert api.targeted_modules(model) == api.targeted_modules(other)
+
+
+def test_forward_matches_plain_torch_formula():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 16)
+    model = nn.Sequential(lin)
+    api.apply(model, LowRankAdapterConfig(reduction_factor=4, low_rank_size=2, identity_init=False,
+                                          non_linearity="tanh", target_modules="0"))
+    layer = model[0]
+    d, u = layer.low_rank_adapter_down["default"], layer.low_rank_adapter_up["default"]
+    assert d.w_left.shape == (16, 2) and d.w_right.shape == (2, 4)
+    assert u.w_left.shape == (4, 2) and u.w_right.shape == (2, 16)
+    with torch.no_grad():
+        d.bias.normal_()
+        u.bias.normal_()
+    x = torch.randn(3, 16)
+    h = F.linear(x, lin.weight, lin.bias)
+    w_down = d.w_left @ d.w_right
+    w_up = u.w_left @ u.w_right
+    ref = h + torch.tanh(h @ w_down + d.bias) @ w_up + u.bias
+    torch.testing.assert_close(model(x), ref)
+    assert torch.linalg.matrix_rank(w_down.detach()) == 2
+
+
+@pytest.mark.parametrize("init", ["xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal"])
+def test_inits(init):
+    model = nn.Sequential(nn.Linear(64, 64))
+    api.apply(model, LowRankAdapterConfig(reduction_factor=2, low_rank_size=4, low_rank_w_init=init,
+                                          target_modules="0"))
+    d = model[0].low_rank_adapter_down["default"]
+    u = model[0].low_rank_adapter_up["default"]
+    assert d.w_left.std() > 0 and d.w_right.std() > 0 and u.w_left.std() > 0
+    assert torch.equal(u.w_right, torch.zeros_like(u.w_right))
+    if init == "xavier_uniform":  # bound sqrt(6 / (fan_in + fan_out)) for a (64, 4) tensor
+        assert d.w_left.abs().max() <= (6 / (64 + 4)) ** 0.5
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+def test_training_changes_only_delta(tiny, arch):
+    model = tiny.model(arch)
+    batch = tiny.batch(arch)
+    api.apply(model, LowRankAdapterConfig(reduction_factor=4, low_rank_size=2))
+    before = tiny.base_state(model, METHOD.is_delta_param)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(METHOD.is_delta_param(n) for n in trainable)
+    losses = tiny.train(model, batch, steps=3)
+    assert losses[-1] < losses[0]
+    after = tiny.base_state(model, METHOD.is_delta_param)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert"])
+def test_count_formula(tiny, arch):
+    model = tiny.model(arch)
+    rf, k = 4, 3
+    api.apply(model, LowRankAdapterConfig(reduction_factor=rf, low_rank_size=k, placement="houlsby"))
+    h = tiny.hidden
+    b = h // rf
+    per = 2 * k * (h + b) + b + h
+    assert per == LowRankAdapterMethod.num_params(h, rf, k)
+    assert trainable_summary(model).trainable == tiny.layers * 2 * per
+
+
+def test_save_load_round_trip(tiny, tmp_path):
+    model = tiny.model("gpt2")
+    batch = tiny.batch("gpt2")
+    api.apply(model, LowRankAdapterConfig(reduction_factor=8, low_rank_size=1, placement="pfeiffer"))
+    tiny.train(model, batch, steps=2)
+    with torch.no_grad():
+        want = model(**batch).logits
+    save_delta(model, tmp_path / "lr")
+    fresh = tiny.model("gpt2")
+    load_delta(fresh, tmp_path / "lr")
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, want)
+
+
+def test_coexists_with_adapter_and_named(tiny):
+    """A low-rank adapter and a bottleneck adapter on the same module stay separate methods."""
+    model = tiny.model("llama")
+    batch = tiny.batch("llama")
+    with torch.no_grad():
+        base = model(**batch).logits
+    api.apply(model, LowRankAdapterConfig(reduction_factor=4, identity_init=False), name="lr")
+    api.apply(model, AdapterConfig(bottleneck_size=4, init_scale=0.0), name="ad")
+    o = model.model.layers[0].self_attn.o_proj
+    assert type(o).__name__ == "AdapterLayer" and isinstance(o.base_layer, LowRankAdapterLayer)
+    assert o.adapter_names == ["ad"] and o.base_layer.adapter_names == ["lr"]
+    with torch.no_grad():
+        api.set_active_adapter(model, "lr")
+        out_lr = model(**batch).logits
+        assert not torch.equal(out_lr, base)
+        with api.disable_adapters(model):
+            assert torch.equal(model(**batch).logits, base)
+    api.delete_adapter(model, "lr")
+    api.delete_adapter(model, "ad")
+    assert not any(isinstance(m, DeltaLayer) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, base)
+
+
+def test_merge_refused(tiny):
+    model = tiny.model("bert")
+    api.apply(model, LowRankAdapterConfig(reduction_factor=4))
+    with pytest.raises(DeltaConfigError, match=r"method 'low_rank_adapter' \(at '.*'\) cannot be merged"):
+        api.merge(model)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "message"),
+    [
+        ({"reduction_factor": 0}, DeltaConfigError, "LowRankAdapterConfig.reduction_factor must be a positive int, got 0"),
+        ({"reduction_factor": 2.0}, DeltaConfigTypeError,
+         "LowRankAdapterConfig.reduction_factor must be a positive int, got 2.0 (float)"),
+        ({"low_rank_size": -1}, DeltaConfigError, "LowRankAdapterConfig.low_rank_size must be a positive int, got -1"),
+        ({"low_rank_w_init": "orthogonal"}, DeltaConfigError,
+         "LowRankAdapterConfig.low_rank_w_init must be one of 'xavier_uniform', 'xavier_normal', 'kaiming_uniform', "
+         "'kaiming_normal', got 'orthogonal'"),
+        ({"identity_init": 1}, DeltaConfigTypeError, "LowRankAdapterConfig.identity_init must be a bool, got 1 (int)"),
+        ({"non_linearity": "elu"}, DeltaConfigError,
+         "LowRankAdapterConfig.non_linearity must be one of 'gelu', 'relu', 'silu', 'tanh', got 'elu'"),
+        ({"dropout": 1}, DeltaConfigError, "LowRankAdapterConfig.dropout must be a number in [0, 1), got 1.0"),
+        ({"mode": "x"}, DeltaConfigError, "LowRankAdapterConfig.mode must be one of 'dense', 'layer', got 'x'"),
+        ({"hidden_size": 16, "reduction_factor": 32}, DeltaConfigError,
+         "LowRankAdapterConfig.reduction_factor must be <= the hidden size 16 of hidden_size, got 32"),
+        ({"hidden_size": 16, "reduction_factor": 4, "low_rank_size": 5}, DeltaConfigError,
+         "LowRankAdapterConfig.low_rank_size must be <= the bottleneck size 4 (hidden 16 // reduction_factor 4) "
+         "of hidden_size, got 5"),
+    ],
+)
+def test_config_validation(kwargs, exc, message):
+    with pytest.raises(exc) as info:
+        LowRankAdapterConfig(**kwargs)
+    assert str(info.value) == message
+
+
+def test_reduction_factor_larger_than_hidden_before_touching(tiny):
+    model = tiny.model("gpt2")
+    with pytest.raises(DeltaConfigError) as info:
+        api.apply(model, LowRankAdapterConfig(reduction_factor=64))
+    assert str(info.value) == (
+        "LowRankAdapterConfig.reduction_factor must be <= the hidden size 32 of 'transformer.h.0.attn.c_proj', got 64"
+    )
+    assert not any(isinstance(m, DeltaLayer) for m in model.modules())
+    with pytest.raises(DeltaConfigError, match=r"low_rank_size must be <= the bottleneck size 2 \(hidden 32 // "
+                                               r"reduction_factor 16\) of 'transformer.h.0.attn.c_proj', got 3"):
+        api.apply(model, LowRankAdapterConfig(reduction_factor=16, low_rank_size=3))
+    assert api.adapter_names(model) == []
