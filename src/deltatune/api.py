@@ -260,6 +260,10 @@ def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter without merging: the base model comes back bit for bit (a merged model
     is unmerged first, which is exact only up to rounding)."""
     unmerge(model)
+    for name, record in list(get_records(model).items()):
+        method = get_method(record.method)
+        if method.layer_cls is None:  # model-level methods (BitFit biases, prefix hooks) undo themselves
+            method.remove(model, name)
     for path, layer in reversed(list(delta_layers(model))):
         _replace_module(model, path, unwrap(layer) if not isinstance(layer, ModulesToSaveWrapper) else layer.base_layer)
     _clear_state(model)

@@ -32,6 +32,11 @@ __all__ = ["LoraConfig", "LoraLayer", "LoraMethod", "METHOD"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+#: Use the lean fused autograd function (:func:`deltatune.kernels.lora_function.lora_linear`) for
+#: plain linear LoRA (no DoRA, no slices). Its dropout mask comes from a seed (nothing of the input's
+#: size is stored for dropout). Set to False to compute with plain ``torch.nn`` ops instead.
+FAST_PATH = True
+
 
 def _is_gpt2_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
@@ -313,8 +318,36 @@ class LoraLayer(DeltaLayer):
             weight.data.copy_(new.to(weight.dtype))
 
     # -- forward --------------------------------------------------------------------------
+    def _fast_ok(self, name: str, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+        base = self.base_layer
+        return (
+            FAST_PATH
+            and self.kind == "linear"
+            and not args
+            and not kwargs
+            and not self.use_dora[name]
+            and self.slices[name] is None
+            and (type(base) is nn.Linear or _is_gpt2_conv1d(base))
+            and not base.weight.requires_grad
+            and isinstance(self.lora_dropout[name], (nn.Dropout, nn.Identity))
+            and x.is_floating_point()
+        )
+
     def delta_forward(self, active: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        first = active[0]
+        if self._fast_ok(first, x, args, kwargs):
+            from ..kernels.lora_function import lora_linear
+
+            dropout = self.lora_dropout[first]
+            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            result = lora_linear(
+                x, self.base_layer.weight, self.base_layer.bias, self.lora_A[first].weight,
+                self.lora_B[first].weight, self.scaling[first], p, self.training,
+                fan_in_fan_out=self.fan_in_fan_out,
+            )
+            active = active[1:]
+        else:
+            result = self.base_layer(x, *args, **kwargs)
         for name in active:
             if self.kind == "embedding":
                 result = self._embedding_delta(name, x, result)
