@@ -40,11 +40,36 @@ from .errors import (
     UnsupportedModuleError,
 )
 from .freeze import TrainableSummary, freeze_delta, trainable_summary
+from .generate import GenerationConfig, generate, generate_text
 from .methods import get_method, method_names
+from .methods.adapter import AdapterConfig
+from .methods.bitfit import BitFitConfig
+from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
+from .methods.low_rank_adapter import LowRankAdapterConfig
+from .methods.prefix import PrefixConfig, fold_prefix
+from .methods.ptuning_v2 import PTuningV2Config
+from .methods.rdrop import RDropLoss, rdrop_repeat
 from .peft_io import export_peft, import_peft
+from .train import TrainConfig, Trainer, TrainerCallback, read_log
 
 __all__ = [
+    "AdapterConfig",
+    "BitFitConfig",
+    "GenerationConfig",
+    "IA3Config",
+    "LowRankAdapterConfig",
+    "PTuningV2Config",
+    "PrefixConfig",
+    "RDropLoss",
+    "TrainConfig",
+    "Trainer",
+    "TrainerCallback",
+    "fold_prefix",
+    "generate",
+    "generate_text",
+    "rdrop_repeat",
+    "read_log",
     "AdapterNotFoundError",
     "CheckpointError",
     "DataFormatError",
