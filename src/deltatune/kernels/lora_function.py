@@ -1,0 +1,660 @@
+"""Memory-lean LoRA forward/backward as one ``torch.autograd.Function``.
+
+``y = x @ W^T + b + scaling * (drop(x) @ A^T) @ B^T`` with a frozen base ``W`` (and ``b``) and trainable
+adapters ``A`` (r, in) and ``B`` (out, r).
+
+What the backward keeps (per token, ``in`` = input features, ``R`` = total LoRA rank, ``s`` = bytes per
+element of the compute dtype):
+
+* the input ``x`` once, in the compute dtype: ``in * s`` bytes (it is needed for ``dA``);
+* the small product ``xa = drop(x) @ A^T``: ``R * s`` bytes (needed for ``dB``);
+* nothing for dropout: only an integer seed is stored, and the keep-mask is regenerated bit-exactly in
+  the backward from it (:func:`dropout_mask`), so dropout costs **0 bytes per token** of saved memory.
+  (A naive ``lora_B(lora_A(dropout(x)))`` keeps the mask (1 byte/elem on CUDA, 4 on CPU) *and* the
+  dropped copy of ``x``.)
+* references to ``W``, ``A``, ``B`` (parameters: no extra memory). ``W`` is never saved as a cast copy; if
+  its dtype differs from the compute dtype it is re-cast in the backward.
+
+No weight gradient of ``W`` is computed. Adapter matmuls run in the activation (compute) dtype: ``A`` and
+``B`` are cast down to it (they are small), ``x`` is never upcast; gradients of ``A``/``B`` come back in
+the parameters' own dtype (so fp32 master adapters work with bf16 activations).
+
+Compute dtype: the ``torch.autocast`` dtype of ``x``'s device when autocast is enabled there, else
+``x.dtype``. The casts are explicit, so the Function does not depend on autocast being active in the
+backward (this replaces ``torch.amp.custom_fwd``/``custom_bwd``, whose ``device_type`` is fixed when
+the class is defined and would tie the Function to one device type).
+
+Saving ``xa`` versus recomputing it in the backward: saving costs ``R/in`` of the saved ``x``
+(16/4096 = 0.4% for a Llama-7B projection) and recomputing costs an extra ``N*in*R`` matmul in every
+backward; ``benchmarks/bench_kernels.py`` measures the recompute variant as slower, so ``xa`` is saved.
+
+Under ``torch.compile`` the no-dropout path is traceable; the dropout path is excluded from graphs
+(``torch.compiler.disable``: one graph break, no recompilation per seed).
+
+Dropout randomness: unless ``seed`` is passed, each call draws one 62-bit seed from the *CPU* default
+generator (:func:`next_dropout_seed`), so ``torch.manual_seed`` makes runs reproducible and
+``torch.utils.checkpoint`` (which restores the CPU RNG state before recomputing) regenerates exactly
+the same mask. Grouped variants (:func:`lora_linear_multi`, :func:`lora_merged_linear`,
+:func:`fused_lora_A`) apply **one** mask to the shared input, as loralib's ``MergedLinear`` does (PEFT
+draws an independent mask per projection; the distribution of each projection's update is the same).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import DeltaConfigError, DeltaConfigTypeError
+from ..validation import check_bool, check_float, check_int, check_type
+
+__all__ = [
+    "dropout_mask",
+    "fused_lora_A",
+    "lora_linear",
+    "lora_linear_multi",
+    "lora_merged_linear",
+    "next_dropout_seed",
+]
+
+_SEED_HIGH = 2**62
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dropout by seed
+# ----------------------------------------------------------------------------------------------------------
+def next_dropout_seed() -> int:
+    """Draw the seed the next dropout call would use from the CPU default generator.
+
+    ``torch.manual_seed(s); seed = next_dropout_seed()`` followed by ``torch.manual_seed(s)`` and a
+    :func:`lora_linear` call with ``seed=None`` gives that call exactly :func:`dropout_mask` (``seed``).
+    """
+    return int(torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64).item())
+
+
+def dropout_mask(
+    shape: Sequence[int] | torch.Size, p: float, seed: int, device: torch.device | str
+) -> Tensor:
+    """Keep-mask (bool, True = keep) of inverted dropout with drop probability ``p``, reproducible from ``seed``.
+
+    The same ``(shape, p, seed, device)`` always gives the same mask; the kernels use this function both
+    in the forward and (to regenerate the mask) in the backward. Each element is kept with probability
+    ``1 - p`` (``torch.rand(...) >= p`` with a private generator seeded by ``seed``).
+    """
+    check_float("p", p, low=0.0, high=1.0, high_inclusive=False)
+    check_int("seed", seed, minimum=0)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return torch.rand(tuple(shape), generator=gen, device=device, dtype=torch.float32) >= p
+
+
+def _dropped(x2: Tensor, p: float, seed: int | None) -> Tensor:
+    if p == 0.0 or seed is None:
+        return x2
+    mask = dropout_mask(x2.shape, p, seed, x2.device)
+    return x2.mul(mask).mul_(1.0 / (1.0 - p))
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    dev = x.device.type
+    try:
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+    except (RuntimeError, TypeError):  # device type without autocast support
+        pass
+    return x.dtype
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the one Function behind every variant
+# ----------------------------------------------------------------------------------------------------------
+# A "plan" describes the LoRA slices: for slice s, (group g, out start, out end, rank start, rank end).
+# Group g is one output y_g = x @ W_g^T + b_g; slice s adds scaling_s * xa[:, r0:r1] @ B_s^T into
+# y_g[:, o0:o1]. The rank ranges of all slices partition [0, R) where R = lora_A.shape[0].
+_Plan = tuple[tuple[int, int, int, int, int], ...]
+
+
+def _base_out(x2: Tensor, weight: Tensor, bias: Tensor | None, fifo: bool, cdt: torch.dtype) -> Tensor:
+    w = weight.to(cdt)
+    wt = w if fifo else w.t()
+    if bias is not None:
+        return torch.addmm(bias.to(cdt), x2, wt)
+    return x2 @ wt
+
+
+def _lora_forward(
+    x: Tensor,
+    lora_A: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    Bs: Sequence[Tensor],
+    plan: _Plan,
+    scalings: Sequence[float],
+    p: float,
+    seed: int | None,
+    fifo: bool,
+    cdt: torch.dtype,
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Shared forward body; returns (x2 in cdt, xa, outputs as 2-D tensors)."""
+    x2 = x.reshape(-1, x.shape[-1]).to(cdt)
+    xd = _dropped(x2, p, seed)
+    xa = xd @ lora_A.to(cdt).t()
+    del xd
+    ys = [_base_out(x2, w, b, fifo, cdt) for w, b in zip(weights, biases)]
+    for (g, o0, o1, r0, r1), B, s in zip(plan, Bs, scalings):
+        y = ys[g]
+        target = y if (o0 == 0 and o1 == y.shape[1]) else y[:, o0:o1]
+        target.addmm_(xa[:, r0:r1], B.to(cdt).t(), alpha=s)
+    return x2, xa, ys
+
+
+class _LoRAFn(torch.autograd.Function):
+    """Inputs: x, lora_A, then n_groups weights, n_groups biases, n_slices Bs. Outputs: n_groups tensors."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, plan, scalings, p, seed, fifo, cdt, recompute_xa, n_groups, *tensors):
+        weights = tensors[:n_groups]
+        biases = tensors[n_groups : 2 * n_groups]
+        Bs = tensors[2 * n_groups :]
+        x2, xa, ys = _lora_forward(x, lora_A, weights, biases, Bs, plan, scalings, p, seed, fifo, cdt)
+        # save x itself when no cast/copy happened, so the saved tensor is x's own storage
+        x_saved = x if (x2.data_ptr() == x.data_ptr() and x.dtype == cdt) else x2
+        ctx.x_is_input = x_saved is x
+        if recompute_xa:
+            ctx.save_for_backward(x_saved, lora_A, *weights, *Bs)
+        else:
+            ctx.save_for_backward(x_saved, lora_A, xa, *weights, *Bs)
+        ctx.meta = (plan, tuple(scalings), p, seed, fifo, cdt, recompute_xa, n_groups, x.shape, x.dtype)
+        ctx.bias_info = [(b is not None, None if b is None else b.dtype) for b in biases]
+        lead = x.shape[:-1]
+        return tuple(y.reshape(*lead, y.shape[-1]) for y in ys)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *dys):
+        plan, scalings, p, seed, fifo, cdt, recompute_xa, n_groups, x_shape, x_dtype = ctx.meta
+        saved = ctx.saved_tensors
+        x_saved, lora_A = saved[0], saved[1]
+        rest = saved[2:] if recompute_xa else saved[3:]
+        weights, Bs = rest[:n_groups], rest[n_groups:]
+        needs = ctx.needs_input_grad
+        need_x = needs[0]
+        need_A = needs[1]
+        off_b = 10 + n_groups
+        need_b = needs[off_b : off_b + n_groups]
+        need_B = needs[off_b + n_groups :]
+
+        x2 = x_saved.reshape(-1, x_shape[-1])
+        A = lora_A.to(cdt)
+        n_rows = x2.shape[0]
+        mask = dropout_mask(x2.shape, p, seed, x2.device) if (p > 0.0 and seed is not None) else None
+        xd = x2 if mask is None else x2.mul(mask).mul_(1.0 / (1.0 - p))
+        xa = xd @ A.t() if recompute_xa else saved[2]
+        dy2 = [dy.reshape(n_rows, dy.shape[-1]).to(cdt) for dy in dys]
+
+        full = len(plan) == 1 and plan[0][3] == 0 and plan[0][4] == xa.shape[1]
+        dxa = None if full else xa.new_empty(xa.shape)
+        dBs: list[Tensor | None] = []
+        for (g, o0, o1, r0, r1), B, s, nb in zip(plan, Bs, scalings, need_B):
+            dy = dy2[g]
+            dy_s = dy if (o0 == 0 and o1 == dy.shape[1]) else dy[:, o0:o1]
+            part = (dy_s @ B.to(cdt)).mul_(s)
+            if full:
+                dxa = part
+            else:
+                dxa[:, r0:r1] = part
+            dBs.append((dy_s.t() @ xa[:, r0:r1]).mul_(s).to(B.dtype) if nb else None)
+
+        dA = (dxa.t() @ xd).to(lora_A.dtype) if need_A else None
+        del xd  # transient (N, in) dropped copy: free it before dx is formed
+
+        dx = None
+        if need_x:
+            for g, w in enumerate(weights):
+                wc = w.to(cdt)
+                wt = wc.t() if fifo else wc  # dx = dy @ W (W: out x in) or dy @ W^T (W: in x out)
+                if dx is None:
+                    dx = dy2[g] @ wt
+                else:
+                    dx.addmm_(dy2[g], wt)
+            if mask is not None:
+                lora_dx = dxa @ A
+                lora_dx.mul_(mask).mul_(1.0 / (1.0 - p))
+                dx.add_(lora_dx)
+            else:
+                dx.addmm_(dxa, A)
+            dx = dx.reshape(x_shape).to(x_dtype)
+
+        dbs = []
+        for (has_b, b_dtype), nb, g in zip(ctx.bias_info, need_b, range(n_groups)):
+            dbs.append(dy2[g].sum(0).to(b_dtype) if (has_b and nb) else None)
+        return (dx, dA, None, None, None, None, None, None, None, None, *([None] * n_groups), *dbs, *dBs)
+
+
+def _run(
+    x: Tensor,
+    lora_A: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None],
+    Bs: Sequence[Tensor],
+    plan: _Plan,
+    scalings: Sequence[float],
+    dropout_p: float,
+    training: bool,
+    seed: int | None,
+    fifo: bool,
+    recompute_xa: bool = False,
+) -> list[Tensor]:
+    for i, w in enumerate(weights):
+        if w.requires_grad and torch.is_grad_enabled():
+            name = "weight" if len(weights) == 1 else f"weights[{i}]"
+            raise DeltaConfigError(
+                f"{name} must be frozen (requires_grad=False): the LoRA kernels compute no gradient for the "
+                f"base weight, got requires_grad=True"
+            )
+    p = float(dropout_p) if training else 0.0
+    if p > 0.0:
+        return _apply_with_dropout(
+            x, lora_A, weights, biases, Bs, plan, scalings, p, seed, fifo, recompute_xa
+        )
+    return _apply(x, lora_A, weights, biases, Bs, plan, scalings, 0.0, None, fifo, recompute_xa)
+
+
+@torch.compiler.disable
+def _apply_with_dropout(x, lora_A, weights, biases, Bs, plan, scalings, p, seed, fifo, recompute_xa):
+    """Dropout path: runs outside torch.compile graphs (one graph break), so the per-call seed is neither
+    baked into a graph nor a cause of recompilation."""
+    if seed is None:
+        seed = next_dropout_seed()
+    return _apply(x, lora_A, weights, biases, Bs, plan, scalings, p, seed, fifo, recompute_xa)
+
+
+def _apply(x, lora_A, weights, biases, Bs, plan, scalings, p, seed, fifo, recompute_xa):
+    cdt = _compute_dtype(x)
+    grad_needed = torch.is_grad_enabled() and (
+        x.requires_grad
+        or lora_A.requires_grad
+        or any(b is not None and b.requires_grad for b in biases)
+        or any(B.requires_grad for B in Bs)
+    )
+    if not grad_needed:
+        _, _, ys = _lora_forward(x, lora_A, weights, biases, Bs, plan, scalings, p, seed, fifo, cdt)
+        lead = x.shape[:-1]
+        return [y.reshape(*lead, y.shape[-1]) for y in ys]
+    outs = _LoRAFn.apply(
+        x,
+        lora_A,
+        plan,
+        tuple(scalings),
+        p,
+        seed,
+        fifo,
+        cdt,
+        recompute_xa,
+        len(weights),
+        *weights,
+        *biases,
+        *Bs,
+    )
+    return list(outs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# argument checks
+# ----------------------------------------------------------------------------------------------------------
+def _check_tensor(name: str, value: object, ndim: int | None = None) -> Tensor:
+    check_type(name, value, Tensor, "a torch.Tensor")
+    assert isinstance(value, Tensor)
+    if ndim is not None and value.dim() != ndim:
+        raise DeltaConfigError(f"{name} must be a {ndim}-D tensor, got shape {tuple(value.shape)}")
+    return value
+
+
+def _check_common(x: object, dropout_p: object, training: object, seed: object) -> None:
+    _check_tensor("x", x)
+    assert isinstance(x, Tensor)
+    if x.dim() < 1:
+        raise DeltaConfigError(
+            f"x must have at least 1 dimension (..., in_features), got shape {tuple(x.shape)}"
+        )
+    check_float("dropout_p", dropout_p, low=0.0, high=1.0, high_inclusive=False)
+    check_bool("training", training)
+    if seed is not None:
+        check_int("seed", seed, minimum=0)
+
+
+def _check_scaling(name: str, value: object) -> float:
+    return check_float(name, value)
+
+
+def _check_base(
+    name_w: str, weight: object, name_b: str, bias: object, in_f: int, fifo: bool
+) -> tuple[Tensor, int]:
+    w = _check_tensor(name_w, weight, 2)
+    w_in = w.shape[0] if fifo else w.shape[1]
+    out = w.shape[1] if fifo else w.shape[0]
+    if w_in != in_f:
+        layout = (
+            "(in_features, out_features) with fan_in_fan_out=True" if fifo else "(out_features, in_features)"
+        )
+        raise DeltaConfigError(
+            f"{name_w} must have shape {layout} matching x's last dimension {in_f}, got shape {tuple(w.shape)}"
+        )
+    if bias is not None:
+        b = _check_tensor(name_b, bias, 1)
+        if b.shape[0] != out:
+            raise DeltaConfigError(
+                f"{name_b} must have shape ({out},) or be None, got shape {tuple(b.shape)}"
+            )
+    return w, out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public entry points
+# ----------------------------------------------------------------------------------------------------------
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float,
+    training: bool,
+    *,
+    fan_in_fan_out: bool = False,
+    seed: int | None = None,
+) -> Tensor:
+    """LoRA linear ``x @ W^T + b + scaling * (drop(x) @ A^T) @ B^T`` with a lean custom backward.
+
+    Args:
+        x: input ``(..., in_features)``.
+        weight: frozen base weight ``(out, in)`` (``(in, out)`` with ``fan_in_fan_out``, GPT-2 ``Conv1D``).
+            It must have ``requires_grad=False`` while autograd is on (raises :class:`DeltaConfigError`).
+        bias: base bias ``(out,)`` or ``None``; it may be trainable (its gradient is ``dy.sum(0)``).
+        lora_A: ``(r, in)``; lora_B: ``(out, r)``; any float dtype (cast to the compute dtype).
+        scaling: the LoRA scaling (e.g. ``alpha / r``).
+        dropout_p: dropout probability on the LoRA branch input, in ``[0, 1)``.
+        training: dropout is applied only when True.
+        fan_in_fan_out: ``weight`` is stored ``(in, out)``.
+        seed: dropout seed (see :func:`dropout_mask`); drawn with :func:`next_dropout_seed` when None.
+
+    Returns:
+        ``(..., out)`` in the compute dtype (autocast dtype, else ``x.dtype``).
+    """
+    _check_common(x, dropout_p, training, seed)
+    check_bool("fan_in_fan_out", fan_in_fan_out)
+    s = _check_scaling("scaling", scaling)
+    in_f = x.shape[-1]
+    w, out = _check_base("weight", weight, "bias", bias, in_f, fan_in_fan_out)
+    A = _check_tensor("lora_A", lora_A, 2)
+    B = _check_tensor("lora_B", lora_B, 2)
+    r = A.shape[0]
+    if A.shape[1] != in_f:
+        raise DeltaConfigError(f"lora_A must have shape (r, {in_f}), got shape {tuple(A.shape)}")
+    if tuple(B.shape) != (out, r):
+        raise DeltaConfigError(f"lora_B must have shape ({out}, {r}), got shape {tuple(B.shape)}")
+    plan: _Plan = ((0, 0, out, 0, r),)
+    return _run(x, A, [w], [bias], [B], plan, [s], dropout_p, training, seed, fan_in_fan_out)[0]
+
+
+def lora_linear_multi(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor | None] | None,
+    lora_As: Sequence[Tensor],
+    lora_Bs: Sequence[Tensor],
+    scalings: float | Sequence[float],
+    dropout_p: float,
+    training: bool,
+    *,
+    fan_in_fan_out: bool = False,
+    seed: int | None = None,
+) -> list[Tensor]:
+    """Several LoRA linears sharing one input (q/k/v, gate/up), with ONE concatenated A matmul.
+
+    ``y_i = x @ W_i^T + b_i + scaling_i * (drop(x) @ A_i^T) @ B_i^T`` for each projection ``i``; the A
+    products are computed as ``drop(x) @ cat(A_i)^T``, ``x`` is saved once for all of them and one
+    dropout mask is shared. Ranks may differ between projections.
+
+    Args:
+        weights: frozen base weights, one per projection (same layout rule as :func:`lora_linear`).
+        biases: one bias (or None) per projection, or None for no biases at all.
+        lora_As / lora_Bs: ``(r_i, in)`` / ``(out_i, r_i)`` per projection.
+        scalings: one float for all projections or one per projection.
+
+    Returns:
+        list of outputs ``(..., out_i)``.
+    """
+    _check_common(x, dropout_p, training, seed)
+    check_bool("fan_in_fan_out", fan_in_fan_out)
+    in_f = x.shape[-1]
+    for nm, seq in (("weights", weights), ("lora_As", lora_As), ("lora_Bs", lora_Bs)):
+        if not isinstance(seq, (list, tuple)) or not seq:
+            raise DeltaConfigTypeError(f"{nm} must be a non-empty list of tensors, got {type(seq).__name__}")
+    k = len(weights)
+    if len(lora_As) != k or len(lora_Bs) != k:
+        raise DeltaConfigError(
+            f"weights, lora_As and lora_Bs must have the same length, got {k}, {len(lora_As)}, {len(lora_Bs)}"
+        )
+    if biases is None:
+        biases = [None] * k
+    if not isinstance(biases, (list, tuple)) or len(biases) != k:
+        raise DeltaConfigError(f"biases must be None or a list of {k} tensors/None, got {biases!r}")
+    if isinstance(scalings, (list, tuple)):
+        if len(scalings) != k:
+            raise DeltaConfigError(
+                f"scalings must be a float or a list of {k} floats, got {list(scalings)!r}"
+            )
+        sc = [_check_scaling(f"scalings[{i}]", s) for i, s in enumerate(scalings)]
+    else:
+        sc = [_check_scaling("scalings", scalings)] * k
+    plan = []
+    r_off = 0
+    ws = []
+    for i in range(k):
+        w, out = _check_base(f"weights[{i}]", weights[i], f"biases[{i}]", biases[i], in_f, fan_in_fan_out)
+        ws.append(w)
+        A = _check_tensor(f"lora_As[{i}]", lora_As[i], 2)
+        B = _check_tensor(f"lora_Bs[{i}]", lora_Bs[i], 2)
+        r = A.shape[0]
+        if A.shape[1] != in_f:
+            raise DeltaConfigError(f"lora_As[{i}] must have shape (r, {in_f}), got shape {tuple(A.shape)}")
+        if tuple(B.shape) != (out, r):
+            raise DeltaConfigError(f"lora_Bs[{i}] must have shape ({out}, {r}), got shape {tuple(B.shape)}")
+        plan.append((i, 0, out, r_off, r_off + r))
+        r_off += r
+    A_cat = _cat_As(list(lora_As), _compute_dtype(x))
+    return _run(
+        x, A_cat, ws, list(biases), list(lora_Bs), tuple(plan), sc, dropout_p, training, seed, fan_in_fan_out
+    )
+
+
+def _cat_As(As: list[Tensor], cdt: torch.dtype) -> Tensor:
+    if len(As) == 1:
+        return As[0]
+    # cat in the compute dtype (A's are small); the cast is differentiable, so grads reach each A_i in
+    # its own dtype
+    return torch.cat([a.to(cdt) for a in As], dim=0)
+
+
+def lora_merged_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor | Sequence[Tensor],
+    enable_lora: Sequence[bool],
+    scaling: float,
+    dropout_p: float,
+    training: bool,
+    *,
+    out_splits: Sequence[int] | None = None,
+    fan_in_fan_out: bool = False,
+    seed: int | None = None,
+) -> Tensor:
+    """loralib ``MergedLinear``-style fused projection: one base weight, LoRA on some output slices only.
+
+    The output ``(..., out)`` is split into ``len(enable_lora)`` slices (equal, or ``out_splits``);
+    slice ``j`` with ``enable_lora[j]`` True gets ``scaling * xa_j @ B_j^T`` where ``xa_j`` is the j-th
+    block of ``r`` columns of ``drop(x) @ lora_A^T`` (one matmul for all enabled slices).
+
+    Args:
+        lora_A: ``(r * k, in)`` with ``k = sum(enable_lora)`` (loralib layout: blocks in slice order).
+        lora_B: ``(sum of enabled slice sizes, r)`` stacked in slice order (loralib layout), or a list of
+            ``k`` tensors ``(size_j, r)``.
+        enable_lora: one bool per output slice, at least one True.
+        out_splits: slice sizes summing to ``out`` (default: ``out`` split equally).
+    """
+    _check_common(x, dropout_p, training, seed)
+    check_bool("fan_in_fan_out", fan_in_fan_out)
+    s = _check_scaling("scaling", scaling)
+    in_f = x.shape[-1]
+    w, out = _check_base("weight", weight, "bias", bias, in_f, fan_in_fan_out)
+    if not isinstance(enable_lora, (list, tuple)) or not enable_lora:
+        raise DeltaConfigTypeError(f"enable_lora must be a non-empty list of bool, got {enable_lora!r}")
+    for i, e in enumerate(enable_lora):
+        check_bool(f"enable_lora[{i}]", e)
+    n_slices = len(enable_lora)
+    k = sum(enable_lora)
+    if k == 0:
+        raise DeltaConfigError(f"enable_lora must enable at least one slice, got {list(enable_lora)!r}")
+    if out_splits is None:
+        if out % n_slices:
+            raise DeltaConfigError(
+                f"out_features ({out}) must be divisible by len(enable_lora) ({n_slices}) when out_splits is None"
+            )
+        sizes = [out // n_slices] * n_slices
+    else:
+        if not isinstance(out_splits, (list, tuple)) or len(out_splits) != n_slices:
+            raise DeltaConfigError(f"out_splits must be a list of {n_slices} ints, got {out_splits!r}")
+        sizes = [check_int(f"out_splits[{i}]", v, minimum=1) for i, v in enumerate(out_splits)]
+        if sum(sizes) != out:
+            raise DeltaConfigError(
+                f"out_splits must sum to out_features ({out}), got {list(sizes)!r} (sum {sum(sizes)})"
+            )
+    A = _check_tensor("lora_A", lora_A, 2)
+    if A.shape[1] != in_f or A.shape[0] % k:
+        raise DeltaConfigError(
+            f"lora_A must have shape (r * {k}, {in_f}) for {k} enabled slices, got shape {tuple(A.shape)}"
+        )
+    r = A.shape[0] // k
+    enabled_sizes = [sz for sz, e in zip(sizes, enable_lora) if e]
+    if isinstance(lora_B, Tensor):
+        B = _check_tensor("lora_B", lora_B, 2)
+        if tuple(B.shape) != (sum(enabled_sizes), r):
+            raise DeltaConfigError(
+                f"lora_B must have shape ({sum(enabled_sizes)}, {r}) (enabled slices stacked), got shape {tuple(B.shape)}"
+            )
+        Bs = list(torch.split(B, enabled_sizes, dim=0)) if k > 1 else [B]
+    else:
+        if not isinstance(lora_B, (list, tuple)) or len(lora_B) != k:
+            raise DeltaConfigError(f"lora_B must be a tensor or a list of {k} tensors, got {lora_B!r}")
+        Bs = []
+        for j, (b_j, sz) in enumerate(zip(lora_B, enabled_sizes)):
+            b_j = _check_tensor(f"lora_B[{j}]", b_j, 2)
+            if tuple(b_j.shape) != (sz, r):
+                raise DeltaConfigError(
+                    f"lora_B[{j}] must have shape ({sz}, {r}), got shape {tuple(b_j.shape)}"
+                )
+            Bs.append(b_j)
+    plan = []
+    o = 0
+    j = 0
+    for sz, e in zip(sizes, enable_lora):
+        if e:
+            plan.append((0, o, o + sz, j * r, (j + 1) * r))
+            j += 1
+        o += sz
+    return _run(x, A, [w], [bias], Bs, tuple(plan), [s] * k, dropout_p, training, seed, fan_in_fan_out)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fused A primitive
+# ----------------------------------------------------------------------------------------------------------
+class _FusedAFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, A_cat, p, seed, cdt):
+        x2 = x.reshape(-1, x.shape[-1]).to(cdt)
+        xa = _dropped(x2, p, seed) @ A_cat.to(cdt).t()
+        x_saved = x if (x2.data_ptr() == x.data_ptr() and x.dtype == cdt) else x2
+        ctx.save_for_backward(x_saved, A_cat)
+        ctx.meta = (p, seed, cdt, x.shape, x.dtype)
+        return xa.reshape(*x.shape[:-1], xa.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dxa):
+        p, seed, cdt, x_shape, x_dtype = ctx.meta
+        x_saved, A_cat = ctx.saved_tensors
+        x2 = x_saved.reshape(-1, x_shape[-1])
+        dxa2 = dxa.reshape(x2.shape[0], -1).to(cdt)
+        A = A_cat.to(cdt)
+        mask = dropout_mask(x2.shape, p, seed, x2.device) if (p > 0.0 and seed is not None) else None
+        dA = None
+        if ctx.needs_input_grad[1]:
+            xd = x2 if mask is None else x2.mul(mask).mul_(1.0 / (1.0 - p))
+            dA = (dxa2.t() @ xd).to(A_cat.dtype)
+            del xd
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = dxa2 @ A
+            if mask is not None:
+                dx.mul_(mask).mul_(1.0 / (1.0 - p))
+            dx = dx.reshape(x_shape).to(x_dtype)
+        return dx, dA, None, None, None
+
+
+def fused_lora_A(
+    x: Tensor,
+    lora_As: Sequence[Tensor],
+    dropout_p: float = 0.0,
+    training: bool = False,
+    *,
+    seed: int | None = None,
+) -> list[Tensor]:
+    """``[drop(x) @ A_i^T for A_i in lora_As]`` computed with ONE matmul against ``cat(lora_As)``.
+
+    Autograd-correct building block for grouping projections that share an input: the layer code can
+    compute the A products of q/k/v once and finish each projection with plain ops
+    (``F.linear(x, W_i, b_i) + scaling * xa_i @ B_i.T``: with a frozen ``W_i`` autograd saves no copy of
+    ``x`` for it). ``x`` is saved once, dropout is stored as a seed (one mask shared by all ``A_i``).
+
+    Returns:
+        list of ``(..., r_i)`` tensors (views of one ``(..., sum r_i)`` result) in the compute dtype.
+    """
+    _check_common(x, dropout_p, training, seed)
+    if not isinstance(lora_As, (list, tuple)) or not lora_As:
+        raise DeltaConfigTypeError(
+            f"lora_As must be a non-empty list of tensors, got {type(lora_As).__name__}"
+        )
+    in_f = x.shape[-1]
+    ranks = []
+    for i, a in enumerate(lora_As):
+        a = _check_tensor(f"lora_As[{i}]", a, 2)
+        if a.shape[1] != in_f:
+            raise DeltaConfigError(f"lora_As[{i}] must have shape (r, {in_f}), got shape {tuple(a.shape)}")
+        ranks.append(a.shape[0])
+    p = float(dropout_p) if training else 0.0
+    if p > 0.0:
+        xa = _fused_a_with_dropout(x, list(lora_As), p, seed)
+    else:
+        xa = _fused_a(x, list(lora_As), 0.0, None)
+    return list(torch.split(xa, ranks, dim=-1))
+
+
+def _fused_a(x: Tensor, lora_As: list[Tensor], p: float, seed: int | None) -> Tensor:
+    cdt = _compute_dtype(x)
+    A_cat = _cat_As(lora_As, cdt)
+    if torch.is_grad_enabled() and (x.requires_grad or A_cat.requires_grad):
+        return _FusedAFn.apply(x, A_cat, p, seed, cdt)
+    x2 = x.reshape(-1, x.shape[-1]).to(cdt)
+    return (_dropped(x2, p, seed) @ A_cat.to(cdt).t()).reshape(*x.shape[:-1], A_cat.shape[0])
+
+
+@torch.compiler.disable
+def _fused_a_with_dropout(x: Tensor, lora_As: list[Tensor], p: float, seed: int | None) -> Tensor:
+    if seed is None:
+        seed = next_dropout_seed()
+    return _fused_a(x, lora_As, p, seed)
