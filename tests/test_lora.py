@@ -330,3 +330,43 @@ def test_fast_path_saves_no_dropout_copy():
         model(x)
     big = [t for t in saved if t.numel() >= x.numel()]
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+
+
+def test_shared_input_projections_use_one_A_matmul(monkeypatch):
+    """q/k/v and gate/up share their input: one A matmul per group, same outputs and gradients."""
+    import deltatune.kernels.lora_function as K
+    from tests.tiny_models import llama
+
+    cfg = dt.LoraConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                        r=4, init="random")
+    grouped = dt.apply(llama(), cfg).train()
+    plain = copy.deepcopy(grouped)
+    for module in plain.modules():
+        module.__dict__.pop("_shared_group", None)
+    calls = []
+    real = K.fused_lora_A
+    monkeypatch.setattr(K, "fused_lora_A", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    x = example_input("llama")
+    y_grouped, y_plain = run(grouped, x), run(plain, x)
+    assert calls == [3, 2, 3, 2]  # per layer: q/k/v, then gate/up
+    torch.testing.assert_close(y_grouped, y_plain, atol=1e-6, rtol=0)
+    y_grouped.square().mean().backward()
+    y_plain.square().mean().backward()
+    for (n, p), (_, q) in zip(grouped.named_parameters(), plain.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=0, msg=n)
+
+
+def test_shared_group_falls_back_when_inputs_differ():
+    """A member called on another tensor computes its own product (no stale reuse)."""
+    from tests.tiny_models import llama
+
+    model = dt.apply(llama(), dt.LoraConfig(target_modules=["q_proj", "k_proj", "v_proj"], r=4, init="random"))
+    attn = model.model.layers[0].self_attn
+    x1, x2 = torch.randn(2, 3, 32), torch.randn(2, 3, 32)
+    q = attn.q_proj(x1)  # computes the group's products for x1
+    k_other = attn.k_proj(x2)  # different input: must not reuse x1's product
+    for module in model.modules():
+        module.__dict__.pop("_shared_group", None)
+    torch.testing.assert_close(k_other, attn.k_proj(x2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(q, attn.q_proj(x1), atol=1e-6, rtol=0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -36,6 +37,50 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 #: plain linear LoRA (no DoRA, no slices). Its dropout mask comes from a seed (nothing of the input's
 #: size is stored for dropout). Set to False to compute with plain ``torch.nn`` ops instead.
 FAST_PATH = True
+
+#: Sibling projections that read the same input tensor; their LoRA A products are computed with one
+#: matmul against the concatenated A matrices (one shared dropout mask, as loralib's MergedLinear).
+SHARED_INPUT_GROUPS: tuple[frozenset[str], ...] = (
+    frozenset({"q_proj", "k_proj", "v_proj"}),
+    frozenset({"gate_proj", "up_proj"}),
+    frozenset({"query", "key", "value"}),
+    frozenset({"w1", "w3"}),
+)
+
+
+class SharedInputGroup:
+    """LoRA layers that are called on one and the same input tensor (q/k/v, gate/up).
+
+    The first member called with a new input computes the A products of every eligible member in
+    one matmul (:func:`~deltatune.kernels.lora_function.fused_lora_A`); the others pick theirs up
+    when they are called with the identical tensor. Any mismatch (another tensor, another adapter,
+    different dropout) falls back to the per-layer path, so results never depend on grouping.
+    """
+
+    def __init__(self, members: list[LoraLayer]) -> None:
+        self.members = members
+        self._x: weakref.ref | None = None
+        self._key: tuple | None = None
+        self._pending: dict[int, torch.Tensor] = {}
+
+    def a_product(self, layer: LoraLayer, name: str, x: torch.Tensor, p: float) -> torch.Tensor | None:
+        """``drop(x) @ A^T`` of ``layer`` for adapter ``name``, shared with its siblings; None: not shared."""
+        key = (name, x._version, layer.training, torch.is_grad_enabled(), p)
+        if self._x is not None and self._x() is x and self._key == key and id(layer) in self._pending:
+            return self._pending.pop(id(layer))
+        members = [
+            m for m in self.members
+            if m.active_adapters and m.active_adapters[0] == name and name not in m.merged_adapters
+            and not m.disabled and m._fast_ok(name, x, (), {}) and m._dropout_p(name) == p
+        ]
+        if len(members) < 2 or layer not in members:
+            return None
+        from ..kernels.lora_function import fused_lora_A
+
+        outs = fused_lora_A(x, [m.lora_A[name].weight for m in members], p, layer.training)
+        self._x, self._key = weakref.ref(x), key
+        self._pending = {id(m): o for m, o in zip(members, outs) if m is not layer}
+        return outs[members.index(layer)]
 
 
 def _is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -333,13 +378,25 @@ class LoraLayer(DeltaLayer):
             and x.is_floating_point()
         )
 
+    def _dropout_p(self, name: str) -> float:
+        dropout = self.lora_dropout[name]
+        return float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
+
     def delta_forward(self, active: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         first = active[0]
-        if self._fast_ok(first, x, args, kwargs):
+        group: SharedInputGroup | None = self.__dict__.get("_shared_group")
+        xa = None
+        if group is not None and self._fast_ok(first, x, args, kwargs):
+            xa = group.a_product(self, first, x, self._dropout_p(first))
+        if xa is not None:
+            result = self.base_layer(x)
+            B = self.lora_B[first].weight.to(xa.dtype)
+            result = result + (F.linear(xa, B) * self.scaling[first]).to(result.dtype)
+            active = active[1:]
+        elif self._fast_ok(first, x, args, kwargs):
             from ..kernels.lora_function import lora_linear
 
-            dropout = self.lora_dropout[first]
-            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            p = self._dropout_p(first)
             result = lora_linear(
                 x, self.base_layer.weight, self.base_layer.bias, self.lora_A[first].weight,
                 self.lora_B[first].weight, self.scaling[first], p, self.training,
@@ -458,6 +515,12 @@ class LoraMethod(DeltaMethod):
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         return self.DEFAULT_TARGETS.get(model_type)
 
+    def apply(self, model: nn.Module, config: DeltaConfig, adapter_name: str) -> list[str]:
+        """Wrap the targets, then group sibling projections that share an input."""
+        targets = super().apply(model, config, adapter_name)
+        group_shared_inputs(model)
+        return targets
+
     def check_module(self, slot: ModuleSlot, config: DeltaConfig) -> None:
         module = unwrap(slot.module)
         ok = isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or _is_gpt2_conv1d(module)
@@ -496,6 +559,22 @@ class LoraMethod(DeltaMethod):
                     if getattr(module.base_layer, "bias", None) is not None:
                         names.append(f"{name}.base_layer.bias")
         return names
+
+
+def group_shared_inputs(model: nn.Module) -> int:
+    """Attach a :class:`SharedInputGroup` to sibling LoRA projections (q/k/v, gate/up) of equal input
+    size; returns the number of groups. Called by ``apply``; harmless to call again."""
+    count = 0
+    for parent in model.modules():
+        children = dict(parent.named_children())
+        for names in SHARED_INPUT_GROUPS:
+            members = [children[n] for n in sorted(names) if isinstance(children.get(n), LoraLayer)]
+            if len(members) >= 2 and len({m.in_features for m in members}) == 1:
+                group = SharedInputGroup(members)
+                for m in members:
+                    m.__dict__["_shared_group"] = group
+                count += 1
+    return count
 
 
 METHOD = LoraMethod()
