@@ -10,6 +10,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .distributed import EpochBatchSampler
+from .fsdp import find_block_modules, full_parameters, save_delta_sharded, shard_model
 from .logging import read_log
 from .losses import PadCollator, causal_lm_loss
 from .optim import AdamW, param_groups
@@ -26,12 +27,16 @@ __all__ = [
     "TrainerCallback",
     "build_scheduler",
     "causal_lm_loss",
+    "find_block_modules",
     "find_latest_checkpoint",
+    "full_parameters",
     "list_checkpoints",
     "load_trainable_params",
     "lr_factor",
     "param_groups",
     "read_log",
+    "save_delta_sharded",
     "save_trainable_params",
     "set_seed",
+    "shard_model",
 ]

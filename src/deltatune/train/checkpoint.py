@@ -116,12 +116,30 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _check_full_tensor(name: str, t: torch.Tensor) -> None:
+    """A checkpoint only ever holds full tensors: never a DTensor shard, never an empty tensor."""
+    from .fsdp import is_dtensor
+
+    if is_dtensor(t):
+        raise CheckpointError(
+            f"parameter {name!r} is a sharded DTensor; gather it first (deltatune.train.fsdp.full_parameters)"
+        )
+    if t.numel() == 0:
+        raise CheckpointError(f"parameter {name!r} is empty (shape {tuple(t.shape)}); refusing to write it")
+
+
 def save_trainable_params(model: nn.Module, directory: str | os.PathLike[str]) -> None:
     """Default ``save_fn``: the ``requires_grad`` parameters of ``model`` as ``{name: tensor}`` in
-    ``<directory>/delta.safetensors``."""
+    ``<directory>/delta.safetensors``. A sharded (``DTensor``) or empty parameter raises
+    :class:`~deltatune.errors.CheckpointError` before anything is written."""
     from safetensors.torch import save_file
 
-    tensors = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in _trainable(model).items()}
+    tensors = {}
+    for n, p in _trainable(model).items():
+        _check_full_tensor(n, p)
+        tensors[n] = p.detach().to("cpu", copy=True).contiguous()
+    if not tensors:
+        raise CheckpointError("the model has no trainable parameters; refusing to write an empty checkpoint")
     path = Path(directory) / DELTA_FILE
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:

@@ -15,8 +15,7 @@ __all__ = ["TrainConfig", "SCHEDULERS", "MIXED_PRECISION", "DISTRIBUTED"]
 
 SCHEDULERS = ("linear", "cosine", "constant")
 MIXED_PRECISION = ("no", "bf16", "fp16")
-DISTRIBUTED = ("none", "ddp")
-_NOT_YET = {"fsdp"}
+DISTRIBUTED = ("none", "ddp", "fsdp")
 
 
 def _optional_int(name: str, value: Any, minimum: int) -> int | None:
@@ -49,7 +48,10 @@ class TrainConfig:
     and uses a ``GradScaler``; bf16 autocast also works on CPU), ``device`` (``"auto"``, ``"cpu"``,
     ``"cuda"``, ``"cuda:N"``), ``gradient_checkpointing`` (calls
     ``model.gradient_checkpointing_enable()`` when the model has it), ``distributed``
-    (``"none"`` or ``"ddp"``; ``"fsdp"`` is not yet supported).
+    (``"none"``; ``"ddp"``: DistributedDataParallel under ``torchrun``; ``"fsdp"``: the model,
+    frozen base included, sharded with FSDP2 ``fully_shard`` per transformer block under
+    ``torchrun``, see :mod:`deltatune.train.fsdp`; ``"fsdp"`` takes ``mixed_precision`` ``"no"``
+    or ``"bf16"``).
 
     Cadence (in optimiser steps; 0 = never): ``eval_every``, ``save_every``; ``log_every`` >= 1.
     ``save_final`` writes a checkpoint at the end of training (needs ``output_dir``).
@@ -147,12 +149,12 @@ class TrainConfig:
                 raise DeltaConfigError("output_dir must be None or a non-empty directory path, got ''")
         _optional_int("keep_last_checkpoints", self.keep_last_checkpoints, 1)
         check_bool("gradient_checkpointing", self.gradient_checkpointing)
-        if self.distributed in _NOT_YET:
-            raise DeltaConfigError(
-                f"distributed={self.distributed!r} is not yet supported; use one of "
-                + ", ".join(repr(d) for d in DISTRIBUTED)
-            )
         check_choice("distributed", self.distributed, DISTRIBUTED)
+        if self.distributed == "fsdp" and self.mixed_precision == "fp16":
+            raise DeltaConfigError(
+                "mixed_precision='fp16' is not supported with distributed='fsdp' (its GradScaler is not "
+                "shard-aware); use 'bf16' or 'no'"
+            )
         if self.resume_from is not None:
             check_type("resume_from", self.resume_from, (str, os.PathLike), "None, 'latest' or a checkpoint path")
             self.resume_from = os.fspath(self.resume_from)

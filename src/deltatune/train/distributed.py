@@ -64,19 +64,19 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(mode: str, device: str = "auto") -> DistContext:
-    """Return the :class:`DistContext` for ``mode`` (``"none"`` or ``"ddp"``).
+    """Return the :class:`DistContext` for ``mode`` (``"none"``, ``"ddp"`` or ``"fsdp"``).
 
-    For ``"ddp"`` the environment of ``torchrun`` must be set; the default process group is created
-    (NCCL on CUDA, Gloo on CPU) unless one already exists.
+    For ``"ddp"`` and ``"fsdp"`` the environment of ``torchrun`` must be set; the default process
+    group is created (NCCL on CUDA, Gloo on CPU) unless one already exists.
     """
     if mode == "none":
         return DistContext(device=resolve_device(device))
-    if mode != "ddp":
-        raise DeltaConfigError(f"distributed must be one of 'none', 'ddp', got {mode!r}")
+    if mode not in ("ddp", "fsdp"):
+        raise DeltaConfigError(f"distributed must be one of 'none', 'ddp', 'fsdp', got {mode!r}")
     missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k not in os.environ]
     if missing and not (dist.is_available() and dist.is_initialized()):
         raise DeltaConfigError(
-            f"distributed='ddp' needs a torchrun launch (environment {', '.join(missing)} not set); "
+            f"distributed={mode!r} needs a torchrun launch (environment {', '.join(missing)} not set); "
             "run with `torchrun --nproc_per_node N script.py` or use distributed='none'"
         )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

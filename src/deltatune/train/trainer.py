@@ -51,6 +51,15 @@ from .distributed import (
     broadcast_object,
     init_distributed,
 )
+from .fsdp import (
+    checkpoint_param_names,
+    full_optimizer_state_dict,
+    full_parameters,
+    is_dtensor,
+    run_on_rank0,
+    save_delta_sharded,
+    shard_optimizer_state_dict,
+)
 from .logging import MetricsLogger, peak_memory_mb, reset_peak_memory
 from .losses import PadCollator, causal_lm_loss, count_loss_tokens, get_logits
 from .optim import AdamW, param_groups
@@ -193,6 +202,16 @@ class Trainer:
     model is wrapped in ``DistributedDataParallel``; only rank 0 logs and writes checkpoints
     (every rank writes its own RNG state into the checkpoint, so ``output_dir`` must be shared).
     Call :meth:`close` (or use the trainer as a context manager) to destroy the process group.
+
+    Under ``distributed="fsdp"`` (also ``torchrun``) the model is sharded in place with FSDP2 (see
+    :func:`deltatune.train.fsdp.shard_model`): every transformer block, then the root, frozen base
+    included; ``self.model`` is then the sharded model (its parameters are ``DTensor`` shards) and
+    the optimizer holds shards. Gradients are reduce-scattered after every micro-batch. A
+    checkpoint holds the *full* tensors: the parameters ``save_fn`` reads are gathered and
+    swapped into the model on rank 0 while it runs (so ``delta.safetensors`` — or the
+    ``save_delta`` directory of a recipe — is exactly what a single process writes and loads
+    on one process), and ``optimizer.pt`` holds the gathered optimizer state; resuming
+    re-shards both (same world size). Use :meth:`save_delta` for a final delta export.
     """
 
     def __init__(
@@ -263,7 +282,12 @@ class Trainer:
 
         self.model = model.to(self.device)
         self._ddp: nn.Module | None = None
-        if self.dist.enabled:
+        self.fsdp_units: list[str] = []
+        if config.distributed == "fsdp":
+            from .fsdp import shard_model
+
+            self.fsdp_units = shard_model(self.model, device=self.device, mixed_precision=config.mixed_precision)
+        elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             self._ddp = DistributedDataParallel(
@@ -300,6 +324,11 @@ class Trainer:
     def is_main(self) -> bool:
         """True on the process that logs and saves (rank 0)."""
         return self.dist.is_main
+
+    @property
+    def is_fsdp(self) -> bool:
+        """True when the model was sharded with FSDP2 (``distributed="fsdp"``)."""
+        return bool(self.fsdp_units)
 
     @property
     def trainable_params(self) -> int:
@@ -443,6 +472,8 @@ class Trainer:
         elif want_norm:
             grads = [p.grad for p in self._trainable if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if grad_norm is not None and is_dtensor(grad_norm):  # FSDP: a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         lr = self.scheduler.get_last_lr()[0]
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -658,6 +689,12 @@ class Trainer:
         bs = c.eval_batch_size or c.batch_size
         own = list(range(self.dist.rank, len(ds), self.dist.world_size))
         batches = [own[i : i + bs] for i in range(0, len(own), bs)]
+        n_real = len(batches)
+        if self.is_fsdp:
+            # every forward of a sharded model is collective: all ranks must run as many batches as
+            # rank 0 (which holds the most examples); the extra ones repeat example 0 and are ignored
+            most = -(-len(range(0, len(ds), self.dist.world_size)) // bs)
+            batches += [[0]] * (most - n_real)
         was_training = self.model.training
         self.model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -666,12 +703,14 @@ class Trainer:
             from tqdm.auto import tqdm
 
             loader = self._loader(ds, batches, c.seed)
-            for batch in tqdm(loader, desc="eval", leave=False, disable=not (self.is_main and c.progress_bar)):
+            bar = tqdm(loader, desc="eval", leave=False, disable=not (self.is_main and c.progress_bar))
+            for i, batch in enumerate(bar):
                 batch = _to_device(batch, self.device)
                 with self._autocast():
                     loss_sum, n = self._compute_loss(self.model, batch, 0.0)
-                total += loss_sum.double()
-                n_total += int(n)
+                if i < n_real:
+                    total += loss_sum.double()
+                    n_total += int(n)
         finally:
             self.model.train(was_training)
         tot = all_reduce_sum(self.dist, torch.stack([total.cpu(), torch.tensor(float(n_total), dtype=torch.float64)]))
@@ -714,40 +753,59 @@ class Trainer:
         tmp = begin_checkpoint(c.output_dir, step) if self.is_main else None
         tmp = broadcast_object(self.dist, os.fspath(tmp) if tmp is not None else None)
         tmp_path = Path(tmp)
-        final = None
+        written: list[Path] = []
+
+        def write_rank0(optim_state: dict[str, Any] | None) -> None:
+            if optim_state is None:
+                self.save_fn(self.model, tmp_path)
+                optim_state = self.optimizer.state_dict()
+            torch_save_atomic(optim_state, tmp_path / "optimizer.pt")
+            state = {
+                "format_version": _STATE_VERSION,
+                **asdict(self.state),
+                "total_steps": self.total_steps,
+                "world_size": self.dist.world_size,
+                "batch_size": c.batch_size,
+                "grad_accum_steps": c.grad_accum_steps,
+                "seed": c.seed,
+                "param_names": self._param_names,
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "config_json": json.dumps(c.to_dict()),
+            }
+            torch_save_atomic(state, tmp_path / "trainer_state.pt")
+            save_json_atomic({**asdict(self.state), "total_steps": self.total_steps}, tmp_path / "trainer_state.json")
+            written.append(finalize_checkpoint(tmp_path, step))
+            rotate_checkpoints(c.output_dir, c.keep_last_checkpoints)
+
         try:
             rng = capture_rng_state(self.device, self._current_sampler_state())
             torch_save_atomic(rng, tmp_path / f"rng_state_rank{self.dist.rank}.pt")
             barrier(self.dist)
-            if self.is_main:
-                self.save_fn(self.model, tmp_path)
-                torch_save_atomic(self.optimizer.state_dict(), tmp_path / "optimizer.pt")
-                state = {
-                    "format_version": _STATE_VERSION,
-                    **asdict(self.state),
-                    "total_steps": self.total_steps,
-                    "world_size": self.dist.world_size,
-                    "batch_size": c.batch_size,
-                    "grad_accum_steps": c.grad_accum_steps,
-                    "seed": c.seed,
-                    "param_names": self._param_names,
-                    "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                    "config_json": json.dumps(c.to_dict()),
-                }
-                torch_save_atomic(state, tmp_path / "trainer_state.pt")
-                save_json_atomic({**asdict(self.state), "total_steps": self.total_steps}, tmp_path / "trainer_state.json")
-                final = finalize_checkpoint(tmp_path, step)
-                rotate_checkpoints(c.output_dir, c.keep_last_checkpoints)
+            optim_state = None
+            if self.is_fsdp:
+                # full (gathered) tensors only: rank 0 writes them, as a single process would
+                with full_parameters(self.model, checkpoint_param_names(self.model), rank0_only=True):
+                    run_on_rank0(lambda: self.save_fn(self.model, tmp_path), distributed=True)
+                optim_state = full_optimizer_state_dict(self.optimizer)
+            # a failure on rank 0 is raised on every rank (no rank is left waiting in a collective)
+            run_on_rank0(lambda: write_rank0(optim_state), distributed=self.dist.enabled)
         except BaseException:
             if self.is_main:
                 abort_checkpoint(tmp_path)
             raise
+        final = written[0] if written else None
         barrier(self.dist)
         if final is not None:
             for cb in self.callbacks:
                 cb.on_save(self, final)
         return final
+
+    def save_delta(self, directory: str | os.PathLike[str], adapter_name: str | None = None) -> Path | None:
+        """Write the model's deltatune adapter with :func:`deltatune.checkpoint.save_delta`, the full
+        tensors also under FSDP (then every rank must call it; rank 0 writes). Returns the
+        directory on rank 0 and ``None`` on the other ranks."""
+        return save_delta_sharded(self.model, directory, adapter_name)
 
     def load_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Restore trainable weights, optimizer, scheduler, scaler, counters and RNG states from ``path``."""
@@ -772,8 +830,13 @@ class Trainer:
             raise CheckpointError(
                 f"the trainable parameters of the model differ from those saved in {os.fspath(path)!r}"
             )
-        self.load_fn(self.model, path)
-        self.optimizer.load_state_dict(torch_load(path / "optimizer.pt"))
+        if self.is_fsdp:
+            with full_parameters(self.model, checkpoint_param_names(self.model), rank0_only=False, writeback=True):
+                self.load_fn(self.model, path)
+            self.optimizer.load_state_dict(shard_optimizer_state_dict(self.optimizer, torch_load(path / "optimizer.pt")))
+        else:
+            self.load_fn(self.model, path)
+            self.optimizer.load_state_dict(torch_load(path / "optimizer.pt"))
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
