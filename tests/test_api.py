@@ -186,7 +186,8 @@ def test_trainable_summary_table():
     assert s.total == 16 * 32 + 32 + 32 * 8 + 8 + s.trainable
     assert s.percent == pytest.approx(100 * s.trainable / s.total)
     text = str(s)
-    assert "0.lora_A.default" in text and f"trainable%: {s.percent:.4f}" in text
+    assert s.rows == [("0", s.trainable, 16 * 32 + 32 + s.trainable)]  # adapter counted under its module
+    assert f"trainable%: {s.percent:.4f}" in text
 
 
 # -- named adapters -------------------------------------------------------------------------

@@ -122,8 +122,8 @@ class TrainableSummary:
         )
         return "\n".join(lines)
 
-    def print(self) -> None:
-        """Print the table (with rich when it is installed)."""
+    def print(self, max_rows: int | None = None) -> None:
+        """Print the table (with rich when it is installed); ``max_rows`` shortens long tables."""
         try:
             from rich.console import Console
             from rich.table import Table
@@ -134,10 +134,26 @@ class TrainableSummary:
         table.add_column("module")
         table.add_column("trainable", justify="right")
         table.add_column("total", justify="right")
-        for name, t, tot in self.rows:
+        rows = self.rows if max_rows is None else self.rows[:max_rows]
+        for name, t, tot in rows:
             table.add_row(name, f"{t:,}", f"{tot:,}")
+        if len(rows) < len(self.rows):
+            table.add_row(f"... {len(self.rows) - len(rows)} more modules", "", "")
         table.add_row("[b]all[/b]", f"[b]{self.trainable:,}[/b]", f"[b]{self.total:,}[/b] ({self.percent:.4f}%)")
         Console().print(table)
+
+
+_DELTA_CONTAINERS = ("lora_", "adapter_", "ia3_", "prefix_", "ptuning_", "modules_to_save")
+
+
+def _row_name(logical: str) -> str:
+    """The module a parameter is counted under: the adapted module for delta parameters
+    (``...q_proj`` for ``...q_proj.lora_A.default.weight``), else the parameter's own module."""
+    parts = logical.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith(_DELTA_CONTAINERS) and i > 0:
+            return ".".join(parts[:i])
+    return ".".join(parts[:-1]) or parts[0]
 
 
 def trainable_summary(model: nn.Module) -> TrainableSummary:
@@ -151,7 +167,7 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
             continue
         seen.add(id(p))
         total += p.numel()
-        module = logical_param_name(name).rsplit(".", 1)[0]
+        module = _row_name(logical_param_name(name))
         row = per.setdefault(module, [0, 0])
         row[1] += p.numel()
         if p.requires_grad:

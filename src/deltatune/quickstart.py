@@ -20,8 +20,11 @@ from deltatune.models import load as load_model
 
 
 def default_data_dir() -> Path:
-    """``../shared/data`` beside the repository (the layout this project ships with)."""
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data"
+    """``../shared/data`` seen from the working directory, else beside the repository checkout."""
+    for root in (Path.cwd().parent, Path(__file__).resolve().parents[3]):
+        if (root / "shared" / "data").is_dir():
+            return root / "shared" / "data"
+    return Path.cwd().parent / "shared" / "data"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -29,19 +32,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data-dir", default=str(default_data_dir()))
-    ap.add_argument("--examples", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--examples", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--lr", type=float, default=2e-3)
     args = ap.parse_args(argv)
     t0 = time.time()
     torch.manual_seed(0)
     model, tok = load_model(args.model)
     print(f"loaded {args.model} in {time.time() - t0:.1f}s")
-    examples = load_data_to_text("e2e", "dev", args.data_dir)[: args.examples]
-    feats = build_causal_lm_features(examples, tok, max_length=96, expand_references=False)
+    examples = load_data_to_text("e2e", "train", args.data_dir)[: args.examples]
+    feats = build_causal_lm_features(examples, tok, max_length=64, expand_references=False)
     batch = CausalLMCollator(pad_token_id=tok.pad_token_id)(feats)
     dt.apply(model, dt.LoraConfig(r=4, alpha=32, dropout=0.1, target_modules=["q_proj", "v_proj"]))
-    dt.trainable_summary(model).print()
+    dt.trainable_summary(model).print(max_rows=8)
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     model.train()
