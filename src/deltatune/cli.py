@@ -1,0 +1,300 @@
+"""The ``deltatune`` command line.
+
+::
+
+    deltatune run CONFIG [--set KEY=VALUE ...] [--output-dir DIR] [--overwrite]
+    deltatune finetune CONFIG [--set ...] [--output-dir DIR] [--overwrite]
+    deltatune generate CONFIG [--set ...] [--output-dir DIR] [--checkpoint PATH]
+    deltatune evaluate [CONFIG] [--set ...] [--output-dir DIR] [--predictions FILE] [--references FILE]
+    deltatune compare RUN_DIR RUN_DIR ... --out DIR
+    deltatune methods
+    deltatune info MODEL [--config FILE] [--set ...] [--per-module]
+
+Every error deltatune raises on purpose (:class:`~deltatune.errors.DeltaError`) is printed as one
+``deltatune: error: ...`` line on stderr and exits with status 2, without a traceback (``--debug``
+shows it). ``python -m deltatune`` runs the same program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+from .errors import DeltaError
+
+__all__ = ["build_parser", "main"]
+
+EXIT_USAGE = 2
+
+
+def _add_recipe_args(p: argparse.ArgumentParser, *, config_optional: bool = False) -> None:
+    if config_optional:
+        p.add_argument("config", nargs="?", help="recipe YAML file (optional when --predictions and --references are given)")
+    else:
+        p.add_argument("config", help="recipe YAML file (see configs/)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set train.lr=1e-3 --set eval.max_examples=50 (values are YAML)",
+    )
+    p.add_argument("--output-dir", help="run directory (replaces the recipe's output_dir)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``deltatune`` command."""
+    parser = argparse.ArgumentParser(
+        prog="deltatune",
+        description="Parameter-efficient (delta) fine-tuning: train, decode, score and compare data-to-text runs.",
+    )
+    parser.add_argument("--version", action="version", version=f"deltatune {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of deltatune errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("run", help="train, generate, score and report (the whole recipe)")
+    _add_recipe_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("finetune", help="train only: logs, checkpoints and the final delta")
+    _add_recipe_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("generate", help="decode the recipe's eval split with a trained run")
+    _add_recipe_args(p)
+    p.add_argument("--checkpoint", help="delta directory (or full model directory) to use instead of the run's")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("evaluate", help="score a predictions file against references; write metrics.json and report.md")
+    _add_recipe_args(p, config_optional=True)
+    p.add_argument("--predictions", help="predictions file, one output per line (default: RUN_DIR/predictions.txt)")
+    p.add_argument("--references", help="references file, groups separated by blank lines (default: RUN_DIR/references.txt)")
+    p.add_argument("--metrics", nargs="+", metavar="METRIC", help="BLEU NIST METEOR ROUGE_L CIDEr (default: the recipe's)")
+
+    p = sub.add_parser("compare", help="overlay the loss curves of runs and tabulate their metrics")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories")
+    p.add_argument("--out", required=True, help="directory for compare.md, compare.csv and compare.png")
+
+    sub.add_parser("methods", help="list the registered delta methods")
+
+    p = sub.add_parser("info", help="trainable-parameter summary of a model after applying a delta config")
+    p.add_argument("model", help="registered model name, Hugging Face directory or .gguf file")
+    p.add_argument("--config", help="method config (YAML/JSON with 'method') or a recipe (its 'delta' section)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a method-config field, e.g. --set r=16",
+    )
+    p.add_argument("--per-module", action="store_true", help="list every module with trainable parameters")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------
+# commands
+
+
+def _recipe(args: argparse.Namespace, *, check_data: bool = True) -> Any:
+    from .recipes import load_recipe
+
+    return load_recipe(args.config, args.overrides, output_dir=args.output_dir, check_data=check_data)
+
+
+def _print_scores(metrics: dict[str, Any], run_dir: Path) -> None:
+    from .recipes import format_scores
+
+    print(f"\nscores ({run_dir}):")
+    print(format_scores(metrics))
+    print(f"report: {run_dir / 'report.md'}")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .recipes import run_recipe
+
+    recipe = _recipe(args)
+    metrics = run_recipe(recipe, overwrite=args.overwrite, progress=not args.no_progress)
+    _print_scores(metrics, recipe.run_dir)
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .recipes import finetune
+
+    recipe = _recipe(args)
+    summary = finetune(recipe, overwrite=args.overwrite, progress=not args.no_progress)
+    print(
+        f"trained {summary.get('steps')} steps in {summary.get('wall_time_s', 0.0):.1f} s; "
+        f"trainable {summary.get('trainable_params', 0):,} / {summary.get('total_params', 0):,} "
+        f"({summary.get('trainable_percent', 0.0):.4f}%); run directory: {recipe.run_dir}"
+    )
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .recipes import PREDICTIONS_FILE, generate_predictions
+
+    recipe = _recipe(args)
+    info = generate_predictions(recipe, checkpoint=args.checkpoint, progress=not args.no_progress)
+    print(
+        f"decoded {info['num_inputs']} inputs of {info['split']!r} in {info['generate_time_s']:.1f} s: "
+        f"{recipe.run_dir / PREDICTIONS_FILE}"
+    )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .errors import DeltaConfigError
+    from .recipes import evaluate_run
+
+    recipe = None
+    if args.config is not None:
+        recipe = _recipe(args, check_data=False)
+    elif args.predictions is None or args.references is None:
+        raise DeltaConfigError("evaluate needs a CONFIG, or both --predictions and --references")
+    metrics = evaluate_run(
+        recipe,
+        predictions=args.predictions,
+        references=args.references,
+        run_dir=args.output_dir if recipe is None else None,
+        metrics=args.metrics,
+    )
+    run_dir = recipe.run_dir if recipe is not None else Path(args.output_dir or Path(args.predictions).resolve().parent)
+    _print_scores(metrics, run_dir)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .report import compare_runs
+
+    md, png = compare_runs(args.runs, args.out)
+    print(md.read_text(encoding="utf-8"))
+    print(f"written: {md}, {md.with_suffix('.csv')}, {png}")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import get_method, method_names
+
+    rows = []
+    for name in method_names():
+        m = get_method(name)
+        doc = (m.config_cls.__doc__ or "").strip().splitlines()
+        fields = [f.name for f in dataclasses.fields(m.config_cls)]
+        rows.append((name, m.config_cls.__name__, "yes" if m.mergeable else "no", doc[0] if doc else "", fields))
+    rows.append(("full", "-", "-", "full fine-tuning (recipes only: delta: {method: full})", []))
+    w = max(len(r[0]) for r in rows)
+    wc = max(len(r[1]) for r in rows)
+    print(f"{'method':<{w}}  {'config':<{wc}}  mergeable  description")
+    for name, cls, merge, doc, _ in rows:
+        print(f"{name:<{w}}  {cls:<{wc}}  {merge:<9}  {doc}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .api import apply
+    from .config import DeltaConfig
+    from .freeze import trainable_summary
+    from .models import load, model_info
+
+    config: DeltaConfig | None = None
+    full = False
+    if args.config is not None:
+        config, full = _info_config(args.config, args.overrides)
+    elif args.overrides:
+        from .errors import DeltaConfigError
+
+        raise DeltaConfigError("--set needs --config (the method config whose fields it overrides)")
+    model, _ = load(args.model)
+    info = model_info(model)
+    print(
+        f"{args.model}: {info['architecture']} ({info['model_type']}), {info['num_layers']} layers, hidden "
+        f"{info['hidden_size']}, vocab {info['vocab_size']}, {info['num_parameters']:,} parameters, {info['dtype']}"
+    )
+    if config is not None:
+        apply(model, config)
+        print(f"applied {config.method}: {config}")
+    elif full:
+        model.requires_grad_(True)
+        print("full fine-tuning: every parameter is trainable")
+    else:
+        print("no delta config given (--config): the base model, every parameter trainable")
+    summary = trainable_summary(model)
+    if args.per_module:
+        print(summary)
+    else:
+        print(
+            f"trainable params: {summary.trainable:,} || all params: {summary.total:,} || "
+            f"trainable%: {summary.percent:.4f}"
+        )
+    return 0
+
+
+def _info_config(path: str, overrides: Sequence[str]) -> tuple[Any, bool]:
+    """The method config of ``--config`` (a method config file or a recipe), with ``--set`` applied."""
+    import json
+
+    import yaml
+
+    from .config import config_from_dict
+    from .errors import DataFormatError, DeltaConfigError
+    from .recipes import FULL_METHOD, parse_override
+
+    p = Path(path)
+    if not p.is_file():
+        raise DeltaConfigError(f"--config must be an existing YAML/JSON file, got {path!r}")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise DataFormatError(f"{p}, line 1: cannot parse the config ({exc})") from None
+    if isinstance(data, dict) and "method" not in data and isinstance(data.get("delta"), dict):
+        data = data["delta"]
+    if not isinstance(data, dict):
+        raise DataFormatError(f"{p}, line 1: expected a mapping with a 'method' key, got {type(data).__name__}")
+    data = dict(data)
+    for text_ in overrides:
+        parts, value = parse_override(text_)
+        if parts[0] == "delta":
+            parts = parts[1:]
+        if len(parts) != 1:
+            raise DeltaConfigError(f"--set {text_!r}: info takes method-config fields (e.g. r=16 or delta.r=16)")
+        data[parts[0]] = value
+    if data.get("method") == FULL_METHOD:
+        return None, True
+    return config_from_dict(data), False
+
+
+_COMMANDS = {
+    "run": _cmd_run,
+    "finetune": _cmd_finetune,
+    "generate": _cmd_generate,
+    "evaluate": _cmd_evaluate,
+    "compare": _cmd_compare,
+    "methods": _cmd_methods,
+    "info": _cmd_info,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``deltatune`` command line; returns the exit status (0 ok, 2 usage or deltatune error,
+    130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        return _COMMANDS[args.command](args)
+    except DeltaError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"deltatune: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("deltatune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
