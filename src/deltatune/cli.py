@@ -117,7 +117,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     recipe = _recipe(args)
     metrics = run_recipe(recipe, overwrite=args.overwrite, progress=not args.no_progress)
-    _print_scores(metrics, recipe.run_dir)
+    if metrics:  # empty on ranks > 0 under torchrun
+        _print_scores(metrics, recipe.run_dir)
     return 0
 
 

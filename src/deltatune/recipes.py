@@ -895,12 +895,30 @@ def _trainable_info(model: Any) -> dict[str, Any]:
     return {"trainable_params": s.trainable, "total_params": s.total, "trainable_percent": s.percent}
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 when not distributed)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _check_distributed(recipe: Recipe) -> None:
+    if recipe.is_full and recipe.train.distributed == "fsdp":
+        raise DeltaConfigError(
+            "train.distributed must be 'none' or 'ddp' for full fine-tuning recipes (method: full), got 'fsdp'; "
+            "FSDP recipes train a delta method"
+        )
+
+
 def _apply_delta(recipe: Recipe, model: Any) -> None:
     if recipe.is_full:
         model.requires_grad_(True)
         return
+    import torch
+
     from .api import apply
 
+    # the adapter's initial weights depend on the seed alone (identical on every rank, and the same
+    # under torchrun as in one process), not on whatever consumed random numbers before
+    torch.manual_seed(recipe.train.seed)
     apply(model, recipe.delta_config())
 
 
@@ -950,7 +968,8 @@ def _finetune(recipe: Recipe, model: Any, tokenizer: Any, data: RunData, run_dir
             "dev_examples": len(data.dev),
         }
     )
-    _write_json(run_dir / RUN_INFO_FILE, info)
+    if _rank() == 0:
+        _write_json(run_dir / RUN_INFO_FILE, info)
     save_fn = load_fn = None
     if not recipe.is_full:
         from .checkpoint import load_delta, save_delta
@@ -967,8 +986,12 @@ def _finetune(recipe: Recipe, model: Any, tokenizer: Any, data: RunData, run_dir
         model, train_cfg, feats, eval_dataset=dev_feats, collate_fn=collator, save_fn=save_fn, load_fn=load_fn
     ) as trainer:
         summary = trainer.train()
-    _save_final(recipe, model, tokenizer, run_dir)
-    return {**summary, **info}
+        sharded = bool(trainer.is_fsdp)
+        if not recipe.is_full:
+            trainer.save_delta(run_dir / DELTA_DIR)  # collective under FSDP; rank 0 writes
+        elif trainer.is_main:
+            _save_final(recipe, model, tokenizer, run_dir)
+    return {**summary, **info, "sharded": sharded}
 
 
 def _load_trained(recipe: Recipe, checkpoint: str | os.PathLike | None) -> tuple[Any, Any]:
@@ -1051,11 +1074,20 @@ def finetune(recipe: Recipe, *, overwrite: bool = False, progress: bool = True) 
     summary merged with the trainable-parameter counts.
     """
     check_type("recipe", recipe, Recipe, "a Recipe (see load_recipe)")
+    _check_distributed(recipe)
     data = prepare_data(recipe)
-    run_dir = _prepare_run_dir(recipe, overwrite)
-    _write_config(recipe, run_dir)
+    run_dir = _start_run_dir(recipe, overwrite)
     model, tok = _load_model(recipe)
     return _finetune(recipe, model, tok, data, run_dir, progress)
+
+
+def _start_run_dir(recipe: Recipe, overwrite: bool) -> Path:
+    """Rank 0 prepares the run directory and writes the resolved config; other ranks only use it."""
+    if _rank() != 0:
+        return recipe.run_dir
+    run_dir = _prepare_run_dir(recipe, overwrite)
+    _write_config(recipe, run_dir)
+    return run_dir
 
 
 def generate_predictions(
@@ -1186,12 +1218,16 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, progress: bool = True
     the files written.
     """
     check_type("recipe", recipe, Recipe, "a Recipe (see load_recipe)")
+    _check_distributed(recipe)
     t0 = time.perf_counter()
     data = prepare_data(recipe)
-    run_dir = _prepare_run_dir(recipe, overwrite)
-    _write_config(recipe, run_dir)
+    run_dir = _start_run_dir(recipe, overwrite)
     model, tok = _load_model(recipe)
-    _finetune(recipe, model, tok, data, run_dir, progress)
+    summary = _finetune(recipe, model, tok, data, run_dir, progress)
+    if _rank() != 0:  # under torchrun, rank 0 alone decodes and scores
+        return {}
+    if summary.get("sharded"):  # the FSDP-sharded model cannot run on one rank: reload the saved delta
+        model, tok = _load_trained(recipe, None)
     _generate(recipe, model, tok, data.eval, run_dir, progress)
     return evaluate_run(recipe, run_dir=run_dir, started_at=t0)
 
