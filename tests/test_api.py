@@ -316,3 +316,15 @@ def test_apply_rejects_bad_arguments():
         dt.apply(mlp(), 3)
     with pytest.raises(dt.DeltaConfigError, match="name must be a non-empty str without '.', got 'a.b'"):
         dt.apply(mlp(), dt.LoraConfig(target_modules=["0"]), "a.b")
+
+
+def test_apply_without_activating_keeps_the_active_adapter():
+    base = llama()
+    x = example_input("llama")
+    model = dt.apply(copy.deepcopy(base), dt.LoraConfig(target_modules=["q_proj"], r=2, init="random"), "a")
+    ya = run(model, x)
+    dt.apply(model, dt.LoraConfig(target_modules=["v_proj"], r=2, init="random"), "b", activate=False)
+    assert dt.active_adapters(model) == ["a"]
+    assert torch.equal(run(model, x), ya), "the inactive adapter 'b' must not compute"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".a." in n for n in trainable)

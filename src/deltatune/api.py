@@ -104,13 +104,10 @@ def apply(
             wrapper.add_adapter(name)
             _replace_module(model, _real_path(model, slot.name), wrapper)
         saved.append(slot.name)
+    current = active_adapters(model)
     records[name] = AdapterRecord(config.method, config, list(targets), saved)
-    if activate:
-        set_active_adapter(model, name, _freeze=freeze_base)
-    elif freeze_base:
-        from .freeze import freeze_delta
-
-        freeze_delta(model, config.method, adapter_name=name)
+    # re-assert the model's active set on every layer (new wrappers start with their own adapter active)
+    set_active_adapter(model, name if (activate or not current) else current, _freeze=freeze_base)
     return model
 
 

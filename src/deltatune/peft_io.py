@@ -20,7 +20,7 @@ import torch.nn as nn
 from .api import _record, apply
 from .errors import CheckpointError, DeltaConfigError
 from .io_utils import atomic_write_bytes, atomic_write_text
-from .methods.base import ModulesToSaveWrapper, delta_layers, get_records, logical_param_name
+from .methods.base import ModulesToSaveWrapper, delta_layers, logical_param_name
 from .methods.lora import LoraConfig, LoraLayer
 from .validation import check_type
 
@@ -30,10 +30,6 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_WEIGHTS_BIN = "adapter_model.bin"
 PREFIX = "base_model.model."
-
-
-def _logical(path: str) -> str:
-    return logical_param_name(path)
 
 
 def export_peft(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
@@ -53,13 +49,13 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, adapter_name: st
     for path, layer in delta_layers(model):
         if isinstance(layer, ModulesToSaveWrapper):
             if adapter_name in layer.adapter_names:
-                name = _logical(path)
+                name = logical_param_name(path)
                 for pname, p in layer.modules_to_save[adapter_name].named_parameters():
                     tensors[f"{PREFIX}{name}.{pname}"] = p.detach()
             continue
         if not isinstance(layer, LoraLayer) or adapter_name not in layer.adapter_names:
             continue
-        name = _logical(path)
+        name = logical_param_name(path)
         targets.append(name)
         r, alpha = layer.r[adapter_name], layer.alpha[adapter_name]
         key = f"{PREFIX}{name}"
@@ -97,7 +93,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, adapter_name: st
 
     for pname in get_method("lora").extra_trainable(model, cfg, adapter_name):
         p = model.get_parameter(pname)
-        logical = _logical(pname)
+        logical = logical_param_name(pname)
         owner = logical.rsplit(".", 1)[0]
         suffix = "base_layer.bias" if owner in targets else "bias"
         tensors[f"{PREFIX}{owner}.{suffix}"] = p.detach()
@@ -193,10 +189,10 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
 
 
 def _load_peft_tensors(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
-    params = {_logical(k): v for k, v in model.named_parameters(remove_duplicate=False)}
+    params = {logical_param_name(k): v for k, v in model.named_parameters(remove_duplicate=False)}
     wanted: dict[str, torch.nn.Parameter] = {}
     for path, layer in delta_layers(model):
-        logical = _logical(path)
+        logical = logical_param_name(path)
         if isinstance(layer, ModulesToSaveWrapper) and name in layer.adapter_names:
             for pname, p in layer.modules_to_save[name].named_parameters():
                 wanted[f"{logical}.{pname}"] = p
@@ -228,8 +224,3 @@ def _load_peft_tensors(model: nn.Module, state: dict[str, torch.Tensor], name: s
             if t.numel() != p.numel():
                 raise CheckpointError(f"{key}: PEFT tensor shape {tuple(t.shape)} vs model {tuple(p.shape)}")
             p.copy_(t.reshape(p.shape).to(dtype=p.dtype, device=p.device))
-
-
-def adapters_of(model: nn.Module) -> list[str]:
-    """The adapter names on the model (convenience for the CLI)."""
-    return list(get_records(model))

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
 import torch.nn as nn
 
 from ..config import DeltaConfig
@@ -299,8 +298,3 @@ def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, attr, new)
-
-
-def tensors_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equality of two tensors (same dtype, shape and bytes)."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)

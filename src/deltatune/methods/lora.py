@@ -31,8 +31,6 @@ from .base import DeltaLayer, DeltaMethod, unwrap
 
 __all__ = ["LoraConfig", "LoraLayer", "LoraMethod", "METHOD"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 #: Use the lean fused autograd function (:func:`deltatune.kernels.lora_function.lora_linear`) for
 #: plain linear LoRA (no DoRA, no slices). Its dropout mask comes from a seed (nothing of the input's
 #: size is stored for dropout). Set to False to compute with plain ``torch.nn`` ops instead.
