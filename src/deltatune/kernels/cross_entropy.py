@@ -84,6 +84,19 @@ def _dlogits_(z: Tensor, lse: Tensor, safe_y: Tensor, coef: Tensor, eps: float) 
     return p
 
 
+def _accumulate_chunk_grads(
+    dz: Tensor, h: Tensor, w: Tensor, s: int, e: int, cdt: torch.dtype, dh: Tensor | None, dw: Tensor | None
+) -> None:
+    """Add one row chunk's gradient (``dz`` = dloss/dlogits of rows ``s:e``, compute dtype) into dh/dw."""
+    if dh is not None:
+        torch.mm(dz, w, out=dh[s:e])
+    if dw is not None:
+        if dw.dtype == cdt:
+            dw.addmm_(dz.t(), h[s:e])
+        else:
+            dw.add_(dz.t() @ h[s:e])
+
+
 class _LinearCEFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, eps, reduction, chunk, cdt):
@@ -124,13 +137,7 @@ class _LinearCEFn(torch.autograd.Function):
                     db.add_(dz_acc.sum(0))
                 dz = dz_acc.to(cdt)
                 del z, dz_acc
-                if dh is not None:
-                    torch.mm(dz, w, out=dh[s:e])
-                if dw is not None:
-                    if dw.dtype == cdt:
-                        dw.addmm_(dz.t(), h[s:e])
-                    else:
-                        dw.add_(dz.t() @ h[s:e])
+                _accumulate_chunk_grads(dz, h, w, s, e, cdt, dh, dw)
 
         if reduction == "mean":
             loss = rows.sum() / n_valid
@@ -204,13 +211,7 @@ class _LinearCEFn(torch.autograd.Function):
                 db.add_(dz_acc.sum(0))
             dz = dz_acc.to(cdt)
             del z, dz_acc
-            if dh is not None:
-                torch.mm(dz, w, out=dh[s:e])
-            if dw is not None:
-                if dw.dtype == cdt:
-                    dw.addmm_(dz.t(), h[s:e])
-                else:
-                    dw.add_(dz.t() @ h[s:e])
+            _accumulate_chunk_grads(dz, h, w, s, e, cdt, dh, dw)
         return (
             dh.to(h_dtype) if dh is not None else None,
             dw.to(w_dtype) if dw is not None else None,
