@@ -370,3 +370,19 @@ def test_shared_group_falls_back_when_inputs_differ():
         module.__dict__.pop("_shared_group", None)
     torch.testing.assert_close(k_other, attn.k_proj(x2), atol=1e-6, rtol=0)
     torch.testing.assert_close(q, attn.q_proj(x1), atol=1e-6, rtol=0)
+
+
+def test_unmerged_lora_generates_under_inference_mode():
+    """Generation runs under torch.inference_mode; grouped LoRA projections must work there."""
+    from tests.tiny_models import llama
+
+    base = llama()
+    model = dt.apply(copy.deepcopy(base), dt.LoraConfig(target_modules=["q_proj", "k_proj", "v_proj"], r=4, init="random"))
+    ids = example_input("llama")["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    with torch.inference_mode():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    tokens = dt.generate(model, None, ids.tolist(), dt.GenerationConfig(max_new_tokens=3, eos_token_id=[]), progress=False)
+    assert [len(t) for t in tokens] == [3, 3]

@@ -63,7 +63,8 @@ class SharedInputGroup:
 
     def a_product(self, layer: LoraLayer, name: str, x: torch.Tensor, p: float) -> torch.Tensor | None:
         """``drop(x) @ A^T`` of ``layer`` for adapter ``name``, shared with its siblings; None: not shared."""
-        key = (name, x._version, layer.training, torch.is_grad_enabled(), p)
+        version = -1 if x.is_inference() else x._version  # inference tensors have no version counter
+        key = (name, version, layer.training, torch.is_grad_enabled(), p)
         if self._x is not None and self._x() is x and self._key == key and id(layer) in self._pending:
             return self._pending.pop(id(layer))
         members = [
