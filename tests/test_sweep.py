@@ -1,0 +1,125 @@
+"""The method sweep end to end on a tiny BERT: complete table (every method), MD/CSV/PNG, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+
+import pytest
+import yaml
+
+from deltatune.errors import DeltaConfigError
+from deltatune.sweep import aggregate, load_sweep, main, run_sweep
+from deltatune.tasks import sweep_method_names
+from tests.tasks._tasks_helpers import tiny_bert_dir, write_glue
+
+ALL = ["full", "lora", "adapter", "low_rank_adapter", "bitfit", "prefix", "ptuning_v2", "ia3"]
+
+
+def _config(tmp_path, task="sst2", **extra):
+    model = tiny_bert_dir(tmp_path)
+    data = write_glue(tmp_path / "data", task if task in ("sst2", "mrpc", "stsb", "cola", "rte") else "sst2")
+    cfg = {
+        "name": "tiny",
+        "task": task,
+        "model": str(model),
+        "data_dir": str(data),
+        "pooling": "mean",
+        "max_length": 32,
+        "progress": False,
+        "train": {"max_steps": 2, "batch_size": 8, "progress_bar": False},
+        "methods": {"lora": {"lr": 0.01, "config": {"r": 4}}},
+        "sweep": {"methods": ALL, "seeds": [1, 2]},
+        "output_dir": str(tmp_path / "out"),
+        **extra,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def test_sweep_end_to_end_every_method(tmp_path, capsys):
+    path = _config(tmp_path)
+    rc = main([str(path), "--no-isolate", "--no-progress"])
+    assert rc == 0
+    out = tmp_path / "out"
+    md = (out / "results.md").read_text(encoding="utf-8")
+    rows = list(csv.DictReader((out / "results.csv").open(encoding="utf-8")))
+    assert [r["method"] for r in rows] == ALL
+    for m in ALL:
+        assert f"| {m} |" in md
+        runs = [json.loads((out / "runs" / f"{m}_seed{s}.json").read_text()) for s in (1, 2)]
+        assert all("result" in r for r in runs), [r.get("error") for r in runs]
+        accs = [r["result"]["metrics"]["accuracy"] for r in runs]
+        row = next(r for r in rows if r["method"] == m)
+        assert float(row["accuracy_mean"]) == pytest.approx(statistics.fmean(accs))
+        assert float(row["accuracy_std"]) == pytest.approx(statistics.stdev(accs))
+        assert int(row["trainable_params"]) == runs[0]["result"]["trainable_params"]
+        assert row["error"] == "" and row["seeds_ok"] == "1 2"
+    lrs = {m: json.loads((out / "runs" / f"{m}_seed1.json").read_text())["result"]["lr"] for m in ALL}
+    assert lrs["lora"] == 0.01 and lrs["full"] == 5e-5 and lrs["ptuning_v2"] == 1e-2
+    full = next(r for r in rows if r["method"] == "full")
+    assert float(full["trainable_percent"]) == pytest.approx(100.0)
+    png = (out / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    img = matplotlib.image.imread(str(out / "results.png"))
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 300
+    assert "results.md" in capsys.readouterr().out
+
+
+def test_failing_method_goes_into_the_error_column(tmp_path):
+    path = _config(tmp_path, methods={"lora": {"config": {"target_modules": ["no_such_module"]}}},
+                   sweep={"methods": ["lora", "bitfit"], "seeds": [1]})
+    res = run_sweep(load_sweep(path), isolate=False, progress=False)
+    lora, bitfit = res.rows
+    assert lora.error.startswith("seed 1: TargetNotFoundError: ") and lora.ok_seeds == []
+    assert bitfit.error is None and bitfit.ok_seeds == [1]
+    rows = list(csv.DictReader(res.files["csv"].open(encoding="utf-8")))
+    assert rows[0]["error"].startswith("seed 1: TargetNotFoundError") and rows[0]["accuracy_mean"] == ""
+    assert main([str(path), "--no-isolate", "--no-progress", "--methods", "lora"]) == 1
+
+
+def test_isolated_run_in_a_fresh_process(tmp_path):
+    path = _config(tmp_path, sweep={"methods": ["bitfit"], "seeds": [7]})
+    res = run_sweep(load_sweep(path), isolate=True, progress=False)
+    assert res.rows[0].error is None, res.runs[0].get("traceback")
+    assert res.runs[0]["result"]["seed"] == 7 and res.rows[0].peak_memory_mb > 0
+
+
+def test_aggregate_mean_std_by_hand():
+    def run(m, s, acc):
+        return {"method": m, "seed": s, "result": {"metrics": {"accuracy": acc}, "trainable_params": 10,
+                                                    "trainable_percent": 1.0, "peak_memory_mb": 100.0 + s,
+                                                    "time_per_step_s": 0.5}}
+
+    runs = [run("lora", 1, 0.5), run("lora", 2, 0.7), run("lora", 3, 0.9), {"method": "ia3", "seed": 1, "error": "X: y"}]
+    lora, ia3 = aggregate(runs, ["lora", "ia3"], ["accuracy"])
+    mean, std = lora.scores["accuracy"]
+    assert mean == pytest.approx(0.7) and std == pytest.approx(0.2)  # sample std of 0.5, 0.7, 0.9
+    assert lora.peak_memory_mb == pytest.approx(102.0)
+    assert ia3.error == "seed 1: X: y" and ia3.trainable_params is None
+
+
+def test_errors_unknown_method_and_bad_task(tmp_path, capsys):
+    path = _config(tmp_path)
+    capsys.readouterr()
+    assert main([str(path), "--methods", "full,foo"]) == 2
+    known = ", ".join(sweep_method_names())
+    assert capsys.readouterr().err == f"deltatune sweep: error: --methods: unknown method 'foo'; known methods: {known}\n"
+    assert main([str(path), "--seeds", "1,x"]) == 2
+    assert capsys.readouterr().err == "deltatune sweep: error: --seeds must be comma-separated ints, got '1,x'\n"
+    bad = _config(tmp_path, task="sst3")
+    capsys.readouterr()
+    assert main([str(bad)]) == 2
+    assert capsys.readouterr().err == (
+        "deltatune sweep: error: task must be one of 'cola', 'sst2', 'mrpc', 'stsb', 'rte', 'wnli' (or the folder "
+        "spellings 'CoLA', 'SST-2', 'MRPC', 'STS-B', 'RTE', 'WNLI'), got 'sst3'\n"
+    )
+    with pytest.raises(DeltaConfigError, match=r"^methods.lora.train must not change the shared budget"):
+        load_sweep(_config(tmp_path, methods={"lora": {"train": {"max_steps": 9}}}))
+    with pytest.raises(DeltaConfigError, match=r"^sweep config must not set 'seed'"):
+        load_sweep(_config(tmp_path, seed=3))
+    assert not (tmp_path / "out" / "results.md").exists()
