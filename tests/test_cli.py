@@ -172,3 +172,17 @@ def test_python_dash_m(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "deltatune", "compare", str(tmp_path / "x"), "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode == 2 and "deltatune: error: run_dirs[0] must be an existing run directory" in proc.stderr
+
+
+def test_sweep_and_perplexity_subcommands_are_wired(capsys):
+    from deltatune.cli import main
+
+    assert main(["sweep", "missing.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "missing.yaml" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", "--help"])
+    assert exc.value.code == 0
+    assert "--methods" in capsys.readouterr().out
+    assert main(["perplexity", "missing.yaml"]) == 2
+    assert "missing.yaml" in capsys.readouterr().err

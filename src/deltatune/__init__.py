@@ -54,6 +54,18 @@ from .peft_io import export_peft, import_peft
 from .train import TrainConfig, Trainer, TrainerCallback, read_log
 
 __all__ = [
+    "ClassificationConfig",
+    "PerplexityConfig",
+    "Recipe",
+    "compare_runs",
+    "load_recipe",
+    "load_sweep",
+    "plot_run",
+    "run_classification",
+    "run_perplexity",
+    "run_recipe",
+    "run_sweep",
+    "write_report",
     "AdapterConfig",
     "BitFitConfig",
     "GenerationConfig",

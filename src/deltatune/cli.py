@@ -83,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the registered delta methods")
 
+    p = sub.add_parser(
+        "sweep", add_help=False,
+        help="run several methods on one task with the same budget and seeds; write one comparison table",
+    )
+    p.add_argument("sweep_args", nargs=argparse.REMAINDER, help="CONFIG [--methods ...] [--seeds ...] (see `deltatune sweep --help`)")
+
+    p = sub.add_parser("perplexity", help="sliding-window perplexity before and after tuning (e.g. WikiText-2)")
+    p.add_argument("config", help="perplexity config YAML (see configs/wikitext_lora.yaml)")
+
     p = sub.add_parser("info", help="trainable-parameter summary of a model after applying a delta config")
     p.add_argument("model", help="registered model name, Hugging Face directory or .gguf file")
     p.add_argument("--config", help="method config (YAML/JSON with 'method') or a recipe (its 'delta' section)")
@@ -269,7 +278,24 @@ def _info_config(path: str, overrides: Sequence[str]) -> tuple[Any, bool]:
     return config_from_dict(data), False
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import main as sweep_main
+
+    return sweep_main(args.sweep_args)
+
+
+def _cmd_perplexity(args: argparse.Namespace) -> int:
+    from .tasks.lm import PerplexityConfig, run_perplexity
+
+    result = run_perplexity(PerplexityConfig.from_yaml(args.config))
+    print(f"perplexity base {result['base']['perplexity']:.3f} -> tuned {result['tuned']['perplexity']:.3f} "
+          f"({result['trainable_percent']:.3f}% of the parameters trained)")
+    return 0
+
+
 _COMMANDS = {
+    "sweep": _cmd_sweep,
+    "perplexity": _cmd_perplexity,
     "run": _cmd_run,
     "finetune": _cmd_finetune,
     "generate": _cmd_generate,
@@ -283,8 +309,13 @@ _COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``deltatune`` command line; returns the exit status (0 ok, 2 usage or deltatune error,
     130 interrupted)."""
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    if argv[:1] == ["sweep"]:  # the sweep has its own parser (options, --help); hand it everything
+        from .sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
     except DeltaError as exc:
