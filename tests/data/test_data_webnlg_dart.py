@@ -243,3 +243,24 @@ def test_dart_malformed(tmp_path):
     x.write_text(XML_HEAD + '    <entry category="MISC" eid="Id9" size="1">\n    </entry>\n' + XML_TAIL, "utf-8")
     with pytest.raises(DataFormatError, match=r"d\.xml, entry #1 \(eid='Id9'\): no <modifiedtripleset>"):
         read_dart_xml(str(x))
+
+
+def test_webnlg_xml_counts_empty_references_per_entry(tmp_path):
+    from deltatune.data import read_webnlg_xml
+
+    xml = """<?xml version="1.0" ?>
+<benchmark><entries>
+<entry category="Airport" eid="Id1" size="1">
+<modifiedtripleset><mtriple>A | b | C</mtriple></modifiedtripleset>
+<lex comment="good" lid="Id1"></lex><lex comment="good" lid="Id2">A b C.</lex>
+</entry>
+<entry category="Airport" eid="Id2" size="1">
+<modifiedtripleset><mtriple>D | e | F</mtriple></modifiedtripleset>
+<lex comment="good" lid="Id1">D e F.</lex>
+</entry>
+</entries></benchmark>"""
+    (tmp_path / "a.xml").write_text(xml)
+    (tmp_path / "b.xml").write_text('<?xml version="1.0" ?>\n<benchmark><entries></entries></benchmark>')
+    examples = read_webnlg_xml(tmp_path)
+    assert [e.references for e in examples] == [["A b C."], ["D e F."]]
+    assert examples[0].meta.get("empty_references") == 1 and "empty_references" not in examples[1].meta

@@ -210,3 +210,18 @@ def test_argument_errors():
     with pytest.raises(DeltaConfigError, match="distributed='ddp' needs a torchrun launch"):
         Trainer(model, _cfg(distributed="ddp"), data)
     assert Trainer(model, {"lr": 1e-3, "progress_bar": False}, data).config.lr == 1e-3
+
+
+def test_logger_on_resume_keeps_each_step_once(tmp_path):
+    """A resumed run drops what the interrupted run logged after its checkpoint (and a torn line)."""
+    import json
+
+    from deltatune.train import read_log
+    from deltatune.train.logging import MetricsLogger
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    logger = MetricsLogger(tmp_path, tensorboard=False, resume_step=3)
+    logger.log({"step": 4, "loss": 0.5})
+    logger.close()
+    assert [r["step"] for r in read_log(log)] == [1, 2, 3, 4]

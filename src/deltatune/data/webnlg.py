@@ -138,8 +138,8 @@ def read_webnlg_xml(
             ex, _ = grouper.start(source, category, meta)
             ex.meta["eids"].append(entry.get("eid"))
             ex.references.extend(refs)
-        if empty:
-            ex.meta["empty_references"] = ex.meta.get("empty_references", 0) + empty
+            if empty:
+                ex.meta["empty_references"] = ex.meta.get("empty_references", 0) + empty
     return grouper.result()
 
 

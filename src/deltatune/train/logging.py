@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import DataFormatError
+from ..io_utils import atomic_write_text
 
 __all__ = ["LOG_FILE", "MetricsLogger", "peak_memory_mb", "read_log", "reset_peak_memory"]
 
@@ -80,7 +81,14 @@ class MetricsLogger:
     TensorBoard is skipped silently when ``torch.utils.tensorboard`` cannot be imported.
     """
 
-    def __init__(self, output_dir: str | os.PathLike[str] | None, *, enabled: bool = True, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        output_dir: str | os.PathLike[str] | None,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+    ) -> None:
         self.history: list[dict[str, Any]] = []
         self.enabled = enabled
         self._fh = None
@@ -91,6 +99,11 @@ class MetricsLogger:
         root = Path(output_dir)
         root.mkdir(parents=True, exist_ok=True)
         self.path = root / LOG_FILE
+        if resume_step is not None and self.path.is_file():
+            # a resumed run continues from its checkpoint: drop what the interrupted run logged after
+            # it (and a half-written last line), so the log has each step once and in order
+            kept = [r for r in read_log(self.path) if int(r.get("step", 0)) <= resume_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         if tensorboard:
             try:

@@ -384,10 +384,12 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_log(self, rec)
 
-    def _open_logger(self) -> None:
+    def _open_logger(self, resume_step: int | None = None) -> None:
         if self._logger is None:
             c = self.config
-            self._logger = MetricsLogger(c.output_dir, enabled=self.is_main, tensorboard=c.tensorboard)
+            self._logger = MetricsLogger(
+                c.output_dir, enabled=self.is_main, tensorboard=c.tensorboard, resume_step=resume_step
+            )
 
     def close(self) -> None:
         """Close the log files and destroy the process group if this trainer created it."""
@@ -515,11 +517,13 @@ class Trainer:
         if self.is_main and c.output_dir is not None:
             cleanup_stale_checkpoints(c.output_dir)
         barrier(self.dist)
+        resumed = False
         if resume_from is not None:
             path = self._resolve_resume(resume_from)
             if path is not None:
                 self.load_checkpoint(path)
-        self._open_logger()
+                resumed = True
+        self._open_logger(resume_step=self.state.step if resumed else None)
         first_step = self.state.step
         for cb in self.callbacks:
             cb.on_train_begin(self)
