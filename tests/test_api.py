@@ -328,3 +328,71 @@ def test_apply_without_activating_keeps_the_active_adapter():
     assert torch.equal(run(model, x), ya), "the inactive adapter 'b' must not compute"
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".a." in n for n in trainable)
+
+
+def test_merge_of_stacked_methods_is_exact_and_reversible():
+    """IA3 wrapping LoRA on one layer: merging innermost-first keeps outputs, unmerge restores the base."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8))
+    x = torch.randn(3, 8)
+    w0 = base[0].weight.detach().clone()
+    model = dt.apply(base, dt.LoraConfig(target_modules=["0"], r=2, init="random"), "lora")
+    dt.apply(model, dt.IA3Config(target_modules=["0"]), "ia3")
+    with torch.no_grad():
+        model[0].ia3_scale["ia3"].uniform_(0.5, 1.5)
+    dt.set_active_adapter(model, ["lora", "ia3"])
+    y = model(x)
+    dt.merge(model)
+    torch.testing.assert_close(model(x), y, atol=1e-5, rtol=0)
+    dt.unmerge(model)
+    torch.testing.assert_close(unwrap_weight(model), w0, atol=1e-6, rtol=0)
+
+
+def unwrap_weight(model):
+    from deltatune.methods.base import unwrap
+
+    return unwrap(model[0]).weight
+
+
+def test_switching_with_merged_adapters_changes_nothing():
+    model = dt.apply(llama(), dt.LoraConfig(target_modules=["k_proj"], r=2, init="random"), "a")
+    dt.apply(model, dt.LoraConfig(target_modules=["k_proj", "q_proj"], r=2, init="random"), "b", activate=False)
+    dt.merge(model)
+    with pytest.raises(dt.DeltaConfigError, match=r"cannot switch adapters while adapters \['a'\] are merged"):
+        dt.set_active_adapter(model, "b")
+    assert dt.active_adapters(model) == ["a"]
+    assert all(layer.active_adapters == (["a"] if "k_proj" in n else []) for n, layer in
+               ((n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)))
+    with pytest.raises(dt.DeltaConfigError, match="cannot delete adapter 'b' while adapters"):
+        dt.delete_adapter(model, "b")
+
+
+def test_failed_apply_and_failed_load_leave_no_adapter(tmp_path):
+    model = gpt2()
+    before = [n for n, _ in model.named_modules()]
+    with pytest.raises(dt.DeltaConfigError, match="has 5 slices"):
+        dt.apply(model, dt.LoraConfig(target_modules=["c_fc", "c_attn"], enable_lora={"c_attn": [True] * 5}))
+    assert [n for n, _ in model.named_modules()] == before and dt.adapter_names(model) == []
+    saved = dt.apply(mlp(), dt.LoraConfig(target_modules=["0", "2"], r=2))
+    dt.save_delta(saved, tmp_path / "d")
+    meta = json.loads((tmp_path / "d" / "delta_config.json").read_text())
+    meta["config"]["r"] = 3
+    (tmp_path / "d" / "delta_config.json").write_text(json.dumps(meta))
+    fresh = mlp()
+    with pytest.raises(dt.CheckpointError, match="shape mismatches"):
+        dt.load_delta(fresh, tmp_path / "d")
+    assert dt.adapter_names(fresh) == [] and not lora_names(fresh)
+
+
+def test_fan_in_fan_out_on_a_plain_linear_is_refused():
+    with pytest.raises(dt.DeltaConfigError, match="fan_in_fan_out=True needs weights stored"):
+        dt.apply(mlp(), dt.LoraConfig(target_modules=["0"], fan_in_fan_out=True))
+
+
+def test_model_with_grouped_lora_pickles_after_a_forward():
+    import pickle
+
+    model = dt.apply(llama(), dt.LoraConfig(target_modules=["q_proj", "k_proj", "v_proj"], r=2))
+    run(model, example_input("llama"))
+    clone = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(run(clone, example_input("llama")), run(model, example_input("llama")))

@@ -93,22 +93,47 @@ def apply(
                 f"modules {both} are both targets of the method and in modules_to_save; a module is either "
                 f"adapted or trained in full, not both"
             )
-    targets = method.apply(model, config, name)
-    saved: list[str] = []
-    for slot in save_slots:
-        module = model.get_submodule(_real_path(model, slot.name)) if slot.name else model
-        if isinstance(module, ModulesToSaveWrapper):
-            module.add_adapter(name)
-        else:
-            wrapper = ModulesToSaveWrapper(module)
-            wrapper.add_adapter(name)
-            _replace_module(model, _real_path(model, slot.name), wrapper)
-        saved.append(slot.name)
+    try:
+        targets = method.apply(model, config, name)
+        saved = _wrap_modules_to_save(model, save_slots, name)
+    except BaseException:
+        _rollback(model, method, name)
+        raise
     current = active_adapters(model)
     records[name] = AdapterRecord(config.method, config, list(targets), saved)
     # re-assert the model's active set on every layer (new wrappers start with their own adapter active)
     set_active_adapter(model, name if (activate or not current) else current, _freeze=freeze_base)
     return model
+
+
+def _wrap_modules_to_save(model: nn.Module, slots: list, name: str) -> list[str]:
+    """Give each ``modules_to_save`` module a trainable copy for adapter ``name``."""
+    saved = []
+    for slot in slots:
+        path = _real_path(model, slot.name)
+        module = model.get_submodule(path) if slot.name else model
+        if isinstance(module, ModulesToSaveWrapper):
+            module.add_adapter(name)
+        else:
+            wrapper = ModulesToSaveWrapper(module)
+            wrapper.add_adapter(name)
+            _replace_module(model, path, wrapper)
+        saved.append(slot.name)
+    return saved
+
+
+def _rollback(model: nn.Module, method: Any, name: str) -> None:
+    """Undo a partly applied adapter ``name`` (wrappers created or extended before an error)."""
+    for path, layer in list(delta_layers(model)):
+        if name in layer.adapter_names:
+            layer.delete_adapter(name)
+            if not layer.adapter_names:
+                _replace_module(model, path, layer.base_layer)
+    if method.layer_cls is None:
+        try:
+            method.remove(model, name)
+        except Exception:  # noqa: BLE001 - best effort: the original error is what the caller sees
+            pass
 
 
 def _real_path(model: nn.Module, logical: str) -> str:
@@ -162,6 +187,7 @@ def set_active_adapter(model: nn.Module, name: str | list[str], *, _freeze: bool
         raise DeltaConfigError("name must name at least one adapter, got []")
     for n in names:
         _record(model, n)
+    _refuse_if_merged(model, "switch adapters")
     for _, layer in delta_layers(model):
         layer.set_active(names)
     model.__dict__[ACTIVE_ATTR] = names
@@ -172,6 +198,12 @@ def set_active_adapter(model: nn.Module, name: str | list[str], *, _freeze: bool
         for i, method in enumerate(sorted(methods)):
             freeze_delta(model, method, adapter_name=[n for n in names if get_records(model)[n].method == method],
                          _reset=(i == 0))
+
+
+def _refuse_if_merged(model: nn.Module, what: str) -> None:
+    merged = sorted({a for _, layer in delta_layers(model) for a in layer.merged_adapters})
+    if merged:
+        raise DeltaConfigError(f"cannot {what} while adapters {merged} are merged; call unmerge(model) first")
 
 
 @contextlib.contextmanager
@@ -186,7 +218,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for layer in layers:
+        for layer in reversed(layers):  # innermost wrappers first, as merge() does
             layer.disabled = False
             if merged[id(layer)]:
                 layer.merge(merged[id(layer)])
@@ -195,6 +227,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` and every parameter it owns; wrappers left empty are removed."""
     record = _record(model, name)
+    _refuse_if_merged(model, f"delete adapter {name!r}")
     get_method(record.method).remove(model, name)
     for path, layer in list(delta_layers(model)):
         if isinstance(layer, ModulesToSaveWrapper) and name in layer.adapter_names:
@@ -228,7 +261,7 @@ def merge(model: nn.Module, *, safe: bool = False) -> nn.Module:
 
     ``safe=True`` checks for non-finite results before writing.
     """
-    for layer in _mergeable_layers(model):
+    for layer in reversed(_mergeable_layers(model)):  # innermost wrappers first
         layer.merge(safe=safe)
     return model
 

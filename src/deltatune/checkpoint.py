@@ -8,6 +8,7 @@ so a crash between the two is detected on load instead of loading mismatched ten
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ from ._version import __version__
 from .api import _record, apply
 from .config import config_from_dict
 from .errors import AdapterNotFoundError, CheckpointError, DeltaConfigError
-from .io_utils import atomic_write_bytes, atomic_write_text, file_sha256
+from .io_utils import atomic_write_bytes, atomic_write_text
 from .methods import get_method
 from .methods.base import get_records, logical_param_name, param_adapter_name
 from .validation import check_type
@@ -110,7 +111,8 @@ def save_delta(model: nn.Module, directory: str | os.PathLike, adapter_name: str
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights_path = directory / DELTA_WEIGHTS_NAME
-    atomic_write_bytes(weights_path, save(tensors))
+    data = save(tensors)
+    atomic_write_bytes(weights_path, data)
     meta: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -120,7 +122,7 @@ def save_delta(model: nn.Module, directory: str | os.PathLike, adapter_name: str
         "targets": record.targets,
         "modules_to_save": record.modules_to_save,
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()},
-        "sha256": file_sha256(weights_path),
+        "sha256": hashlib.sha256(data).hexdigest(),
     }
     atomic_write_text(directory / DELTA_CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
     return directory
@@ -159,13 +161,14 @@ def load_delta(
     model works). The file's hash, the config and every tensor's name and shape are checked, and
     the error says exactly what does not match.
     """
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_bytes
 
     check_type("model", model, nn.Module, "a torch.nn.Module")
     meta = read_delta_meta(directory)
     directory = Path(directory)
     w_path = directory / DELTA_WEIGHTS_NAME
-    digest = file_sha256(w_path)
+    data = w_path.read_bytes()  # hashed and parsed from the same bytes
+    digest = hashlib.sha256(data).hexdigest()
     if digest != meta.get("sha256"):
         raise CheckpointError(
             f"{str(w_path)!r} has SHA-256 {digest[:16]}..., but {DELTA_CONFIG_NAME} records "
@@ -183,10 +186,16 @@ def load_delta(
                 f"adapter {name!r} on the model has a different config than the checkpoint "
                 f"(field: model value, checkpoint value): {diff}"
             )
-    else:
-        apply(model, saved_config, name, freeze_base=freeze_base, activate=activate)
-    tensors = load_file(str(w_path))
-    load_delta_state_dict(model, tensors, name)
+        load_delta_state_dict(model, load_bytes(data), name)
+        return model
+    apply(model, saved_config, name, freeze_base=freeze_base, activate=activate)
+    try:
+        load_delta_state_dict(model, load_bytes(data), name)
+    except BaseException:
+        from .api import delete_adapter
+
+        delete_adapter(model, name)  # leave no randomly initialised adapter behind
+        raise
     return model
 
 

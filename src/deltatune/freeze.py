@@ -143,15 +143,24 @@ class TrainableSummary:
         Console().print(table)
 
 
-_DELTA_CONTAINERS = ("lora_", "adapter_", "ia3_", "prefix_", "ptuning_", "modules_to_save")
+def _delta_containers() -> tuple[str, ...]:
+    from .methods import REGISTRY
+
+    prefixes: list[str] = ["modules_to_save"]
+    for name in REGISTRY:
+        try:
+            prefixes += get_method(name).delta_prefixes
+        except ImportError:  # pragma: no cover - a method whose optional dependency is missing
+            continue
+    return tuple(prefixes)
 
 
-def _row_name(logical: str) -> str:
+def _row_name(logical: str, containers: tuple[str, ...]) -> str:
     """The module a parameter is counted under: the adapted module for delta parameters
     (``...q_proj`` for ``...q_proj.lora_A.default.weight``), else the parameter's own module."""
     parts = logical.split(".")
     for i, part in enumerate(parts):
-        if part.startswith(_DELTA_CONTAINERS) and i > 0:
+        if part.startswith(containers) and i > 0:
             return ".".join(parts[:i])
     return ".".join(parts[:-1]) or parts[0]
 
@@ -159,6 +168,7 @@ def _row_name(logical: str) -> str:
 def trainable_summary(model: nn.Module) -> TrainableSummary:
     """Count trainable and total parameters (shared parameters once); rows list modules with trainable ones."""
     check_type("model", model, nn.Module, "a torch.nn.Module")
+    containers = _delta_containers()
     seen: set[int] = set()
     trainable = total = 0
     per: OrderedDict[str, list[int]] = OrderedDict()
@@ -167,7 +177,7 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
             continue
         seen.add(id(p))
         total += p.numel()
-        module = _row_name(logical_param_name(name))
+        module = _row_name(logical_param_name(name), containers)
         row = per.setdefault(module, [0, 0])
         row[1] += p.numel()
         if p.requires_grad:

@@ -178,13 +178,19 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
         modules_to_save=pc.get("modules_to_save") or None,
         fan_in_fan_out=bool(pc.get("fan_in_fan_out", False)),
     )
-    apply(model, config, name)
     state = {}
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
             raise CheckpointError(f"unexpected key {key!r} in the PEFT adapter (expected the prefix {PREFIX!r})")
         state[key[len(PREFIX):]] = value
-    _load_peft_tensors(model, state, name)
+    apply(model, config, name)
+    try:
+        _load_peft_tensors(model, state, name)
+    except BaseException:
+        from .api import delete_adapter
+
+        delete_adapter(model, name)  # leave no randomly initialised adapter behind
+        raise
     return model
 
 
@@ -216,11 +222,15 @@ def _load_peft_tensors(model: nn.Module, state: dict[str, torch.Tensor], name: s
         raise CheckpointError(
             f"PEFT adapter does not fit the model: missing {missing[:10]}, not in the model {unexpected[:10]}"
         )
+    def fits(t: torch.Tensor, p: torch.Tensor, key: str) -> bool:
+        # exact shapes; only PEFT's conv DoRA magnitude (1, out, 1, 1) is squeezed to ours (out,)
+        return tuple(t.shape) == tuple(p.shape) or (key.endswith("lora_magnitude_vector") and t.squeeze().shape == p.shape)
+
+    bad = [f"{k}: PEFT {tuple(state[k].shape)} vs model {tuple(p.shape)}" for k, p in wanted.items()
+           if k in state and not fits(state[k], p, k)]
+    if bad:
+        raise CheckpointError(f"PEFT adapter shapes do not fit the model: {bad[:10]}")
     with torch.no_grad():
         for key, p in wanted.items():
-            if key not in state:
-                continue
-            t = state[key]
-            if t.numel() != p.numel():
-                raise CheckpointError(f"{key}: PEFT tensor shape {tuple(t.shape)} vs model {tuple(p.shape)}")
-            p.copy_(t.reshape(p.shape).to(dtype=p.dtype, device=p.device))
+            if key in state:
+                p.copy_(state[key].reshape(p.shape).to(dtype=p.dtype, device=p.device))

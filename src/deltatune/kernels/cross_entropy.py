@@ -300,6 +300,9 @@ def linear_cross_entropy(
         )
     chunk = chunk_size if chunk_size is not None else default_chunk_size(hidden.shape[0], v)
     cdt = _compute_dtype(hidden)
+    if not torch.is_grad_enabled():  # evaluation: no gradient work or V x H buffers at all
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = bias.detach() if bias is not None else None
     return _LinearCEFn.apply(
         hidden, weight, bias, labels, int(ignore_index), float(label_smoothing), reduction, chunk, cdt
     )

@@ -242,7 +242,7 @@ class IA3Method(DeltaMethod):
                     f"IA3Config.target_modules must be given for {type(model).__name__} (no default is known "
                     f"for this architecture; known: {sorted(_DEFAULTS)}), got None"
                 )
-            ff_patterns, fused = entry[1], entry[2]
+            ff_patterns, fused = entry[1], (config.fused_slices or entry[2])
         else:
             ff_patterns = normalise_patterns(config.feedforward_modules) or []
             fused = config.fused_slices

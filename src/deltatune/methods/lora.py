@@ -61,6 +61,10 @@ class SharedInputGroup:
         self._key: tuple | None = None
         self._pending: dict[int, torch.Tensor] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the per-call cache (a weak reference and graph tensors) is never pickled or deep-copied
+        return {"members": self.members, "_x": None, "_key": None, "_pending": {}}
+
     def a_product(self, layer: LoraLayer, name: str, x: torch.Tensor, p: float) -> torch.Tensor | None:
         """``drop(x) @ A^T`` of ``layer`` for adapter ``name``, shared with its siblings; None: not shared."""
         version = -1 if x.is_inference() else x._version  # inference tensors have no version counter
@@ -186,21 +190,22 @@ class LoraLayer(DeltaLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        if isinstance(base_layer, nn.Embedding):
+        inner = unwrap(base_layer)  # another method's wrapper may sit in between
+        if isinstance(inner, nn.Embedding):
             self.kind = "embedding"
-            self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
-        elif isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            self.in_features, self.out_features = inner.num_embeddings, inner.embedding_dim
+        elif isinstance(inner, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             self.kind = "conv"
-            self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
-        elif _is_gpt2_conv1d(base_layer):
+            self.in_features, self.out_features = inner.in_channels, inner.out_channels
+        elif _is_gpt2_conv1d(inner):
             self.kind = "linear"
-            self.in_features, self.out_features = base_layer.weight.shape
-        elif isinstance(base_layer, nn.Linear):
+            self.in_features, self.out_features = inner.weight.shape
+        elif isinstance(inner, nn.Linear):
             self.kind = "linear"
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+            self.in_features, self.out_features = inner.in_features, inner.out_features
         else:  # pragma: no cover - guarded by LoraMethod.check_module
-            raise UnsupportedModuleError(f"LoRA cannot wrap {type(base_layer).__name__}")
-        self.fan_in_fan_out = _is_gpt2_conv1d(base_layer)
+            raise UnsupportedModuleError(f"LoRA cannot wrap {type(inner).__name__}")
+        self.fan_in_fan_out = _is_gpt2_conv1d(inner)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
@@ -534,11 +539,23 @@ class LoraMethod(DeltaMethod):
                 f"LoRA cannot wrap grouped conv {slot.name!r} (groups={module.groups}); expected groups=1"
             )
         assert isinstance(config, LoraConfig)
-        if config.slices_for(slot.name) is not None and not (
-            isinstance(module, nn.Linear) or _is_gpt2_conv1d(module)
-        ):
+        slices = config.slices_for(slot.name)
+        linear = isinstance(module, nn.Linear) or _is_gpt2_conv1d(module)
+        if slices is not None and not linear:
             raise UnsupportedModuleError(
                 f"enable_lora applies to linear layers only; {slot.name!r} is {type(module).__name__}"
+            )
+        if slices is not None:
+            out = module.weight.shape[1] if _is_gpt2_conv1d(module) else module.out_features
+            if out % len(slices):
+                raise DeltaConfigError(
+                    f"enable_lora for {slot.name!r} has {len(slices)} slices but the layer has "
+                    f"{out} outputs, which is not divisible by {len(slices)}"
+                )
+        if config.fan_in_fan_out and not _is_gpt2_conv1d(module):
+            raise DeltaConfigError(
+                f"LoraConfig.fan_in_fan_out=True needs weights stored (in, out) as in transformers' Conv1D, but "
+                f"{slot.name!r} is {type(module).__name__} (the layout is detected automatically; leave it False)"
             )
 
     def extra_trainable(self, model: nn.Module, config: DeltaConfig, adapter_name: str) -> list[str]:
