@@ -20,6 +20,7 @@ WORKER = Path(__file__).with_name("_ddp_train_worker.py")
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("torchrun")  # one gloo job at a time: see .ci/run
 def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
     accum = 2  # gradient accumulation under DDP: no_sync() micro-batches + global token weighting
     ddp_out = tmp_path / "ddp"

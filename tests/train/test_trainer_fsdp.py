@@ -28,7 +28,7 @@ import deltatune as dt
 from deltatune.train import Trainer, read_log
 
 WORKER = Path(__file__).with_name("_fsdp_train_worker.py")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("torchrun")]  # one gloo job at a time: see .ci/run
 
 
 @pytest.fixture(scope="module")
