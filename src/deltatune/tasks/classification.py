@@ -96,6 +96,21 @@ def sweep_method_names() -> list[str]:
     return [FULL, *[m for m in method_names() if m != FULL]]
 
 
+def check_run_fields(cfg: Any) -> None:
+    """Check the run settings task configs share (seed, device, dtype, num_threads, output_dir);
+    normalises ``output_dir`` to a str."""
+    n = type(cfg).__name__
+    check_int(f"{n}.seed", cfg.seed, minimum=0)
+    check_type(f"{n}.device", cfg.device, str, "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if cfg.dtype is not None:
+        check_choice(f"{n}.dtype", cfg.dtype, (None, "float32", "bfloat16", "float16"))
+    if cfg.num_threads is not None:
+        check_int(f"{n}.num_threads", cfg.num_threads, minimum=1)
+    if cfg.output_dir is not None:
+        check_type(f"{n}.output_dir", cfg.output_dir, (str, os.PathLike), "None or a directory path")
+        cfg.output_dir = os.fspath(cfg.output_dir)
+
+
 @dataclasses.dataclass
 class ClassificationConfig:
     """One classification / regression run.
@@ -200,15 +215,7 @@ class ClassificationConfig:
                     f"{n}.train must not set {key!r} (it is set from the run's own {key.split('_')[0]!r} field), "
                     f"got {key}={self.train[key]!r}"
                 )
-        check_int(f"{n}.seed", self.seed, minimum=0)
-        check_type(f"{n}.device", self.device, str, "'auto', 'cpu', 'cuda' or 'cuda:N'")
-        if self.dtype is not None:
-            check_choice(f"{n}.dtype", self.dtype, (None, "float32", "bfloat16", "float16"))
-        if self.num_threads is not None:
-            check_int(f"{n}.num_threads", self.num_threads, minimum=1)
-        if self.output_dir is not None:
-            check_type(f"{n}.output_dir", self.output_dir, (str, os.PathLike), "None or a directory path")
-            self.output_dir = os.fspath(self.output_dir)
+        check_run_fields(self)
         check_bool(f"{n}.save_delta", self.save_delta)
         check_bool(f"{n}.progress", self.progress)
         self.train_config()  # validates the TrainConfig fields and the method config

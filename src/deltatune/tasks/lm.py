@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from ..errors import DeltaConfigError, DeltaConfigTypeError
+from ..train.distributed import resolve_device
 from ..validation import check_bool, check_choice, check_int, check_type
+from .classification import check_run_fields
 
 __all__ = ["PerplexityConfig", "WIKITEXT_FILES", "pack_token_blocks", "run_perplexity", "wikitext_path"]
 
@@ -108,15 +110,7 @@ class PerplexityConfig:
         for key in ("seed", "output_dir", "device"):
             if key in self.train:
                 raise DeltaConfigError(f"{n}.train must not set {key!r} (use the run's own field), got {self.train[key]!r}")
-        check_int(f"{n}.seed", self.seed, minimum=0)
-        check_type(f"{n}.device", self.device, str, "'auto', 'cpu', 'cuda' or 'cuda:N'")
-        if self.dtype is not None:
-            check_choice(f"{n}.dtype", self.dtype, (None, "float32", "bfloat16", "float16"))
-        if self.num_threads is not None:
-            check_int(f"{n}.num_threads", self.num_threads, minimum=1)
-        if self.output_dir is not None:
-            check_type(f"{n}.output_dir", self.output_dir, (str, os.PathLike), "None or a directory path")
-            self.output_dir = os.fspath(self.output_dir)
+        check_run_fields(self)
         check_bool(f"{n}.progress", self.progress)
         from ..config import config_from_dict
 
@@ -202,8 +196,7 @@ def run_perplexity(cfg: PerplexityConfig | Mapping[str, Any]) -> dict[str, Any]:
     tcfg = cfg.train_config()
     set_seed(cfg.seed)
     model, tokenizer = load(cfg.model, task="causal-lm", dtype=cfg.dtype)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = resolve_device(cfg.device)
     model.to(device)
 
     eval_ids = _tokens(tokenizer, read_wikitext(wikitext_path(cfg.data_dir, cfg.eval_split)))
