@@ -123,3 +123,57 @@ def test_errors_unknown_method_and_bad_task(tmp_path, capsys):
     with pytest.raises(DeltaConfigError, match=r"^sweep config must not set 'seed'"):
         load_sweep(_config(tmp_path, seed=3))
     assert not (tmp_path / "out" / "results.md").exists()
+
+
+def test_set_overrides_run_fields_and_single_train_keys(tmp_path):
+    path = _config(tmp_path, sweep={"methods": ["bitfit"], "seeds": [1]})
+    out2 = tmp_path / "elsewhere"
+    rc = main([str(path), "--no-isolate", "--no-progress", "--output-dir", str(out2),
+               "--set", "max_train_examples=5", "--set", "train.max_steps=3", "--set", "train.lr=0.5"])
+    assert rc == 0
+    run = json.loads((out2 / "runs" / "bitfit_seed1.json").read_text())
+    cfg = run["config"]
+    assert cfg["max_train_examples"] == 5
+    # one train key replaced, the YAML's other train keys kept
+    assert cfg["train"]["max_steps"] == 3 and cfg["train"]["batch_size"] == 8 and cfg["train"]["progress_bar"] is False
+    assert run["result"]["lr"] == 0.5 and run["result"]["steps"] == 3
+    assert run["result"]["train_examples"] == 5
+
+
+def test_set_override_errors(tmp_path, capsys):
+    path = _config(tmp_path)
+    capsys.readouterr()
+    assert main([str(path), "--set", "train"]) == 2
+    assert capsys.readouterr().err == (
+        "deltatune sweep: error: --set expects KEY=VALUE (e.g. train.lr=1e-3), got 'train'\n"
+    )
+    assert main([str(path), "--set", "methods.lora.lr=1"]) == 2
+    assert capsys.readouterr().err == (
+        "deltatune sweep: error: --set 'methods.lora.lr=1': a sweep override is a run field "
+        "(e.g. max_train_examples=2000) or train.KEY=VALUE\n"
+    )
+    assert main([str(path), "--set", "max_lenght=3"]) == 2
+    assert "unknown sweep key(s) 'max_lenght'" in capsys.readouterr().err
+
+
+def test_tables_are_written_after_every_run(tmp_path, monkeypatch):
+    """An interrupted sweep keeps the table of the runs that finished."""
+    import deltatune.sweep as sweep_mod
+
+    path = _config(tmp_path, sweep={"methods": ["bitfit", "lora"], "seeds": [1]})
+    real = sweep_mod._run_one
+    seen = []
+
+    def run_one(cfg, isolate, tmp):
+        if cfg["method"] == "lora":  # by now bitfit's row must be on disk
+            rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open(encoding="utf-8")))
+            seen.append({r["method"]: r["seeds_ok"] for r in rows})
+            raise KeyboardInterrupt
+        return real(cfg, isolate, tmp)
+
+    monkeypatch.setattr(sweep_mod, "_run_one", run_one)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(load_sweep(path), isolate=False, progress=False)
+    assert seen == [{"bitfit": "1", "lora": ""}]
+    md = (tmp_path / "out" / "results.md").read_text(encoding="utf-8")
+    assert "| bitfit |" in md and "| lora |" in md

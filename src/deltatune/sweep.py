@@ -51,6 +51,7 @@ __all__ = [
     "load_sweep",
     "main",
     "run_sweep",
+    "set_overrides",
     "write_tables",
 ]
 
@@ -125,6 +126,28 @@ def _check_seeds(seeds: Sequence[Any], where: str) -> list[int]:
     return out
 
 
+def set_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Turn ``--set`` arguments (``key=value`` or ``train.key=value``; values are YAML) into run-field overrides.
+
+    Top-level keys replace the YAML's value; ``train.KEY`` sets one key of the ``train`` mapping (the
+    rest of the YAML's ``train`` is kept). Raises :class:`DeltaConfigError` for a malformed item.
+    """
+    from .recipes import parse_override
+
+    out: dict[str, Any] = {}
+    for text in items:
+        parts, value = parse_override(text)
+        if len(parts) == 1:
+            out[parts[0]] = value
+        elif len(parts) == 2 and parts[0] == "train":
+            out.setdefault("train.", {})[parts[1]] = value
+        else:
+            raise DeltaConfigError(
+                f"--set {text!r}: a sweep override is a run field (e.g. max_train_examples=2000) or train.KEY=VALUE"
+            )
+    return out
+
+
 def load_sweep(
     source: str | os.PathLike | Mapping[str, Any],
     *,
@@ -136,7 +159,8 @@ def load_sweep(
     """Read and validate a sweep YAML (or dict); every run config is checked before anything runs.
 
     ``methods`` / ``seeds`` / ``output_dir`` replace the YAML's ``sweep.methods`` / ``sweep.seeds`` /
-    ``output_dir``; ``overrides`` replaces top-level run fields (e.g. ``{"device": "cpu"}``).
+    ``output_dir``; ``overrides`` replaces top-level run fields (e.g. ``{"device": "cpu"}``); its key
+    ``"train."`` (as :func:`set_overrides` builds it) holds single ``train`` keys to replace.
     """
     from .tasks.classification import ClassificationConfig
 
@@ -159,7 +183,13 @@ def load_sweep(
         raw = dict(raw)
         default_name = path.stem
     if overrides:
+        overrides = dict(overrides)
+        train_keys = overrides.pop("train.", None)
         raw.update(overrides)
+        if train_keys:
+            base_train = raw.get("train") or {}
+            check_type("train", base_train, Mapping, "a mapping of TrainConfig fields")
+            raw["train"] = {**dict(base_train), **train_keys}
     known = [*ClassificationConfig.known_keys(), *SWEEP_KEYS]
     unknown = [k for k in raw if k not in known]
     if unknown:
@@ -476,6 +506,7 @@ def run_sweep(
     (out / "runs").mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
     jobs = [(m, s) for m in spec.methods for s in spec.seeds]
+    title = f"{spec.name}: method comparison on {task_name}"
     bar = tqdm(jobs, desc=f"sweep {spec.name}", unit="run", disable=not progress, dynamic_ncols=True)
     for m, s in bar:
         bar.set_postfix(method=m, seed=s, refresh=True)
@@ -488,10 +519,10 @@ def run_sweep(
         runs.append(record)
         if "error" in payload:
             tqdm.write(f"sweep: {m} seed {s} failed: {payload['error']}", file=sys.stderr)
+        # the tables are rewritten after every run: an interrupted sweep keeps a table of what finished
+        result = SweepResult(task_name, metrics, aggregate(runs, spec.methods, metrics), runs)
+        result.files = write_tables(result, out, title=title, notes=_budget_notes(spec, runs))
     bar.close()
-    result = SweepResult(task_name, metrics, aggregate(runs, spec.methods, metrics), runs)
-    title = f"{spec.name}: method comparison on {task_name}"
-    result.files = write_tables(result, out, title=title, notes=_budget_notes(spec, runs))
     return result
 
 
@@ -507,6 +538,11 @@ def build_parser(prog: str = "deltatune sweep") -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated methods (default: the YAML's sweep.methods, else all)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the YAML's sweep.seeds, else 42)")
     p.add_argument("--output-dir", help="where the tables and runs go (default: the YAML's output_dir)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a run field of the YAML, e.g. --set train.epochs=2 --set max_train_examples=20000 "
+        "--set model=/path/to/model (values are YAML)",
+    )
     p.add_argument("--device", help="override the run device ('cpu', 'cuda', 'auto')")
     p.add_argument("--num-threads", type=int, help="torch threads per run (CPU)")
     p.add_argument("--no-isolate", action="store_true", help="run in this process (faster start; CPU peak memory is cumulative)")
@@ -526,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                 seeds = [int(s) for s in items]
             except ValueError:
                 raise DeltaConfigError(f"--seeds must be comma-separated ints, got {args.seeds!r}") from None
-        overrides: dict[str, Any] = {}
+        overrides = set_overrides(args.overrides)
         if args.device is not None:
             overrides["device"] = args.device
         if args.num_threads is not None:

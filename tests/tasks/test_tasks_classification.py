@@ -129,6 +129,16 @@ def test_subset_examples_stratified_and_uniform():
     assert subset_examples(reg, None, seed=1, regression=True) == reg
 
 
+@pytest.mark.parametrize("n", [1, 4, 5, 6, 7])
+def test_subset_examples_exact_count_when_per_class_rounding_falls_short(n):
+    # three classes of 3: round(n/9 * 3) per class undershoots for 4 and 7 (1+1+1, 2+2+2) and overshoots for 5
+    exs = [TextPairExample(f"t{i}", None, i % 3) for i in range(9)]
+    sub = subset_examples(exs, n, seed=2, regression=False)
+    assert len(sub) == n and len({id(e) for e in sub}) == n
+    assert [int(e.text_a[1:]) for e in sub] == sorted(int(e.text_a[1:]) for e in sub)
+    assert set(Counter(e.label for e in sub).values()) <= {n // 3, n // 3 + 1} or n < 3
+
+
 def test_config_errors(tmp_path):
     data = write_glue(tmp_path, "sst2")
     with pytest.raises(DeltaConfigError, match=r"^task must be one of 'cola', 'sst2', 'mrpc', 'stsb', 'rte', 'wnli'"):

@@ -75,3 +75,14 @@ def test_max_grad_norm_zero_or_none_disables_clipping():
     assert TrainConfig(max_grad_norm=0).clip_grad_norm is None
     assert TrainConfig(max_grad_norm=None).clip_grad_norm is None
     assert TrainConfig(max_grad_norm=0.5).clip_grad_norm == 0.5
+
+
+def test_mixed_precision_yaml_no_reads_as_false():
+    """`--set train.mixed_precision=no` gives YAML false; it means "no", and `true` is still refused."""
+    import yaml
+
+    value = yaml.safe_load("no")
+    assert value is False
+    assert TrainConfig.from_dict({"mixed_precision": value}).mixed_precision == "no"
+    with pytest.raises(DeltaConfigError, match=r"mixed_precision must be one of 'no', 'bf16', 'fp16', got True"):
+        TrainConfig.from_dict({"mixed_precision": True})

@@ -318,7 +318,7 @@ class TaskData:
 def subset_examples(
     examples: Sequence[TextPairExample], max_examples: int | None, *, seed: int, regression: bool
 ) -> list[TextPairExample]:
-    """At most ``max_examples`` examples: stratified by label (classification) or uniform (regression).
+    """Exactly ``max_examples`` examples: stratified by label (classification) or uniform (regression).
 
     Keeps the input order; ``None`` or a count >= ``len(examples)`` returns all of them.
     """
@@ -329,9 +329,14 @@ def subset_examples(
         idx = sorted(random.Random(seed).sample(range(len(examples)), max_examples))
         return [examples[i] for i in idx]
     picked = stratified_sample(examples, max_examples / len(examples), key=lambda e: e.label, seed=seed)
-    if len(picked) > max_examples:  # rounding per class can overshoot by a few
+    if len(picked) > max_examples:  # rounding per class can overshoot by a few ...
         drop = set(random.Random(seed + 1).sample(range(len(picked)), len(picked) - max_examples))
         picked = [e for i, e in enumerate(picked) if i not in drop]
+    elif len(picked) < max_examples:  # ... or fall short: top up from the examples not picked
+        chosen = {id(e) for e in picked}
+        rest = [i for i, e in enumerate(examples) if id(e) not in chosen]
+        extra = set(random.Random(seed + 1).sample(rest, max_examples - len(picked)))
+        picked = [e for i, e in enumerate(examples) if id(e) in chosen or i in extra]
     return picked
 
 

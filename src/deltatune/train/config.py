@@ -130,6 +130,8 @@ class TrainConfig:
             "label_smoothing", self.label_smoothing, low=0.0, high=1.0, high_inclusive=False
         )
         check_bool("shift_labels", self.shift_labels)
+        if self.mixed_precision is False:  # YAML 1.1 reads an unquoted `no` as false
+            self.mixed_precision = "no"
         check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         check_type("device", self.device, str, "a str ('auto', 'cpu', 'cuda' or 'cuda:N')")
         dev = self.device
