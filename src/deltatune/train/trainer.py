@@ -423,6 +423,15 @@ class Trainer:
             get_logits(outputs), batch["labels"], label_smoothing=label_smoothing, shift=self.config.shift_labels
         )
 
+    def _global_counts(self, n: int, tokens: int) -> tuple[float, float]:
+        """(``n``, ``tokens``) summed over all ranks, as floats (float64 sums, like
+        :func:`all_reduce_sum`). Both are host integers (counted on the CPU copy of the batch or
+        returned by ``loss_fn``), so a single process needs no tensor at all."""
+        if not self.dist.enabled:
+            return float(n), float(tokens)
+        tot = all_reduce_sum(self.dist, [n, tokens]).tolist()
+        return float(tot[0]), float(tot[1])
+
     # ------------------------------------------------------------------ one optimiser step
     def _train_step(self, micro: list[Any], want_norm: bool) -> dict[str, Any]:
         """Forward/backward every micro-batch, then one optimiser step.
@@ -442,9 +451,9 @@ class Trainer:
                     self._compute_loss(self.model, b, 0.0)  # raises the explanatory error
             counts = [count_loss_tokens(b["labels"], c.shift_labels) for b in micro]  # on the CPU copy
             in_tokens = sum(_input_tokens(b, n) for b, n in zip(micro, counts))
-            global_n, global_tok = (float(x) for x in all_reduce_sum(self.dist, [sum(counts), in_tokens]))
+            global_n, global_tok = self._global_counts(sum(counts), in_tokens)
             scale = world / global_n if global_n > 0 else 0.0
-        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        loss_sum: torch.Tensor | None = None
         for i, cpu_batch in enumerate(micro):
             batch = _to_device(cpu_batch, self.device)
             sync = self._ddp.no_sync() if self._ddp is not None and i < len(micro) - 1 else contextlib.nullcontext()
@@ -455,14 +464,17 @@ class Trainer:
                 if self.scaler is not None:
                     objective = self.scaler.scale(objective)
                 objective.backward()
-            loss_sum += total.detach().float()
+            # (0 + x == x: starting from the first micro-batch's loss instead of a zeros tensor
+            # gives the same float32 sum, without a fill kernel per step)
+            part = total.detach().float()
+            loss_sum = part if loss_sum is None else loss_sum + part
             if not default_loss:
                 counts.append(int(n))
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if not default_loss:
             in_tokens = sum(_input_tokens(b, n) for b, n in zip(micro, counts))
-            global_n, global_tok = (float(x) for x in all_reduce_sum(self.dist, [sum(counts), in_tokens]))
+            global_n, global_tok = self._global_counts(sum(counts), in_tokens)
             factor = world / global_n if global_n > 0 else 0.0
             grads = [p.grad for p in self._trainable if p.grad is not None]
             if grads and factor != 1.0:
@@ -474,8 +486,6 @@ class Trainer:
         elif want_norm:
             grads = [p.grad for p in self._trainable if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        if grad_norm is not None and is_dtensor(grad_norm):  # FSDP: a replicated DTensor
-            grad_norm = grad_norm.full_tensor()
         lr = self.scheduler.get_last_lr()[0]
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -573,7 +583,9 @@ class Trainer:
                     st.elapsed = elapsed0 + (time.perf_counter() - t_start)
                     st.tokens += out["tokens"]
                     st.loss_tokens += out["n"]
-                    win["loss"] += out["loss_sum"].double()
+                    # stays on the device (no host read before the next log step); the float32
+                    # sum is widened to float64 inside the in-place add, as .double() did
+                    win["loss"].add_(out["loss_sum"])
                     win["n"] += out["n"]
                     win["tok"] += out["tokens"]
                     run["n"] += out["n"]
@@ -621,6 +633,9 @@ class Trainer:
         dt = max(now - win["t"], 1e-9)
         loss = loss_sum / n if n > 0 else float("nan")
         grad_norm = out["grad_norm"]
+        if grad_norm is not None and is_dtensor(grad_norm):
+            # FSDP: gathered here, once per log window (not after every step); every rank logs
+            grad_norm = grad_norm.full_tensor()
         rec = {
             "split": "train",
             "step": self.state.step,
@@ -702,6 +717,9 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
+        # unit counts: device tensors (the default loss) are summed on the device and read once
+        # after the loop instead of once per batch; host ints (a custom loss_fn) are added here
+        n_dev = torch.zeros((), dtype=torch.int64, device=self.device)
         n_total = 0
         try:
             from tqdm.auto import tqdm
@@ -713,10 +731,14 @@ class Trainer:
                 with self._autocast():
                     loss_sum, n = self._compute_loss(self.model, batch, 0.0)
                 if i < n_real:
-                    total += loss_sum.double()
-                    n_total += int(n)
+                    total.add_(loss_sum.detach())
+                    if isinstance(n, torch.Tensor):
+                        n_dev.add_(n.detach().reshape(()).to(n_dev.device, torch.int64))
+                    else:
+                        n_total += int(n)
         finally:
             self.model.train(was_training)
+        n_total += int(n_dev)
         tot = all_reduce_sum(self.dist, torch.stack([total.cpu(), torch.tensor(float(n_total), dtype=torch.float64)]))
         loss_sum, n = float(tot[0]), int(round(float(tot[1])))
         loss = loss_sum / n if n else float("nan")
