@@ -44,6 +44,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import DeltaConfigError, DeltaConfigTypeError
@@ -84,6 +85,11 @@ def dropout_mask(
     """
     check_float("p", p, low=0.0, high=1.0, high_inclusive=False)
     check_int("seed", seed, minimum=0)
+    return _mask(shape, p, seed, device)
+
+
+def _mask(shape: Sequence[int] | torch.Size, p: float, seed: int, device: torch.device | str) -> Tensor:
+    """:func:`dropout_mask` without the argument checks (the kernels' own calls)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return torch.rand(tuple(shape), generator=gen, device=device, dtype=torch.float32) >= p
@@ -92,7 +98,7 @@ def dropout_mask(
 def _dropped(x2: Tensor, p: float, seed: int | None) -> Tensor:
     if p == 0.0 or seed is None:
         return x2
-    mask = dropout_mask(x2.shape, p, seed, x2.device)
+    mask = _mask(x2.shape, p, seed, x2.device)
     return x2.mul(mask).mul_(1.0 / (1.0 - p))
 
 
@@ -115,12 +121,9 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 _Plan = tuple[tuple[int, int, int, int, int], ...]
 
 
-def _base_out(x2: Tensor, weight: Tensor, bias: Tensor | None, fifo: bool, cdt: torch.dtype) -> Tensor:
-    w = weight.to(cdt)
-    wt = w if fifo else w.t()
-    if bias is not None:
-        return torch.addmm(bias.to(cdt), x2, wt)
-    return x2 @ wt
+def _cast(t: Tensor, cdt: torch.dtype) -> Tensor:
+    """``t.to(cdt)`` without the dispatcher round trip when ``t`` already has that dtype."""
+    return t if t.dtype == cdt else t.to(cdt)
 
 
 def _lora_forward(
@@ -135,106 +138,174 @@ def _lora_forward(
     seed: int | None,
     fifo: bool,
     cdt: torch.dtype,
-) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Shared forward body; returns (x2 in cdt, xa, outputs as 2-D tensors)."""
-    x2 = x.reshape(-1, x.shape[-1]).to(cdt)
-    xd = _dropped(x2, p, seed)
-    xa = xd @ lora_A.to(cdt).t()
-    del xd
-    ys = [_base_out(x2, w, b, fifo, cdt) for w, b in zip(weights, biases)]
-    for (g, o0, o1, r0, r1), B, s in zip(plan, Bs, scalings):
-        y = ys[g]
-        target = y if (o0 == 0 and o1 == y.shape[1]) else y[:, o0:o1]
-        target.addmm_(xa[:, r0:r1], B.to(cdt).t(), alpha=s)
-    return x2, xa, ys
+) -> tuple[Tensor, Tensor, list[Tensor], bool]:
+    """Shared forward body. Returns ``x`` in the compute dtype (``x`` itself when no cast is needed), ``xa``
+    and the outputs (both shaped like ``x`` up to the last dimension), and whether the plan is "whole"
+    (every slice covers the full output of its own group, in order: :func:`lora_linear` and
+    :func:`lora_linear_multi`). Written for few tensor operations: the per-call cost of small layers is
+    dominated by the number of dispatched operations."""
+    xc = _cast(x, cdt)
+    A = _cast(lora_A, cdt)
+    if p > 0.0 and seed is not None:
+        xd = _dropped(xc.reshape(-1, xc.shape[-1]), p, seed)
+        xa = F.linear(xd, A).view(*xc.shape[:-1], A.shape[0])
+        del xd
+    else:
+        xa = F.linear(xc, A)
+    ys = []
+    for w, b in zip(weights, biases):
+        w = _cast(w, cdt)
+        ys.append(F.linear(xc, w.t() if fifo else w, None if b is None else _cast(b, cdt)))
+    whole = len(plan) == len(ys) and all(
+        g == i and o0 == 0 and o1 == ys[g].shape[-1] for i, (g, o0, o1, _, _) in enumerate(plan)
+    )
+    if whole:
+        xas = (xa,) if len(plan) == 1 else xa.split([r1 - r0 for (_, _, _, r0, r1) in plan], dim=-1)
+        for y, xa_g, B, s in zip(ys, xas, Bs, scalings):
+            y.add_(F.linear(xa_g, _cast(B, cdt)), alpha=s)
+    else:  # LoRA on output slices (lora_merged_linear)
+        xa2 = xa.reshape(-1, xa.shape[-1])
+        for (g, o0, o1, r0, r1), B, s in zip(plan, Bs, scalings):
+            y2 = ys[g].view(-1, ys[g].shape[-1])
+            y2[:, o0:o1].addmm_(xa2[:, r0:r1], _cast(B, cdt).t(), alpha=s)
+    return xc, xa, ys, whole
+
+
+def _cat_cdt(As: Sequence[Tensor], cdt: torch.dtype) -> Tensor:
+    """The A matrices stacked along the rank dimension, in the compute dtype (no copy for a single one)."""
+    if len(As) == 1:
+        return As[0]
+    return torch.cat([_cast(a, cdt) for a in As], dim=0)
 
 
 class _LoRAFn(torch.autograd.Function):
-    """Inputs: x, lora_A, then n_groups weights, n_groups biases, n_slices Bs. Outputs: n_groups tensors."""
+    """Inputs: x, the meta tuple ``(plan, scalings, p, seed, fifo, cdt, recompute_xa, n_groups, n_As,
+    has_bias)``, then n_As A matrices (stacked along the rank), n_groups weights, n_groups biases (only when
+    ``has_bias``) and n_slices Bs. Outputs: n_groups tensors. Several A matrices are concatenated inside the
+    Function, so grouping projections adds no autograd node of its own."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, plan, scalings, p, seed, fifo, cdt, recompute_xa, n_groups, *tensors):
-        weights = tensors[:n_groups]
-        biases = tensors[n_groups : 2 * n_groups]
-        Bs = tensors[2 * n_groups :]
-        x2, xa, ys = _lora_forward(x, lora_A, weights, biases, Bs, plan, scalings, p, seed, fifo, cdt)
-        # save x itself when no cast/copy happened, so the saved tensor is x's own storage
-        x_saved = x if (x2.data_ptr() == x.data_ptr() and x.dtype == cdt) else x2
-        ctx.x_is_input = x_saved is x
-        if recompute_xa:
-            ctx.save_for_backward(x_saved, lora_A, *weights, *Bs)
+    def forward(ctx, x, meta, *tensors):
+        plan, scalings, p, seed, fifo, cdt, recompute_xa, n_groups, n_As, has_bias = meta
+        As = tensors[:n_As]
+        weights = tensors[n_As : n_As + n_groups]
+        if has_bias:
+            biases = tensors[n_As + n_groups : n_As + 2 * n_groups]
+            Bs = tensors[n_As + 2 * n_groups :]
         else:
-            ctx.save_for_backward(x_saved, lora_A, xa, *weights, *Bs)
-        ctx.meta = (plan, tuple(scalings), p, seed, fifo, cdt, recompute_xa, n_groups, x.shape, x.dtype)
-        ctx.bias_info = [(b is not None, None if b is None else b.dtype) for b in biases]
-        lead = x.shape[:-1]
-        return tuple(y.reshape(*lead, y.shape[-1]) for y in ys)
+            biases = (None,) * n_groups
+            Bs = tensors[n_As + n_groups :]
+        lora_A = _cat_cdt(As, cdt)
+        xc, xa, ys, whole = _lora_forward(x, lora_A, weights, biases, Bs, plan, scalings, p, seed, fifo, cdt)
+        # xc is x itself when no cast was needed, so the saved tensor is x's own storage; several A matrices
+        # are saved as their (small) concatenation, so the backward does not concatenate them again
+        ctx.x_is_input = xc is x
+        if n_As > 1:
+            As = (lora_A,)
+        if recompute_xa:
+            ctx.save_for_backward(xc, *As, *weights, *Bs)
+        else:
+            ctx.save_for_backward(xc, xa, *As, *weights, *Bs)
+        if n_As > 1:
+            ctx.A_info = [(a.shape[0], a.dtype) for a in tensors[:n_As]]
+        ctx.meta = meta
+        ctx.extra = (whole, x.shape, x.dtype)
+        if has_bias:
+            ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
+        return ys[0] if n_groups == 1 else tuple(ys)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *dys):
-        plan, scalings, p, seed, fifo, cdt, recompute_xa, n_groups, x_shape, x_dtype = ctx.meta
+        plan, scalings, p, seed, fifo, cdt, recompute_xa, n_groups, n_As, has_bias = ctx.meta
+        whole, x_shape, x_dtype = ctx.extra
         saved = ctx.saved_tensors
-        x_saved, lora_A = saved[0], saved[1]
-        rest = saved[2:] if recompute_xa else saved[3:]
-        weights, Bs = rest[:n_groups], rest[n_groups:]
+        x_saved = saved[0]
+        rest = saved[1:] if recompute_xa else saved[2:]
+        A_saved = rest[0]  # the one A, or the concatenation (compute dtype) of several
+        weights, Bs = rest[1 : 1 + n_groups], rest[1 + n_groups :]
         needs = ctx.needs_input_grad
         need_x = needs[0]
-        need_A = needs[1]
-        off_b = 10 + n_groups
-        need_b = needs[off_b : off_b + n_groups]
-        need_B = needs[off_b + n_groups :]
+        need_As = needs[2 : 2 + n_As]
+        off_b = 2 + n_As + n_groups
+        need_b = needs[off_b : off_b + n_groups] if has_bias else (False,) * n_groups
+        need_B = needs[off_b + n_groups :] if has_bias else needs[off_b:]
 
-        x2 = x_saved.reshape(-1, x_shape[-1])
-        A = lora_A.to(cdt)
+        in_f = x_shape[-1]
+        x2 = x_saved if x_saved.dim() == 2 else x_saved.reshape(-1, in_f)
+        A = _cast(A_saved, cdt)
         n_rows = x2.shape[0]
-        mask = dropout_mask(x2.shape, p, seed, x2.device) if (p > 0.0 and seed is not None) else None
+        mask = _mask(x2.shape, p, seed, x2.device) if (p > 0.0 and seed is not None) else None
         xd = x2 if mask is None else x2.mul(mask).mul_(1.0 / (1.0 - p))
-        xa = xd @ A.t() if recompute_xa else saved[2]
-        dy2 = [dy.reshape(n_rows, dy.shape[-1]).to(cdt) for dy in dys]
+        if recompute_xa:
+            xa = F.linear(xd, A)
+        else:
+            xa = saved[1]
+            if xa.dim() != 2:
+                xa = xa.reshape(n_rows, xa.shape[-1])
+        dy2 = [_cast(dy if dy.dim() == 2 else dy.reshape(n_rows, dy.shape[-1]), cdt) for dy in dys]
 
-        full = len(plan) == 1 and plan[0][3] == 0 and plan[0][4] == xa.shape[1]
-        dxa = None if full else xa.new_empty(xa.shape)
         dBs: list[Tensor | None] = []
-        for (g, o0, o1, r0, r1), B, s, nb in zip(plan, Bs, scalings, need_B):
-            dy = dy2[g]
-            dy_s = dy if (o0 == 0 and o1 == dy.shape[1]) else dy[:, o0:o1]
-            part = (dy_s @ B.to(cdt)).mul_(s)
-            if full:
-                dxa = part
-            else:
-                dxa[:, r0:r1] = part
-            dBs.append((dy_s.t() @ xa[:, r0:r1]).mul_(s).to(B.dtype) if nb else None)
+        if whole:
+            xas = (xa,) if len(plan) == 1 else xa.split([r1 - r0 for (_, _, _, r0, r1) in plan], dim=1)
+            parts = []
+            for dy, xa_g, B, s, nb in zip(dy2, xas, Bs, scalings, need_B):
+                Bc = _cast(B, cdt)
+                # s * (dy @ B) and s * (dy^T @ xa) as single operations (beta=0: the first argument only
+                # supplies the shape and is not read)
+                parts.append(torch.addmm(xa_g, dy, Bc, beta=0, alpha=s))
+                dBs.append(_cast(torch.addmm(Bc, dy.t(), xa_g, beta=0, alpha=s), B.dtype) if nb else None)
+            dxa = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        else:
+            dxa = xa.new_empty(xa.shape)
+            for (g, o0, o1, r0, r1), B, s, nb in zip(plan, Bs, scalings, need_B):
+                dy = dy2[g]
+                dy_s = dy if (o0 == 0 and o1 == dy.shape[1]) else dy[:, o0:o1]
+                dxa[:, r0:r1] = torch.mm(dy_s, _cast(B, cdt)).mul_(s)
+                dBs.append(_cast(torch.mm(dy_s.t(), xa[:, r0:r1]).mul_(s), B.dtype) if nb else None)
 
-        dA = (dxa.t() @ xd).to(lora_A.dtype) if need_A else None
+        dAs: list[Tensor | None] = [None] * n_As
+        if any(need_As):
+            dA = torch.mm(dxa.t(), xd)
+            if n_As == 1:
+                dAs[0] = _cast(dA, A_saved.dtype)
+            else:
+                info = ctx.A_info
+                for i, ((_, a_dtype), dA_i) in enumerate(zip(info, dA.split([r for r, _ in info], dim=0))):
+                    if need_As[i]:
+                        dAs[i] = _cast(dA_i, a_dtype)
         del xd  # transient (N, in) dropped copy: free it before dx is formed
 
         dx = None
         if need_x:
             for g, w in enumerate(weights):
-                wc = w.to(cdt)
+                wc = _cast(w, cdt)
                 wt = wc.t() if fifo else wc  # dx = dy @ W (W: out x in) or dy @ W^T (W: in x out)
                 if dx is None:
-                    dx = dy2[g] @ wt
+                    dx = torch.mm(dy2[g], wt)
                 else:
                     dx.addmm_(dy2[g], wt)
             if mask is not None:
-                lora_dx = dxa @ A
+                lora_dx = torch.mm(dxa, A)
                 lora_dx.mul_(mask).mul_(1.0 / (1.0 - p))
                 dx.add_(lora_dx)
             else:
                 dx.addmm_(dxa, A)
-            dx = dx.reshape(x_shape).to(x_dtype)
+            if len(x_shape) != 2:
+                dx = dx.view(x_shape)
+            dx = _cast(dx, x_dtype)
 
+        if not has_bias:
+            return (dx, None, *dAs, *([None] * n_groups), *dBs)
         dbs = []
-        for (has_b, b_dtype), nb, g in zip(ctx.bias_info, need_b, range(n_groups)):
-            dbs.append(dy2[g].sum(0).to(b_dtype) if (has_b and nb) else None)
-        return (dx, dA, None, None, None, None, None, None, None, None, *([None] * n_groups), *dbs, *dBs)
+        for b_dtype, nb, dy in zip(ctx.bias_dtypes, need_b, dy2):
+            dbs.append(_cast(dy.sum(0), b_dtype) if (b_dtype is not None and nb) else None)
+        return (dx, None, *dAs, *([None] * n_groups), *dbs, *dBs)
 
 
 def _run(
     x: Tensor,
-    lora_A: Tensor,
+    lora_A: Tensor | Sequence[Tensor],
     weights: Sequence[Tensor],
     biases: Sequence[Tensor | None],
     Bs: Sequence[Tensor],
@@ -246,58 +317,49 @@ def _run(
     fifo: bool,
     recompute_xa: bool = False,
 ) -> list[Tensor]:
-    for i, w in enumerate(weights):
-        if w.requires_grad and torch.is_grad_enabled():
-            name = "weight" if len(weights) == 1 else f"weights[{i}]"
-            raise DeltaConfigError(
-                f"{name} must be frozen (requires_grad=False): the LoRA kernels compute no gradient for the "
-                f"base weight, got requires_grad=True"
-            )
+    """Unchecked entry point. ``lora_A`` is one ``(R, in)`` matrix or a list of matrices stacked along the
+    rank (``R = sum r_i``; concatenated inside the autograd Function)."""
+    As = (lora_A,) if isinstance(lora_A, Tensor) else tuple(lora_A)
+    if torch.is_grad_enabled():
+        for i, w in enumerate(weights):
+            if w.requires_grad:
+                name = "weight" if len(weights) == 1 else f"weights[{i}]"
+                raise DeltaConfigError(
+                    f"{name} must be frozen (requires_grad=False): the LoRA kernels compute no gradient for the "
+                    f"base weight, got requires_grad=True"
+                )
     p = float(dropout_p) if training else 0.0
     if p > 0.0:
-        return _apply_with_dropout(
-            x, lora_A, weights, biases, Bs, plan, scalings, p, seed, fifo, recompute_xa
-        )
-    return _apply(x, lora_A, weights, biases, Bs, plan, scalings, 0.0, None, fifo, recompute_xa)
+        return _apply_with_dropout(x, As, weights, biases, Bs, plan, scalings, p, seed, fifo, recompute_xa)
+    return _apply(x, As, weights, biases, Bs, plan, scalings, 0.0, None, fifo, recompute_xa)
 
 
 @torch.compiler.disable
-def _apply_with_dropout(x, lora_A, weights, biases, Bs, plan, scalings, p, seed, fifo, recompute_xa):
+def _apply_with_dropout(x, As, weights, biases, Bs, plan, scalings, p, seed, fifo, recompute_xa):
     """Dropout path: runs outside torch.compile graphs (one graph break), so the per-call seed is neither
     baked into a graph nor a cause of recompilation."""
     if seed is None:
         seed = next_dropout_seed()
-    return _apply(x, lora_A, weights, biases, Bs, plan, scalings, p, seed, fifo, recompute_xa)
+    return _apply(x, As, weights, biases, Bs, plan, scalings, p, seed, fifo, recompute_xa)
 
 
-def _apply(x, lora_A, weights, biases, Bs, plan, scalings, p, seed, fifo, recompute_xa):
+def _apply(x, As, weights, biases, Bs, plan, scalings, p, seed, fifo, recompute_xa):
     cdt = _compute_dtype(x)
     grad_needed = torch.is_grad_enabled() and (
         x.requires_grad
-        or lora_A.requires_grad
+        or any(a.requires_grad for a in As)
         or any(b is not None and b.requires_grad for b in biases)
         or any(B.requires_grad for B in Bs)
     )
     if not grad_needed:
-        _, _, ys = _lora_forward(x, lora_A, weights, biases, Bs, plan, scalings, p, seed, fifo, cdt)
-        lead = x.shape[:-1]
-        return [y.reshape(*lead, y.shape[-1]) for y in ys]
-    outs = _LoRAFn.apply(
-        x,
-        lora_A,
-        plan,
-        tuple(scalings),
-        p,
-        seed,
-        fifo,
-        cdt,
-        recompute_xa,
-        len(weights),
-        *weights,
-        *biases,
-        *Bs,
-    )
-    return list(outs)
+        return _lora_forward(x, _cat_cdt(As, cdt), weights, biases, Bs, plan, scalings, p, seed, fifo, cdt)[2]
+    has_bias = any(b is not None for b in biases)
+    meta = (plan, tuple(scalings), p, seed, fifo, cdt, recompute_xa, len(weights), len(As), has_bias)
+    if has_bias:
+        outs = _LoRAFn.apply(x, meta, *As, *weights, *biases, *Bs)
+    else:
+        outs = _LoRAFn.apply(x, meta, *As, *weights, *Bs)
+    return [outs] if isinstance(outs, Tensor) else list(outs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -465,9 +527,9 @@ def lora_linear_multi(
             raise DeltaConfigError(f"lora_Bs[{i}] must have shape ({out}, {r}), got shape {tuple(B.shape)}")
         plan.append((i, 0, out, r_off, r_off + r))
         r_off += r
-    A_cat = _cat_As(list(lora_As), _compute_dtype(x))
     return _run(
-        x, A_cat, ws, list(biases), list(lora_Bs), tuple(plan), sc, dropout_p, training, seed, fan_in_fan_out
+        x, list(lora_As), ws, list(biases), list(lora_Bs), tuple(plan), sc, dropout_p, training, seed,
+        fan_in_fan_out,
     )
 
 
@@ -591,7 +653,7 @@ class _FusedAFn(torch.autograd.Function):
         x2 = x_saved.reshape(-1, x_shape[-1])
         dxa2 = dxa.reshape(x2.shape[0], -1).to(cdt)
         A = A_cat.to(cdt)
-        mask = dropout_mask(x2.shape, p, seed, x2.device) if (p > 0.0 and seed is not None) else None
+        mask = _mask(x2.shape, p, seed, x2.device) if (p > 0.0 and seed is not None) else None
         dA = None
         if ctx.needs_input_grad[1]:
             xd = x2 if mask is None else x2.mul(mask).mul_(1.0 / (1.0 - p))
@@ -613,6 +675,12 @@ def fused_lora_A(
     training: bool = False,
     *,
     seed: int | None = None,
+    lora_Bs: Sequence[Tensor] | None = None,
+    weights: Sequence[Tensor] | None = None,
+    biases: Sequence[Tensor | None] | None = None,
+    scalings: float | Sequence[float] = 1.0,
+    fan_in_fan_out: bool = False,
+    check: bool = True,
 ) -> list[Tensor]:
     """``[drop(x) @ A_i^T for A_i in lora_As]`` computed with ONE matmul against ``cat(lora_As)``.
 
@@ -621,9 +689,33 @@ def fused_lora_A(
     (``F.linear(x, W_i, b_i) + scaling * xa_i @ B_i.T``: with a frozen ``W_i`` autograd saves no copy of
     ``x`` for it). ``x`` is saved once, dropout is stored as a seed (one mask shared by all ``A_i``).
 
+    With ``lora_Bs`` and ``weights`` (and optionally ``biases``, ``scalings``, ``fan_in_fan_out``) the
+    products are finished inside the same autograd node: the result is the list of projection outputs
+    ``x @ W_i^T + b_i + scaling_i * (drop(x) @ A_i^T) @ B_i^T``, exactly :func:`lora_linear_multi`.
+    ``check=False`` skips the argument checks of that form (for callers whose tensors are known to be
+    consistent, e.g. :class:`~deltatune.methods.lora.LoraLayer`; ``scalings`` must then be a list).
+
     Returns:
-        list of ``(..., r_i)`` tensors (views of one ``(..., sum r_i)`` result) in the compute dtype.
+        list of ``(..., r_i)`` tensors (views of one ``(..., sum r_i)`` result) in the compute dtype, or
+        the projections' outputs ``(..., out_i)`` when ``lora_Bs`` is given.
     """
+    if lora_Bs is not None or weights is not None:
+        if lora_Bs is None or weights is None:
+            raise DeltaConfigError("fused_lora_A needs both lora_Bs and weights to finish the projections")
+        if not check:
+            plan = []
+            r_off = 0
+            for i, (a, b) in enumerate(zip(lora_As, lora_Bs)):
+                plan.append((i, 0, b.shape[0], r_off, r_off + a.shape[0]))
+                r_off += a.shape[0]
+            return _run(
+                x, lora_As, weights, biases if biases is not None else [None] * len(weights), lora_Bs,
+                tuple(plan), scalings, dropout_p, training, seed, fan_in_fan_out,
+            )
+        return lora_linear_multi(
+            x, weights, biases, lora_As, lora_Bs, scalings, dropout_p, training,
+            fan_in_fan_out=fan_in_fan_out, seed=seed,
+        )
     _check_common(x, dropout_p, training, seed)
     if not isinstance(lora_As, (list, tuple)) or not lora_As:
         raise DeltaConfigTypeError(

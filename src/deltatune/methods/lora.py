@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from ..config import DeltaConfig
 from ..errors import DeltaConfigError, DeltaConfigTypeError, UnsupportedModuleError
 from ..inject import ModuleSlot, match_pattern
+from ..kernels import lora_function as _kernels
+from ..kernels.lora_function import _compute_dtype, _run
 from ..validation import check_bool, check_choice, check_float, check_positive_int, check_type
 from .base import DeltaLayer, DeltaMethod, unwrap
 
@@ -49,41 +51,125 @@ SHARED_INPUT_GROUPS: tuple[frozenset[str], ...] = (
 class SharedInputGroup:
     """LoRA layers that are called on one and the same input tensor (q/k/v, gate/up).
 
-    The first member called with a new input computes the A products of every eligible member in
-    one matmul (:func:`~deltatune.kernels.lora_function.fused_lora_A`); the others pick theirs up
-    when they are called with the identical tensor. Any mismatch (another tensor, another adapter,
-    different dropout) falls back to the per-layer path, so results never depend on grouping.
+    The first member called with a new input computes the outputs of every eligible member (frozen base
+    projection plus LoRA update) in ONE autograd node, with one matmul against the concatenated A
+    matrices (:func:`~deltatune.kernels.lora_function.fused_lora_A` with ``lora_Bs``); the other members
+    are handed their output when they are called with the identical tensor. An output is handed out at
+    most once, and only when everything it was computed from is unchanged: the same input object at the
+    same version, the same grad/inference/autocast mode, the same adapter, parameter objects and
+    parameter versions, scaling and dropout. Any mismatch computes the member on its own, so results never
+    depend on grouping. Inference tensors (no version counter) are never grouped.
+
+    Groups whose members turn out to read different tensors (e.g. cross-attention k/v) or not to be
+    called at all stop computing ahead after :attr:`MAX_WASTED` wasted computations in a row (a
+    computation is wasted when outputs computed ahead are dropped unused; one whose outputs are all handed
+    out resets the count).
     """
+
+    #: consecutive wasted group computations after which the group computes its members separately
+    MAX_WASTED = 4
 
     def __init__(self, members: list[LoraLayer]) -> None:
         self.members = members
+        self._reset()
+        self.enabled = True
+        self._wasted = 0
+
+    def _reset(self) -> None:
         self._x: weakref.ref | None = None
         self._key: tuple | None = None
-        self._pending: dict[int, torch.Tensor] = {}
+        self._pending: dict[int, tuple[tuple, tuple, torch.Tensor]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # the per-call cache (a weak reference and graph tensors) is never pickled or deep-copied
-        return {"members": self.members, "_x": None, "_key": None, "_pending": {}}
+        return {"members": self.members, "enabled": self.enabled, "_wasted": 0}
 
-    def a_product(self, layer: LoraLayer, name: str, x: torch.Tensor, p: float) -> torch.Tensor | None:
-        """``drop(x) @ A^T`` of ``layer`` for adapter ``name``, shared with its siblings; None: not shared."""
-        version = -1 if x.is_inference() else x._version  # inference tensors have no version counter
-        key = (name, version, layer.training, torch.is_grad_enabled(), p)
-        if self._x is not None and self._x() is x and self._key == key and id(layer) in self._pending:
-            return self._pending.pop(id(layer))
-        members = [
-            m for m in self.members
-            if m.active_adapters and m.active_adapters[0] == name and name not in m.merged_adapters
-            and not m.disabled and m._fast_ok(name, x, (), {}) and m._dropout_p(name) == p
-        ]
-        if len(members) < 2 or layer not in members:
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("enabled", True)
+        self.__dict__.setdefault("_wasted", 0)
+        self._reset()
+
+    def clear(self) -> None:
+        """Drop any output computed ahead (and the graph it holds)."""
+        self._reset()
+
+    def output(self, layer: LoraLayer, spec: tuple, x: torch.Tensor) -> torch.Tensor | None:
+        """``layer``'s output for ``x``, computed with its siblings; None: compute it on its own."""
+        if not self.enabled or x.is_inference() or torch.compiler.is_compiling():
             return None
-        from ..kernels.lora_function import fused_lora_A
-
-        outs = fused_lora_A(x, [m.lora_A[name].weight for m in members], p, layer.training)
+        key = (x._version, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), _compute_dtype(x))
+        pending = self._pending
+        if pending:
+            hit = pending.pop(id(layer), None)
+            if (
+                hit is not None and self._x() is x and self._key == key
+                and _same_spec(hit[0], spec) and hit[1] == _versions(spec)
+            ):
+                if not pending:
+                    self._reset()
+                    self._wasted = 0
+                return hit[2]
+            # what was computed ahead for the previous input is not going to be used
+            self._reset()
+            pending = self._pending
+            self._wasted += 1
+            if self._wasted >= self.MAX_WASTED:
+                self.enabled = False
+                return None
+        if not any(m is layer for m in self.members):
+            return None  # e.g. a DataParallel replica: the group belongs to the original modules
+        name, p, fifo, in_f = spec[0], spec[6], spec[7], x.shape[-1]
+        specs = []
+        for m in self.members:
+            s = spec if m is layer else m._fast_spec(x)
+            if s is None or s[0] != name or s[6] != p or s[7] != fifo or _weight_in(s) != in_f:
+                continue
+            versions = _versions(s)
+            if versions is None:
+                continue
+            specs.append((m, s, versions))
+        if len(specs) < 2 or not any(m is layer for m, _, _ in specs):
+            return None
+        outs = _kernels.fused_lora_A(  # looked up on the module each call (tests wrap it)
+            x, [s[3] for _, s, _ in specs], p, p > 0.0,
+            lora_Bs=[s[4] for _, s, _ in specs], weights=[s[1] for _, s, _ in specs],
+            biases=[s[2] for _, s, _ in specs], scalings=[s[5] for _, s, _ in specs], fan_in_fan_out=fifo,
+            check=False,
+        )
+        mine = None
+        for (m, s, versions), out in zip(specs, outs):
+            if m is layer:
+                mine = out
+            else:
+                pending[id(m)] = (s, versions, out)
         self._x, self._key = weakref.ref(x), key
-        self._pending = {id(m): o for m, o in zip(members, outs) if m is not layer}
-        return outs[members.index(layer)]
+        return mine
+
+
+def _same_spec(a: tuple, b: tuple) -> bool:
+    """Two fast-path specs (name, W, b, A, B, scaling, p, fifo) with identical tensors and equal values."""
+    return (
+        a[1] is b[1] and a[2] is b[2] and a[3] is b[3] and a[4] is b[4]
+        and a[0] == b[0] and a[5] == b[5] and a[6] == b[6] and a[7] == b[7]
+    )
+
+
+def _versions(spec: tuple) -> tuple[int, ...] | None:
+    """Version counters of a spec's tensors (in-place changes since an output was computed); None when
+    one of them is an inference tensor (no version counter)."""
+    w, b, a, bb = spec[1], spec[2], spec[3], spec[4]
+    if w.is_inference() or a.is_inference() or bb.is_inference() or (b is not None and b.is_inference()):
+        return None
+    return (w._version, -1 if b is None else b._version, a._version, bb._version)
+
+
+def _weight_in(spec: tuple) -> int:
+    """Input features of a spec's base weight (its actual shape: a partitioned weight never matches)."""
+    w = spec[1]
+    if w.dim() != 2:
+        return -1
+    return w.shape[0] if spec[7] else w.shape[1]
 
 
 def _is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -386,18 +472,67 @@ class LoraLayer(DeltaLayer):
         dropout = self.lora_dropout[name]
         return float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
 
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Base output plus the active adapters' deltas (see :meth:`DeltaLayer.forward`).
+
+        One active, unmerged plain linear adapter takes the fast path: the whole layer (frozen base and
+        LoRA) is one autograd node, or the group's one node when its siblings share the input
+        (:class:`SharedInputGroup`). Everything else goes through :meth:`delta_forward`.
+        """
+        if len(args) == 1 and not kwargs and FAST_PATH:
+            x = args[0]
+            spec = self._fast_spec(x)
+            if spec is not None:
+                group: SharedInputGroup | None = self.__dict__.get("_shared_group")
+                if group is not None:
+                    out = group.output(self, spec, x)
+                    if out is not None:
+                        return out
+                _, W, b, A, B, scaling, p, fifo = spec
+                return _run(x, A, (W,), (b,), (B,), ((0, 0, B.shape[0], 0, A.shape[0]),), (scaling,), p, True,
+                            None, fifo)[0]
+        return super().forward(*args, **kwargs)
+
+    def _fast_spec(self, x: Any) -> tuple | None:
+        """``(name, W, b, A, B, scaling, p, fan_in_fan_out)`` when the call ``self(x)`` can take the fast
+        path (exactly what :meth:`delta_forward` would compute with :func:`lora_linear`), else None.
+
+        Read straight from the module dictionaries each call (no ``nn.Module.__getattr__``, nothing cached
+        that adding, deleting, switching or merging adapters could leave stale); ``p`` is the dropout
+        probability in effect (0 in eval mode)."""
+        if self.disabled or self.kind != "linear" or not isinstance(x, torch.Tensor):
+            return None
+        active = self.active_adapters
+        merged = self.merged_adapters
+        if merged:
+            active = [a for a in active if a not in merged]
+        if len(active) != 1:
+            return None
+        name = active[0]
+        if self.use_dora[name] or self.slices[name] is not None or not x.is_floating_point():
+            return None
+        modules = self._modules
+        base = modules["base_layer"]
+        if type(base) is not nn.Linear and not _is_gpt2_conv1d(base):
+            return None
+        params = base._parameters
+        W = params.get("weight")
+        if W is None or W.requires_grad:
+            return None
+        dropout = modules["lora_dropout"]._modules[name]
+        if isinstance(dropout, nn.Dropout):
+            p = float(dropout.p) if self.training else 0.0
+        elif isinstance(dropout, nn.Identity):
+            p = 0.0
+        else:
+            return None
+        A = modules["lora_A"]._modules[name]._parameters["weight"]
+        B = modules["lora_B"]._modules[name]._parameters["weight"]
+        return (name, W, params.get("bias"), A, B, self.scaling[name], p, self.fan_in_fan_out)
+
     def delta_forward(self, active: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         first = active[0]
-        group: SharedInputGroup | None = self.__dict__.get("_shared_group")
-        xa = None
-        if group is not None and self._fast_ok(first, x, args, kwargs):
-            xa = group.a_product(self, first, x, self._dropout_p(first))
-        if xa is not None:
-            result = self.base_layer(x)
-            B = self.lora_B[first].weight.to(xa.dtype)
-            result = result + (F.linear(xa, B) * self.scaling[first]).to(result.dtype)
-            active = active[1:]
-        elif self._fast_ok(first, x, args, kwargs):
+        if self._fast_ok(first, x, args, kwargs):
             from ..kernels.lora_function import lora_linear
 
             p = self._dropout_p(first)
