@@ -275,8 +275,13 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
-    """Merge the active adapters and replace every wrapper by the plain module; returns the model."""
+    """Merge the active adapters and replace every wrapper by the plain module; returns the model.
+
+    Model-level methods that train the model's own tensors (BitFit) keep their trained values and drop
+    their bookkeeping; a method that cannot be merged (prefix tuning) raises before anything changes."""
     merge(model, safe=safe)
+    for name, record in list(get_records(model).items()):
+        get_method(record.method).keep(model, name)
     for path, layer in reversed(list(delta_layers(model))):
         if isinstance(layer, ModulesToSaveWrapper) and layer.active_adapters:
             _replace_module(model, path, layer.modules_to_save[layer.active_adapters[0]])

@@ -129,6 +129,21 @@ def test_delete_restores_original_biases(tiny):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+def test_merge_and_unload_keeps_trained_biases_and_no_bookkeeping(tiny):
+    model = tiny.model("gpt2")
+    batch = tiny.batch("gpt2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    api.apply(model, BitFitConfig())
+    tiny.train(model, batch, steps=2)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(not torch.equal(trained[k], before[k]) for k in trained)
+    api.merge_and_unload(model)
+    assert not [k for k in model.__dict__ if k.startswith("_deltatune")]  # no saved originals left behind
+    assert api.adapter_names(model) == []
+    state = model.state_dict()
+    assert state.keys() == trained.keys() and all(torch.equal(state[k], trained[k]) for k in state)
+
+
 def test_llama_has_no_biases(tiny):
     model = tiny.model("llama")
     with pytest.raises(DeltaConfigError) as info:

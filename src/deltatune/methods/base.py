@@ -275,6 +275,12 @@ class DeltaMethod:
                 if not layer.adapter_names:
                     _replace_module(model, name, layer.base_layer)
 
+    def keep(self, model: nn.Module, adapter_name: str) -> None:
+        """Make adapter ``adapter_name``'s trained values a permanent part of ``model`` and drop this
+        method's bookkeeping for it (:func:`~deltatune.api.merge_and_unload`). Wrapper methods have
+        nothing to do here (merging and unwrapping is done by the API); model-level methods that train
+        the model's own tensors (BitFit) forget what :meth:`remove` would restore."""
+
     # -- parameters -----------------------------------------------------------------------
     def is_delta_param(self, name: str) -> bool:
         """Is ``name`` (a parameter name) one of this method's delta parameters?"""

@@ -173,6 +173,14 @@ class BitFitMethod(DeltaMethod):
                 if logical in saved:
                     p.copy_(saved[logical])
 
+    def keep(self, model: nn.Module, adapter_name: str) -> None:
+        """The trained biases already are the model's own: forget their original values."""
+        saved = model.__dict__.get(_ORIGINAL_ATTR)
+        if saved is not None:
+            saved.pop(adapter_name, None)
+            if not saved:
+                del model.__dict__[_ORIGINAL_ATTR]
+
     def extra_trainable(self, model: nn.Module, config: DeltaConfig, adapter_name: str) -> list[str]:
         """The real names of the biases this adapter trains (recomputed: wrappers may have moved them)."""
         return [real for real, _, _ in self.selected_biases(model, config)]
