@@ -117,31 +117,34 @@ def test_biases_found_through_other_wrappers(tiny, tmp_path):
     assert set(delta_state_dict(model, "bf")) == {f"transformer.h.{i}.attn.c_attn.bias" for i in range(2)}
 
 
-def test_delete_restores_original_biases(tiny):
-    model = tiny.model("bert")
-    batch = tiny.batch("bert")
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+def _trained_bitfit(tiny, arch):
+    """A tiny model with BitFit trained 2 steps; returns (model, state before, state after training)."""
+    model = tiny.model(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     api.apply(model, BitFitConfig())
-    tiny.train(model, batch, steps=2)
-    assert not all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    tiny.train(model, tiny.batch(arch), steps=2)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(not torch.equal(trained[k], before[k]) for k in trained)
+    return model, before, trained
+
+
+def _equal_states(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_delete_restores_original_biases(tiny):
+    model, before, _ = _trained_bitfit(tiny, "bert")
     api.delete_adapter(model, "default")
     assert api.adapter_names(model) == []
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert _equal_states(model.state_dict(), before)
 
 
 def test_merge_and_unload_keeps_trained_biases_and_no_bookkeeping(tiny):
-    model = tiny.model("gpt2")
-    batch = tiny.batch("gpt2")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    api.apply(model, BitFitConfig())
-    tiny.train(model, batch, steps=2)
-    trained = {k: v.clone() for k, v in model.state_dict().items()}
-    assert any(not torch.equal(trained[k], before[k]) for k in trained)
+    model, _, trained = _trained_bitfit(tiny, "gpt2")
     api.merge_and_unload(model)
     assert not [k for k in model.__dict__ if k.startswith("_deltatune")]  # no saved originals left behind
     assert api.adapter_names(model) == []
-    state = model.state_dict()
-    assert state.keys() == trained.keys() and all(torch.equal(state[k], trained[k]) for k in state)
+    assert _equal_states(model.state_dict(), trained)
 
 
 def test_llama_has_no_biases(tiny):
