@@ -40,7 +40,7 @@ from typing import Any
 
 from .errors import DeltaConfigError, DeltaConfigTypeError, DeltaError
 from .io_utils import atomic_write_bytes, atomic_write_text
-from .validation import check_bool, check_int, check_type
+from .validation import check_bool, check_int, check_known_keys, check_type
 
 __all__ = [
     "SWEEP_KEYS",
@@ -190,10 +190,7 @@ def load_sweep(
             base_train = raw.get("train") or {}
             check_type("train", base_train, Mapping, "a mapping of TrainConfig fields")
             raw["train"] = {**dict(base_train), **train_keys}
-    known = [*ClassificationConfig.known_keys(), *SWEEP_KEYS]
-    unknown = [k for k in raw if k not in known]
-    if unknown:
-        raise DeltaConfigError(f"unknown sweep key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}")
+    check_known_keys("sweep", raw, [*ClassificationConfig.known_keys(), *SWEEP_KEYS])
     bad = [k for k in _NOT_IN_SWEEP if k in raw and k != "output_dir"]
     if bad:
         raise DeltaConfigError(

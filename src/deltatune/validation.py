@@ -19,6 +19,7 @@ __all__ = [
     "check_choice",
     "check_float",
     "check_int",
+    "check_known_keys",
     "check_optional_int_list",
     "check_path_exists",
     "check_positive_int",
@@ -62,6 +63,16 @@ def check_int(name: str, value: Any, *, minimum: int | None = None, maximum: int
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise DeltaConfigError(f"{name} must be {expected}, got {_fmt(value)}")
     return value
+
+
+def check_known_keys(what: str, keys: Iterable[Any], known: Sequence[str]) -> None:
+    """Raise ``DeltaConfigError`` naming every key of ``keys`` not in ``known`` and listing the known ones:
+    ``unknown <what> key(s) 'a', 'b'; known keys: x, y``."""
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        raise DeltaConfigError(
+            f"unknown {what} key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}"
+        )
 
 
 def check_positive_int(name: str, value: Any) -> int:

@@ -30,7 +30,7 @@ from ..data import (
     stratified_sample,
 )
 from ..errors import DeltaConfigError, DeltaConfigTypeError
-from ..validation import check_bool, check_choice, check_float, check_int, check_type
+from ..validation import check_bool, check_choice, check_float, check_int, check_known_keys, check_type
 from .heads import POOLINGS, build_classifier
 
 __all__ = [
@@ -278,12 +278,7 @@ class ClassificationConfig:
         """Build from a mapping (e.g. YAML); unknown keys raise ``DeltaConfigError`` listing the known ones."""
         if not isinstance(data, Mapping):
             raise DeltaConfigTypeError(f"ClassificationConfig needs a mapping, got {type(data).__name__}")
-        known = cls.known_keys()
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            raise DeltaConfigError(
-                f"unknown ClassificationConfig key(s) {', '.join(repr(k) for k in unknown)}; known keys: {', '.join(known)}"
-            )
+        check_known_keys("ClassificationConfig", data, cls.known_keys())
         if "task" not in data:
             raise DeltaConfigError(f"ClassificationConfig needs a 'task' key, got keys {sorted(data)}")
         return cls(**dict(data))

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import DeltaConfigError, DeltaConfigTypeError
 from ..train.distributed import resolve_device
-from ..validation import check_bool, check_choice, check_int, check_type
+from ..validation import check_bool, check_choice, check_int, check_known_keys, check_type
 from .classification import check_run_fields
 
 __all__ = ["PerplexityConfig", "WIKITEXT_FILES", "pack_token_blocks", "run_perplexity", "wikitext_path"]
@@ -131,12 +131,7 @@ class PerplexityConfig:
         """Build from a mapping; unknown keys raise ``DeltaConfigError`` listing the known ones."""
         if not isinstance(data, Mapping):
             raise DeltaConfigTypeError(f"PerplexityConfig needs a mapping, got {type(data).__name__}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            raise DeltaConfigError(
-                f"unknown PerplexityConfig key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}"
-            )
+        check_known_keys("PerplexityConfig", data, [f.name for f in dataclasses.fields(cls)])
         return cls(**dict(data))
 
     @classmethod

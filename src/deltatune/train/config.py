@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DeltaConfigError, DeltaConfigTypeError
-from ..validation import check_bool, check_choice, check_float, check_int, check_type
+from ..validation import check_bool, check_choice, check_float, check_int, check_known_keys, check_type
 
 __all__ = ["TrainConfig", "SCHEDULERS", "MIXED_PRECISION", "DISTRIBUTED"]
 
@@ -186,12 +186,7 @@ class TrainConfig:
         """Build from a mapping (e.g. a YAML recipe); unknown keys raise ``DeltaConfigError``."""
         if not isinstance(d, Mapping):
             raise DeltaConfigTypeError(f"TrainConfig.from_dict needs a mapping, got {d!r} ({type(d).__name__})")
-        known = cls.known_keys()
-        unknown = [k for k in d if k not in known]
-        if unknown:
-            raise DeltaConfigError(
-                f"unknown TrainConfig key(s) {', '.join(repr(k) for k in unknown)}; known keys: {', '.join(known)}"
-            )
+        check_known_keys("TrainConfig", d, cls.known_keys())
         kwargs = dict(d)
         if isinstance(kwargs.get("adam_betas"), list):
             kwargs["adam_betas"] = tuple(kwargs["adam_betas"])
