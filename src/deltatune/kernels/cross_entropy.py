@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ..errors import DeltaConfigError
 from ..validation import check_choice, check_float, check_int, check_type
+from .lora_function import _compute_dtype
 
 __all__ = ["causal_lm_loss", "default_chunk_size", "linear_cross_entropy"]
 
@@ -44,16 +45,6 @@ _TARGET_CHUNK_ELEMS = 2**24  # 16M logits per chunk: 64 MiB in fp32
 def default_chunk_size(n_rows: int, vocab_size: int) -> int:
     """Rows per chunk used when ``chunk_size`` is None: about 16M logits (64 MiB fp32) per chunk."""
     return max(1, min(n_rows, _TARGET_CHUNK_ELEMS // max(1, vocab_size)))
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    dev = t.device.type
-    try:
-        if torch.is_autocast_enabled(dev):
-            return torch.get_autocast_dtype(dev)
-    except (RuntimeError, TypeError):
-        pass
-    return t.dtype
 
 
 def _acc_dtype(dt: torch.dtype) -> torch.dtype:

@@ -103,6 +103,7 @@ def _dropped(x2: Tensor, p: float, seed: int | None) -> Tensor:
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: the autocast dtype when autocast is on for its device, else ``x.dtype``."""
     dev = x.device.type
     try:
         if torch.is_autocast_enabled(dev):
