@@ -23,6 +23,7 @@ __all__ = [
     "match_pattern",
     "layer_index",
     "select_targets",
+    "is_gpt2_conv1d",
     "is_linear_like",
     "output_layer_names",
 ]
@@ -97,11 +98,14 @@ def layer_index(name: str, patterns: Sequence[str] | None = None) -> int | None:
     return None
 
 
+def is_gpt2_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D`` (a linear layer with its weight stored ``(in, out)``)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
 def is_linear_like(module: nn.Module) -> bool:
     """nn.Linear or transformers' GPT-2 Conv1D."""
-    if isinstance(module, nn.Linear):
-        return True
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+    return isinstance(module, nn.Linear) or is_gpt2_conv1d(module)
 
 
 def output_layer_names(model: nn.Module) -> set[str]:

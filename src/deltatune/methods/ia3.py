@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from ..config import DeltaConfig
 from ..errors import DeltaConfigError, DeltaConfigTypeError, UnsupportedModuleError
-from ..inject import ModuleSlot, is_linear_like, match_pattern, normalise_patterns
+from ..inject import ModuleSlot, is_gpt2_conv1d, is_linear_like, match_pattern, normalise_patterns
 from ..validation import check_str_list, check_type
 from .base import DeltaLayer, DeltaMethod, unwrap
 
@@ -48,10 +48,6 @@ _DEFAULTS: dict[str, tuple[list[str], list[str], dict[str, list[bool]]]] = {
     "bert": (["key", "value", _BERT_FFN], [_BERT_FFN], {}),
     "roberta": (["key", "value", _BERT_FFN], [_BERT_FFN], {}),
 }
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 @dataclasses.dataclass
@@ -101,7 +97,7 @@ class IA3Layer(DeltaLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         w = base_layer.weight
-        self.conv1d = _is_conv1d(base_layer)
+        self.conv1d = is_gpt2_conv1d(base_layer)
         if self.conv1d:
             self.in_features, self.out_features = int(w.shape[0]), int(w.shape[1])
         else:
@@ -306,12 +302,12 @@ class IA3Method(DeltaMethod):
 
 def linear_out(module: nn.Module) -> int:
     """Output width of a Linear / Conv1D."""
-    return int(module.weight.shape[1] if _is_conv1d(module) else module.weight.shape[0])
+    return int(module.weight.shape[1] if is_gpt2_conv1d(module) else module.weight.shape[0])
 
 
 def linear_in(module: nn.Module) -> int:
     """Input width of a Linear / Conv1D."""
-    return int(module.weight.shape[0] if _is_conv1d(module) else module.weight.shape[1])
+    return int(module.weight.shape[0] if is_gpt2_conv1d(module) else module.weight.shape[1])
 
 
 METHOD = IA3Method()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..config import DeltaConfig
 from ..errors import DeltaConfigError, DeltaConfigTypeError, UnsupportedModuleError
-from ..inject import ModuleSlot, match_pattern
+from ..inject import ModuleSlot, is_gpt2_conv1d, match_pattern
 from ..kernels import lora_function as _kernels
 from ..kernels.lora_function import _compute_dtype, _run
 from ..validation import check_bool, check_choice, check_float, check_positive_int, check_type
@@ -172,10 +172,6 @@ def _weight_in(spec: tuple) -> int:
     return w.shape[0] if spec[7] else w.shape[1]
 
 
-def _is_gpt2_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 @dataclasses.dataclass
 class LoraConfig(DeltaConfig):
     """LoRA hyper-parameters.
@@ -283,7 +279,7 @@ class LoraLayer(DeltaLayer):
         elif isinstance(inner, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             self.kind = "conv"
             self.in_features, self.out_features = inner.in_channels, inner.out_channels
-        elif _is_gpt2_conv1d(inner):
+        elif is_gpt2_conv1d(inner):
             self.kind = "linear"
             self.in_features, self.out_features = inner.weight.shape
         elif isinstance(inner, nn.Linear):
@@ -291,7 +287,7 @@ class LoraLayer(DeltaLayer):
             self.in_features, self.out_features = inner.in_features, inner.out_features
         else:  # pragma: no cover - guarded by LoraMethod.check_module
             raise UnsupportedModuleError(f"LoRA cannot wrap {type(inner).__name__}")
-        self.fan_in_fan_out = _is_gpt2_conv1d(inner)
+        self.fan_in_fan_out = is_gpt2_conv1d(inner)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
@@ -462,7 +458,7 @@ class LoraLayer(DeltaLayer):
             and not kwargs
             and not self.use_dora[name]
             and self.slices[name] is None
-            and (type(base) is nn.Linear or _is_gpt2_conv1d(base))
+            and (type(base) is nn.Linear or is_gpt2_conv1d(base))
             and not base.weight.requires_grad
             and isinstance(self.lora_dropout[name], (nn.Dropout, nn.Identity))
             and x.is_floating_point()
@@ -513,7 +509,7 @@ class LoraLayer(DeltaLayer):
             return None
         modules = self._modules
         base = modules["base_layer"]
-        if type(base) is not nn.Linear and not _is_gpt2_conv1d(base):
+        if type(base) is not nn.Linear and not is_gpt2_conv1d(base):
             return None
         params = base._parameters
         W = params.get("weight")
@@ -662,7 +658,7 @@ class LoraMethod(DeltaMethod):
 
     def check_module(self, slot: ModuleSlot, config: DeltaConfig) -> None:
         module = unwrap(slot.module)
-        ok = isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or _is_gpt2_conv1d(module)
+        ok = isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or is_gpt2_conv1d(module)
         if not ok:
             raise UnsupportedModuleError(
                 f"LoRA cannot wrap module {slot.name!r} of type {type(module).__name__}; supported: Linear, "
@@ -675,19 +671,19 @@ class LoraMethod(DeltaMethod):
             )
         assert isinstance(config, LoraConfig)
         slices = config.slices_for(slot.name)
-        linear = isinstance(module, nn.Linear) or _is_gpt2_conv1d(module)
+        linear = isinstance(module, nn.Linear) or is_gpt2_conv1d(module)
         if slices is not None and not linear:
             raise UnsupportedModuleError(
                 f"enable_lora applies to linear layers only; {slot.name!r} is {type(module).__name__}"
             )
         if slices is not None:
-            out = module.weight.shape[1] if _is_gpt2_conv1d(module) else module.out_features
+            out = module.weight.shape[1] if is_gpt2_conv1d(module) else module.out_features
             if out % len(slices):
                 raise DeltaConfigError(
                     f"enable_lora for {slot.name!r} has {len(slices)} slices but the layer has "
                     f"{out} outputs, which is not divisible by {len(slices)}"
                 )
-        if config.fan_in_fan_out and not _is_gpt2_conv1d(module):
+        if config.fan_in_fan_out and not is_gpt2_conv1d(module):
             raise DeltaConfigError(
                 f"LoraConfig.fan_in_fan_out=True needs weights stored (in, out) as in transformers' Conv1D, but "
                 f"{slot.name!r} is {type(module).__name__} (the layout is detected automatically; leave it False)"
