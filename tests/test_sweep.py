@@ -177,3 +177,12 @@ def test_tables_are_written_after_every_run(tmp_path, monkeypatch):
     assert seen == [{"bitfit": "1", "lora": ""}]
     md = (tmp_path / "out" / "results.md").read_text(encoding="utf-8")
     assert "| bitfit |" in md and "| lora |" in md
+
+
+def test_yaml_exponent_numbers_are_floats_as_in_recipes(tmp_path):
+    """`lr: 1e-3` (no dot, which plain YAML 1.1 reads as a string) is a float, as in recipes and --set."""
+    path = _config(tmp_path, sweep={"methods": ["lora"], "seeds": [1]})
+    path.write_text(path.read_text(encoding="utf-8").replace("lr: 0.01", "lr: 1e-3"), encoding="utf-8")
+    assert "lr: 1e-3" in path.read_text(encoding="utf-8")
+    spec = load_sweep(path)
+    assert spec.run_config("lora", 1)["train"]["lr"] == 0.001

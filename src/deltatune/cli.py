@@ -254,6 +254,7 @@ def _info_config(path: str, overrides: Sequence[str]) -> tuple[Any, bool]:
 
     from .config import config_from_dict
     from .errors import DataFormatError, DeltaConfigError
+    from .io_utils import yaml_load
     from .recipes import FULL_METHOD, parse_override
 
     p = Path(path)
@@ -261,7 +262,7 @@ def _info_config(path: str, overrides: Sequence[str]) -> tuple[Any, bool]:
         raise DeltaConfigError(f"--config must be an existing YAML/JSON file, got {path!r}")
     text = p.read_text(encoding="utf-8")
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if p.suffix == ".json" else yaml_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise DataFormatError(f"{p}, line 1: cannot parse the config ({exc})") from None
     if isinstance(data, dict) and "method" not in data and isinstance(data.get("delta"), dict):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .errors import DeltaConfigError, DeltaConfigTypeError
+from .io_utils import yaml_load
 from .validation import check_optional_int_list, check_str_list, check_type
 
 __all__ = ["DeltaConfig", "load_config", "config_from_dict"]
@@ -148,9 +149,7 @@ def load_config(source: str | os.PathLike | Mapping[str, Any]) -> DeltaConfig:
         raise DeltaConfigError(f"config path must be an existing file, got {str(path)!r}")
     text = path.read_text(encoding="utf-8")
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
+        data = yaml_load(text)
     elif path.suffix == ".json":
         data = json.loads(text)
     else:

@@ -1,4 +1,4 @@
-"""Atomic file writing and hashing helpers."""
+"""File helpers: atomic writing, hashing, and the one YAML parser every config file goes through."""
 
 from __future__ import annotations
 
@@ -6,8 +6,35 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "file_sha256", "fsync_dir"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "file_sha256", "fsync_dir", "yaml_load"]
+
+
+def _yaml_loader() -> Any:
+    """A safe YAML loader that also reads ``1e-3`` / ``5E+2`` as floats (YAML 1.1 wants ``1.0e-3``)."""
+    import re
+
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return _Loader
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text safely, with ``1e-3``-style numbers as floats (recipes, sweeps, configs, ``--set``).
+
+    Raises ``yaml.YAMLError`` for invalid YAML; callers turn it into their own error."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

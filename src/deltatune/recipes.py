@@ -66,7 +66,7 @@ from .errors import (
     DeltaConfigTypeError,
     MissingPackageError,
 )
-from .io_utils import atomic_write_text
+from .io_utils import atomic_write_text, yaml_load
 from .validation import check_bool, check_choice, check_float, check_int, check_str_list, check_type
 
 __all__ = [
@@ -363,29 +363,6 @@ def _plain(value: Any) -> Any:
 # loading, overrides, validation
 
 
-def _yaml_loader() -> Any:
-    """A safe YAML loader that also reads ``1e-3`` / ``5E+2`` as floats (YAML 1.1 wants ``1.0e-3``)."""
-    import re
-
-    import yaml
-
-    class _Loader(yaml.SafeLoader):
-        pass
-
-    _Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-        list("-+0123456789"),
-    )
-    return _Loader
-
-
-def _yaml_load(text: str) -> Any:
-    import yaml
-
-    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
-
-
 def _read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
@@ -394,7 +371,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if path.suffix not in (".yaml", ".yml"):
         raise DeltaConfigError(f"recipe file must end in .yaml or .yml, got {os.fspath(path)!r}")
     try:
-        data = _yaml_load(path.read_text(encoding="utf-8"))
+        data = yaml_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "line 1"
@@ -436,7 +413,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if any(not p for p in parts):
         raise DeltaConfigError(f"--set key {key!r} has an empty component (in {text!r})")
     try:
-        value = _yaml_load(raw) if raw.strip() else None
+        value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw  # not YAML (e.g. " ||"): the text itself, verbatim
     return parts, value

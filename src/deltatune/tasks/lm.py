@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import DeltaConfigError, DeltaConfigTypeError
+from ..io_utils import yaml_load
 from ..train.distributed import resolve_device
 from ..validation import check_bool, check_choice, check_int, check_known_keys, check_type
 from .classification import check_run_fields
@@ -137,12 +138,10 @@ class PerplexityConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> PerplexityConfig:
         """Read a YAML file (``name`` and ``task: perplexity`` keys are allowed and ignored)."""
-        import yaml
-
         p = Path(path)
         if not p.is_file():
             raise DeltaConfigError(f"config must be an existing YAML file, got {os.fspath(path)!r}")
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml_load(p.read_text(encoding="utf-8"))
         if not isinstance(data, Mapping):
             raise DeltaConfigTypeError(f"config {os.fspath(path)!r} must hold a YAML mapping")
         data = dict(data)
