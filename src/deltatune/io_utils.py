@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "file_sha256", "fsync_dir", "yaml_load"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "file_sha256", "fsync_dir", "yaml_load"]
 
 
 def _yaml_loader() -> Any:
@@ -51,8 +52,9 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Create ``path`` through ``write(file)`` on a temporary file in the same directory, fsync it and
+    ``os.replace`` it into place (then fsync the directory).
 
     A crash or Ctrl-C leaves either the old file or the new one, never a half-written file.
     """
@@ -64,7 +66,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -75,6 +77,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             pass
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

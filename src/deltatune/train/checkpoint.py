@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..io_utils import atomic_write, atomic_write_bytes, atomic_write_text, fsync_dir
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -62,43 +63,14 @@ _TMP_PREFIX = ".tmp-checkpoint-"
 
 
 # ---------------------------------------------------------------------------- atomic file helpers
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def torch_save_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` to a temp file in the same directory, fsync, then ``os.replace``."""
-    _atomic_write(Path(path), lambda fh: torch.save(obj, fh))
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def save_json_atomic(obj: Any, path: str | os.PathLike[str]) -> None:
     """Write ``obj`` as indented JSON, atomically."""
-    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
-    _atomic_write(Path(path), lambda fh: fh.write(data))
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def torch_load(path: str | os.PathLike[str]) -> Any:
@@ -132,7 +104,7 @@ def save_trainable_params(model: nn.Module, directory: str | os.PathLike[str]) -
     """Default ``save_fn``: the ``requires_grad`` parameters of ``model`` as ``{name: tensor}`` in
     ``<directory>/delta.safetensors``. A sharded (``DTensor``) or empty parameter raises
     :class:`~deltatune.errors.CheckpointError` before anything is written."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {}
     for n, p in _trainable(model).items():
@@ -140,16 +112,8 @@ def save_trainable_params(model: nn.Module, directory: str | os.PathLike[str]) -
         tensors[n] = p.detach().to("cpu", copy=True).contiguous()
     if not tensors:
         raise CheckpointError("the model has no trainable parameters; refusing to write an empty checkpoint")
-    path = Path(directory) / DELTA_FILE
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        save_file(tensors, os.fspath(tmp), metadata={"format": "pt", "content": "deltatune-trainable-params"})
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    data = save(tensors, metadata={"format": "pt", "content": "deltatune-trainable-params"})
+    atomic_write_bytes(Path(directory) / DELTA_FILE, data)
 
 
 def load_trainable_params(model: nn.Module, directory: str | os.PathLike[str]) -> None:
@@ -267,14 +231,14 @@ def finalize_checkpoint(tmp: Path, step: int) -> Path:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     final = tmp.parent / f"checkpoint-{step}"
     old = None
     if final.exists():  # re-saving a step: move the old one aside (one rename) before replacing it
         old = tmp.parent / f"{_TMP_PREFIX}replaced-{step}-{uuid.uuid4().hex[:8]}"
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
