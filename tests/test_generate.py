@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 from transformers.cache_utils import DynamicCache
 from transformers.generation.logits_process import (
     NoRepeatNGramLogitsProcessor,
@@ -25,21 +25,14 @@ from deltatune.generate import (
     generate,
     generate_text,
 )
+from tests.tiny_models import llama_config as tiny_llama_config
 
 NO_SPECIAL = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
 
 
 def tiny_llama(vocab: int = 48, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        **NO_SPECIAL,
-    )
+    cfg = tiny_llama_config(vocab_size=vocab, **NO_SPECIAL)
     return LlamaForCausalLM(cfg).eval()
 
 

@@ -26,6 +26,7 @@ from transformers import (
 
 import deltatune.models as dm
 from deltatune.errors import CheckpointError, DeltaConfigError, DeltaConfigTypeError, MissingPackageError
+from tests.tiny_models import llama_config as tiny_llama_config
 
 VOCAB = 128
 TEMPLATE = (
@@ -58,16 +59,7 @@ def make_tokenizer(*, pad: bool = False, eos: bool = True, template: bool = Fals
 
 
 def llama_config(**kw) -> LlamaConfig:
-    return LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        **kw,
-    )
+    return tiny_llama_config(vocab_size=VOCAB, max_position_embeddings=64, **kw)
 
 
 def save_dir(path: Path, model: torch.nn.Module, tokenizer) -> Path:

@@ -41,13 +41,19 @@ def gpt2() -> nn.Module:
     return GPT2LMHeadModel(cfg).eval()
 
 
+def llama_config(**fields):
+    """The tiny Llama shape of the tests (2 layers, hidden 32, 4 heads, 2 KV heads) with ``fields`` added."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, **fields)
+
+
 def llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
-                      bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    cfg = llama_config(vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     return LlamaForCausalLM(cfg).eval()
 
 
