@@ -41,16 +41,16 @@ def tiny_bert_dir(root: Path) -> Path:
 
 def tiny_llama_dir(root: Path) -> Path:
     """A random-init 2-layer Llama causal LM with the tiny tokenizer (pad id 0), saved as an HF directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from tests.tiny_models import llama_config
 
     out = root / "tiny-llama"
     if (out / "config.json").is_file():
         return out
     write_bert_tokenizer(out)
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=128,
-                      bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    cfg = llama_config(vocab_size=64, max_position_embeddings=128, bos_token_id=2, eos_token_id=3, pad_token_id=0)
     LlamaForCausalLM(cfg).save_pretrained(str(out))
     return out
 
