@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -12,8 +13,9 @@ from typing import Any, BinaryIO
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "file_sha256", "fsync_dir", "yaml_load"]
 
 
+@functools.cache
 def _yaml_loader() -> Any:
-    """A safe YAML loader that also reads ``1e-3`` / ``5E+2`` as floats (YAML 1.1 wants ``1.0e-3``)."""
+    """A safe YAML loader (built once) that also reads ``1e-3`` / ``5E+2`` as floats (YAML 1.1 wants ``1.0e-3``)."""
     import re
 
     import yaml
