@@ -14,15 +14,22 @@ from deltatune.kernels import (
     lora_linear,
     lora_linear_multi,
     lora_merged_linear,
-    next_dropout_seed,
 )
 from deltatune.kernels.lora_function import _run
 
 
-def _ref(x, W, b, A, B, s, p, seed, fifo=False):
-    """Plain formula; dropout via the exposed mask helper."""
+def _native_mask(shape, p, dtype, seed):
+    """The keep-mask ``torch.native_dropout`` draws for ``shape`` right after ``torch.manual_seed(seed)``
+    (what the kernels use when no ``seed`` is passed)."""
+    torch.manual_seed(seed)
+    return torch.native_dropout(torch.ones(shape, dtype=dtype), p, True)[1]
+
+
+def _ref(x, W, b, A, B, s, p, seed, fifo=False, mask=None):
+    """Plain formula; dropout via the exposed mask helper (or the given keep-mask)."""
     if p > 0:
-        m = dropout_mask(x.reshape(-1, x.shape[-1]).shape, p, seed, x.device).reshape(x.shape)
+        m = mask if mask is not None else dropout_mask(x.reshape(-1, x.shape[-1]).shape, p, seed, x.device)
+        m = m.reshape(x.shape)
         xd = x * m / (1 - p)
     else:
         xd = x
@@ -98,17 +105,30 @@ def test_lora_linear_bf16_vs_fp64_reference():
         torch.testing.assert_close(got.double(), exp, rtol=0, atol=2e-2 * exp.abs().max().item())
 
 
-def test_seed_none_draws_next_dropout_seed_and_is_reproducible():
+@pytest.mark.parametrize("multi", [False, True])
+def test_seed_none_uses_the_default_generator_mask_in_forward_and_backward(multi):
     torch.manual_seed(5)
     W, b, A, B = _params(8, 6, 2, torch.float64)
-    x = torch.randn(7, 8, dtype=torch.float64)
+    W2, b2, A2, B2 = _params(8, 5, 3, torch.float64)
+    x = torch.randn(7, 8, dtype=torch.float64, requires_grad=True)
+    mask = _native_mask((7, 8), 0.5, torch.float64, 42)
     torch.manual_seed(42)
-    seed = next_dropout_seed()
-    torch.manual_seed(42)
-    y = lora_linear(x, W, b, A, B, 1.0, 0.5, True)
-    torch.testing.assert_close(y, _ref(x, W, b, A, B, 1.0, 0.5, seed), rtol=0, atol=1e-12)
-    y_other = lora_linear(x, W, b, A, B, 1.0, 0.5, True)  # next call: a new seed, a new mask
-    assert not torch.allclose(y, y_other)
+    if multi:  # the grouped form: one mask for all projections
+        ys = lora_linear_multi(x, [W, W2], [b, b2], [A, A2], [B, B2], [1.0, 0.5], 0.5, True)
+        refs = [_ref(x, W, b, A, B, 1.0, 0.5, None, mask=mask), _ref(x, W2, b2, A2, B2, 0.5, 0.5, None, mask=mask)]
+        leaves = (x, A, B, A2, B2)
+    else:
+        ys = [lora_linear(x, W, b, A, B, 1.0, 0.5, True)]
+        refs = [_ref(x, W, b, A, B, 1.0, 0.5, None, mask=mask)]
+        leaves = (x, A, B)
+    gs = [torch.randn_like(y) for y in ys]
+    for y, ref in zip(ys, refs):
+        torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    for got, exp in zip(_grads(ys, leaves, gs), _grads(refs, leaves, gs)):
+        torch.testing.assert_close(got, exp, rtol=0, atol=1e-12)
+    torch.manual_seed(43)
+    y_other = lora_linear(x, W, b, A, B, 1.0, 0.5, True)  # another generator state: another mask
+    assert not torch.allclose(ys[0], y_other)
 
 
 def test_dropout_mask_statistics_and_determinism():
@@ -232,7 +252,8 @@ def test_fp32_master_adapters_with_bf16_activations():
     assert y.dtype == torch.bfloat16
     x_sized = [it for it in log.items if int(torch.tensor(it[0]).prod()) == x.numel()]
     assert not [it for it in x_sized if it[1] == torch.float32], log.items
-    assert len(x_sized) == 1 and x_sized[0][1] == torch.bfloat16
+    # the dropped input in bf16 (never upcast) and its 1-byte keep-mask
+    assert sorted(str(it[1]) for it in x_sized) == ["torch.bfloat16", "torch.bool"], log.items
     y.backward(torch.randn_like(y))
     assert A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
     # reference: the same computation with bf16 copies of the adapters, fp64 arithmetic
@@ -283,8 +304,8 @@ def test_saves_strictly_less_than_peft_style_composition():
             F.linear(x, W) + F.linear(F.linear(xa, A), B).to(x.dtype) * 2.0
         ours_b, naive_b = ours.unique_bytes(params), naive.unique_bytes(params)
         assert ours_b < naive_b, (adapter_dtype, ours_b, naive_b)
-        # ours keeps x (bf16) and the (N, r) product only
-        assert ours_b == x.numel() * 2 + x.numel() // in_f * r * 2
+        # ours keeps the dropped x (bf16) instead of x, its 1-byte mask and the (N, r) product only
+        assert ours_b == x.numel() * 2 + x.numel() + x.numel() // in_f * r * 2
 
 
 # ---------------------------------------------------------------- checkpointing and compile
@@ -339,11 +360,15 @@ def test_lora_linear_multi_qkv_matches_separate_formulas(p):
     As = [torch.randn(r, in_f, dtype=torch.float64, requires_grad=True) for r in ranks]
     Bs = [torch.randn(o, r, dtype=torch.float64, requires_grad=True) for o, r in zip(outs, ranks)]
     sc = [0.5, 1.0, 2.0]
-    x = torch.randn(2, 5, in_f, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 6, in_f, dtype=torch.float64, requires_grad=True)
     log = _SavedLog()
     with log.hooks():
         ys = lora_linear_multi(x, Ws, bs, As, Bs, sc, p, True, seed=77)
-    assert sum(1 for it in log.items if it[0] == tuple(x.shape)) == 1  # x saved once for all three
+    n_rows = x.numel() // in_f
+    x_sized = [it for it in log.items if int(torch.tensor(it[0]).prod()) == x.numel() and it[1] == x.dtype]
+    assert len(x_sized) == 1  # x (dropped copy when p > 0) saved once for all three
+    masks = [it for it in log.items if it[1] == torch.bool]
+    assert [it[0] for it in masks] == ([(n_rows, in_f)] if p else [])  # one shared mask
     refs = [_ref(x, W, b, A, B, s, p, 77) for W, b, A, B, s in zip(Ws, bs, As, Bs, sc)]
     gs = [torch.randn_like(r) for r in refs]
     for y, r in zip(ys, refs):
@@ -465,7 +490,7 @@ def test_lora_merged_linear_errors():
         lora_merged_linear(x, W, None, A, B, [True, 0, True], 1.0, 0.0, True)
 
 
-def test_torch_compile_dropout_seed_per_call_without_recompiling():
+def test_torch_compile_traces_dropout_without_graph_break_or_recompiling():
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
@@ -478,16 +503,14 @@ def test_torch_compile_dropout_seed_per_call_without_recompiling():
         return lora_linear(torch.tanh(x), W, b, A, B, 0.5, 0.3, True) * 2
 
     x = torch.randn(4, 8)
-    outs, seeds = [], []
+    outs = []
     for step in range(3):
         torch.manual_seed(step)
-        seeds.append(next_dropout_seed())
-        torch.manual_seed(step)
         outs.append(fn(x))
-    frames = counter.frame_count
-    for out, seed in zip(outs, seeds):
+    for step, out in enumerate(outs):
+        mask = _native_mask((4, 8), 0.3, torch.float32, step)
         torch.testing.assert_close(
-            out, 2 * _ref(torch.tanh(x), W, b, A, B, 0.5, 0.3, seed), rtol=1e-5, atol=1e-6
+            out, 2 * _ref(torch.tanh(x), W, b, A, B, 0.5, 0.3, None, mask=mask), rtol=1e-5, atol=1e-6
         )
     assert not torch.allclose(outs[0], outs[1])  # a fresh mask per call
-    assert frames <= 2  # graphs around the (eager) dropout call, compiled once, not once per seed
+    assert counter.frame_count == 1  # one graph: dropout is traced, compiled once, not once per call

@@ -9,7 +9,6 @@ from .lora_function import (
     lora_linear,
     lora_linear_multi,
     lora_merged_linear,
-    next_dropout_seed,
 )
 
 __all__ = [
@@ -21,5 +20,4 @@ __all__ = [
     "lora_linear",
     "lora_linear_multi",
     "lora_merged_linear",
-    "next_dropout_seed",
 ]

@@ -6,12 +6,12 @@ adapters ``A`` (r, in) and ``B`` (out, r).
 What the backward keeps (per token, ``in`` = input features, ``R`` = total LoRA rank, ``s`` = bytes per
 element of the compute dtype):
 
-* the input ``x`` once, in the compute dtype: ``in * s`` bytes (it is needed for ``dA``);
+* without dropout: the input ``x`` once, in the compute dtype: ``in * s`` bytes (it is needed for ``dA``);
+* with dropout: the dropped input ``drop(x)`` **instead of** ``x`` (``in * s`` bytes; ``x`` itself is not
+  needed, the frozen base matmul keeps nothing) and the 1-byte keep-mask (``in`` bytes), so dropout costs
+  one byte per input element. (A naive ``lora_B(lora_A(dropout(x)))`` after a base layer that saved
+  ``x`` keeps ``x``, the dropped copy *and* the mask.)
 * the small product ``xa = drop(x) @ A^T``: ``R * s`` bytes (needed for ``dB``);
-* nothing for dropout: only an integer seed is stored, and the keep-mask is regenerated bit-exactly in
-  the backward from it (:func:`dropout_mask`), so dropout costs **0 bytes per token** of saved memory.
-  (A naive ``lora_B(lora_A(dropout(x)))`` keeps the mask (1 byte/elem on CUDA, 4 on CPU) *and* the
-  dropped copy of ``x``.)
 * references to ``W``, ``A``, ``B`` (parameters: no extra memory). ``W`` is never saved as a cast copy; if
   its dtype differs from the compute dtype it is re-cast in the backward.
 
@@ -28,13 +28,14 @@ Saving ``xa`` versus recomputing it in the backward: saving costs ``R/in`` of th
 (16/4096 = 0.4% for a Llama-7B projection) and recomputing costs an extra ``N*in*R`` matmul in every
 backward; ``benchmarks/bench_kernels.py`` measures the recompute variant as slower, so ``xa`` is saved.
 
-Under ``torch.compile`` the no-dropout path is traceable; the dropout path is excluded from graphs
-(``torch.compiler.disable``: one graph break, no recompilation per seed).
-
-Dropout randomness: unless ``seed`` is passed, each call draws one 62-bit seed from the *CPU* default
-generator (:func:`next_dropout_seed`), so ``torch.manual_seed`` makes runs reproducible and
-``torch.utils.checkpoint`` (which restores the CPU RNG state before recomputing) regenerates exactly
-the same mask. Grouped variants (:func:`lora_linear_multi`, :func:`lora_merged_linear`,
+Dropout randomness: unless ``seed`` is passed, the mask is drawn by ``torch.native_dropout`` (one fused
+kernel, what ``torch.nn.functional.dropout`` runs) from the default generator of ``x``'s device. So
+``torch.manual_seed`` makes runs reproducible, ``torch.utils.checkpoint`` (which restores the CPU and
+CUDA RNG states before recomputing) regenerates exactly the same mask, the call needs no host
+round trip (it can be captured in a CUDA graph, where every replay draws a fresh mask, and traced by
+``torch.compile`` without a graph break). With an explicit ``seed`` the mask is
+:func:`dropout_mask` ``(shape, p, seed, device)`` (a private generator; such calls run outside
+``torch.compile`` graphs). Grouped variants (:func:`lora_linear_multi`, :func:`lora_merged_linear`,
 :func:`fused_lora_A`) apply **one** mask to the shared input, as loralib's ``MergedLinear`` does (PEFT
 draws an independent mask per projection; the distribution of each projection's update is the same).
 """
@@ -56,24 +57,11 @@ __all__ = [
     "lora_linear",
     "lora_linear_multi",
     "lora_merged_linear",
-    "next_dropout_seed",
 ]
-
-_SEED_HIGH = 2**62
-
 
 # ----------------------------------------------------------------------------------------------------------
 # dropout by seed
 # ----------------------------------------------------------------------------------------------------------
-def next_dropout_seed() -> int:
-    """Draw the seed the next dropout call would use from the CPU default generator.
-
-    ``torch.manual_seed(s); seed = next_dropout_seed()`` followed by ``torch.manual_seed(s)`` and a
-    :func:`lora_linear` call with ``seed=None`` gives that call exactly :func:`dropout_mask` (``seed``).
-    """
-    return int(torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64).item())
-
-
 def dropout_mask(
     shape: Sequence[int] | torch.Size, p: float, seed: int, device: torch.device | str
 ) -> Tensor:
@@ -95,11 +83,18 @@ def _mask(shape: Sequence[int] | torch.Size, p: float, seed: int, device: torch.
     return torch.rand(tuple(shape), generator=gen, device=device, dtype=torch.float32) >= p
 
 
-def _dropped(x2: Tensor, p: float, seed: int | None) -> Tensor:
-    if p == 0.0 or seed is None:
-        return x2
+def _drop(x2: Tensor, p: float, seed: int | None) -> tuple[Tensor, Tensor]:
+    """``(drop(x2), keep-mask)`` of inverted dropout: ``torch.native_dropout`` on the default generator, or
+    the :func:`dropout_mask` of an explicit ``seed``."""
+    if seed is None:
+        return torch.native_dropout(x2, p, True)
     mask = _mask(x2.shape, p, seed, x2.device)
-    return x2.mul(mask).mul_(1.0 / (1.0 - p))
+    return x2.mul(mask).mul_(1.0 / (1.0 - p)), mask
+
+
+def _undrop(g: Tensor, mask: Tensor, p: float) -> Tensor:
+    """Gradient through inverted dropout: ``g * mask / (1 - p)`` (one fused kernel)."""
+    return torch.ops.aten.native_dropout_backward(g, mask, 1.0 / (1.0 - p))
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -139,19 +134,20 @@ def _lora_forward(
     seed: int | None,
     fifo: bool,
     cdt: torch.dtype,
-) -> tuple[Tensor, Tensor, list[Tensor], bool]:
-    """Shared forward body. Returns ``x`` in the compute dtype (``x`` itself when no cast is needed), ``xa``
-    and the outputs (both shaped like ``x`` up to the last dimension), and whether the plan is "whole"
-    (every slice covers the full output of its own group, in order: :func:`lora_linear` and
+) -> tuple[Tensor, Tensor | None, Tensor, list[Tensor], bool]:
+    """Shared forward body. Returns the adapter input (``x`` in the compute dtype, ``x`` itself when no cast
+    is needed; with dropout the dropped ``(N, in)`` copy), the keep-mask (None without dropout), ``xa`` and
+    the outputs (both shaped like ``x`` up to the last dimension), and whether the plan is "whole" (every
+    slice covers the full output of its own group, in order: :func:`lora_linear` and
     :func:`lora_linear_multi`). Written for few tensor operations: the per-call cost of small layers is
     dominated by the number of dispatched operations."""
     xc = _cast(x, cdt)
     A = _cast(lora_A, cdt)
-    if p > 0.0 and seed is not None:
-        xd = _dropped(xc.reshape(-1, xc.shape[-1]), p, seed)
+    if p > 0.0:
+        xd, mask = _drop(xc.reshape(-1, xc.shape[-1]), p, seed)
         xa = F.linear(xd, A).view(*xc.shape[:-1], A.shape[0])
-        del xd
     else:
+        xd, mask = xc, None
         xa = F.linear(xc, A)
     ys = []
     for w, b in zip(weights, biases):
@@ -169,7 +165,7 @@ def _lora_forward(
         for (g, o0, o1, r0, r1), B, s in zip(plan, Bs, scalings):
             y2 = ys[g].view(-1, ys[g].shape[-1])
             y2[:, o0:o1].addmm_(xa2[:, r0:r1], _cast(B, cdt).t(), alpha=s)
-    return xc, xa, ys, whole
+    return xd, mask, xa, ys, whole
 
 
 def _cat_cdt(As: Sequence[Tensor], cdt: torch.dtype) -> Tensor:
@@ -197,16 +193,18 @@ class _LoRAFn(torch.autograd.Function):
             biases = (None,) * n_groups
             Bs = tensors[n_As + n_groups :]
         lora_A = _cat_cdt(As, cdt)
-        xc, xa, ys, whole = _lora_forward(x, lora_A, weights, biases, Bs, plan, scalings, p, seed, fifo, cdt)
-        # xc is x itself when no cast was needed, so the saved tensor is x's own storage; several A matrices
-        # are saved as their (small) concatenation, so the backward does not concatenate them again
-        ctx.x_is_input = xc is x
+        xd, mask, xa, ys, whole = _lora_forward(
+            x, lora_A, weights, biases, Bs, plan, scalings, p, seed, fifo, cdt
+        )
+        # without dropout xd is x itself when no cast was needed, so the saved tensor is x's own storage;
+        # several A matrices are saved as their (small) concatenation, so the backward does not concatenate
+        # them again
         if n_As > 1:
             As = (lora_A,)
         if recompute_xa:
-            ctx.save_for_backward(xc, *As, *weights, *Bs)
+            ctx.save_for_backward(xd, mask, *As, *weights, *Bs)
         else:
-            ctx.save_for_backward(xc, xa, *As, *weights, *Bs)
+            ctx.save_for_backward(xd, mask, xa, *As, *weights, *Bs)
         if n_As > 1:
             ctx.A_info = [(a.shape[0], a.dtype) for a in tensors[:n_As]]
         ctx.meta = meta
@@ -221,8 +219,8 @@ class _LoRAFn(torch.autograd.Function):
         plan, scalings, p, seed, fifo, cdt, recompute_xa, n_groups, n_As, has_bias = ctx.meta
         whole, x_shape, x_dtype = ctx.extra
         saved = ctx.saved_tensors
-        x_saved = saved[0]
-        rest = saved[1:] if recompute_xa else saved[2:]
+        x_saved, mask = saved[0], saved[1]  # x (dropped when p > 0) and the keep-mask (None when p == 0)
+        rest = saved[2:] if recompute_xa else saved[3:]
         A_saved = rest[0]  # the one A, or the concatenation (compute dtype) of several
         weights, Bs = rest[1 : 1 + n_groups], rest[1 + n_groups :]
         needs = ctx.needs_input_grad
@@ -236,12 +234,11 @@ class _LoRAFn(torch.autograd.Function):
         x2 = x_saved if x_saved.dim() == 2 else x_saved.reshape(-1, in_f)
         A = _cast(A_saved, cdt)
         n_rows = x2.shape[0]
-        mask = _mask(x2.shape, p, seed, x2.device) if (p > 0.0 and seed is not None) else None
-        xd = x2 if mask is None else x2.mul(mask).mul_(1.0 / (1.0 - p))
+        xd = x2
         if recompute_xa:
             xa = F.linear(xd, A)
         else:
-            xa = saved[1]
+            xa = saved[2]
             if xa.dim() != 2:
                 xa = xa.reshape(n_rows, xa.shape[-1])
         dy2 = [_cast(dy if dy.dim() == 2 else dy.reshape(n_rows, dy.shape[-1]), cdt) for dy in dys]
@@ -275,7 +272,6 @@ class _LoRAFn(torch.autograd.Function):
                 for i, ((_, a_dtype), dA_i) in enumerate(zip(info, dA.split([r for r, _ in info], dim=0))):
                     if need_As[i]:
                         dAs[i] = _cast(dA_i, a_dtype)
-        del xd  # transient (N, in) dropped copy: free it before dx is formed
 
         dx = None
         if need_x:
@@ -287,9 +283,7 @@ class _LoRAFn(torch.autograd.Function):
                 else:
                     dx.addmm_(dy2[g], wt)
             if mask is not None:
-                lora_dx = torch.mm(dxa, A)
-                lora_dx.mul_(mask).mul_(1.0 / (1.0 - p))
-                dx.add_(lora_dx)
+                dx.add_(_undrop(torch.mm(dxa, A), mask, p))
             else:
                 dx.addmm_(dxa, A)
             if len(x_shape) != 2:
@@ -330,17 +324,15 @@ def _run(
                     f"base weight, got requires_grad=True"
                 )
     p = float(dropout_p) if training else 0.0
-    if p > 0.0:
-        return _apply_with_dropout(x, As, weights, biases, Bs, plan, scalings, p, seed, fifo, recompute_xa)
-    return _apply(x, As, weights, biases, Bs, plan, scalings, 0.0, None, fifo, recompute_xa)
+    if p > 0.0 and seed is not None:
+        return _apply_with_seed(x, As, weights, biases, Bs, plan, scalings, p, seed, fifo, recompute_xa)
+    return _apply(x, As, weights, biases, Bs, plan, scalings, p, None, fifo, recompute_xa)
 
 
 @torch.compiler.disable
-def _apply_with_dropout(x, As, weights, biases, Bs, plan, scalings, p, seed, fifo, recompute_xa):
-    """Dropout path: runs outside torch.compile graphs (one graph break), so the per-call seed is neither
-    baked into a graph nor a cause of recompilation."""
-    if seed is None:
-        seed = next_dropout_seed()
+def _apply_with_seed(x, As, weights, biases, Bs, plan, scalings, p, seed, fifo, recompute_xa):
+    """Dropout with an explicit seed (a private generator): runs outside torch.compile graphs, so the seed
+    is neither baked into a graph nor a cause of recompilation."""
     return _apply(x, As, weights, biases, Bs, plan, scalings, p, seed, fifo, recompute_xa)
 
 
@@ -353,7 +345,7 @@ def _apply(x, As, weights, biases, Bs, plan, scalings, p, seed, fifo, recompute_
         or any(B.requires_grad for B in Bs)
     )
     if not grad_needed:
-        return _lora_forward(x, _cat_cdt(As, cdt), weights, biases, Bs, plan, scalings, p, seed, fifo, cdt)[2]
+        return _lora_forward(x, _cat_cdt(As, cdt), weights, biases, Bs, plan, scalings, p, seed, fifo, cdt)[3]
     has_bias = any(b is not None for b in biases)
     meta = (plan, tuple(scalings), p, seed, fifo, cdt, recompute_xa, len(weights), len(As), has_bias)
     if has_bias:
@@ -441,7 +433,8 @@ def lora_linear(
         dropout_p: dropout probability on the LoRA branch input, in ``[0, 1)``.
         training: dropout is applied only when True.
         fan_in_fan_out: ``weight`` is stored ``(in, out)``.
-        seed: dropout seed (see :func:`dropout_mask`); drawn with :func:`next_dropout_seed` when None.
+        seed: dropout seed (see :func:`dropout_mask`); when None the mask comes from the default generator
+            of ``x``'s device (``torch.native_dropout``).
 
     Returns:
         ``(..., out)`` in the compute dtype (autocast dtype, else ``x.dtype``).
@@ -640,31 +633,29 @@ class _FusedAFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A_cat, p, seed, cdt):
         x2 = x.reshape(-1, x.shape[-1]).to(cdt)
-        xa = _dropped(x2, p, seed) @ A_cat.to(cdt).t()
-        x_saved = x if (x2.data_ptr() == x.data_ptr() and x.dtype == cdt) else x2
-        ctx.save_for_backward(x_saved, A_cat)
-        ctx.meta = (p, seed, cdt, x.shape, x.dtype)
+        xd, mask = _drop(x2, p, seed) if p > 0.0 else (x2, None)
+        xa = xd @ A_cat.to(cdt).t()
+        x_saved = x if (xd.data_ptr() == x.data_ptr() and x.dtype == cdt) else xd
+        ctx.save_for_backward(x_saved, mask, A_cat)
+        ctx.meta = (p, cdt, x.shape, x.dtype)
         return xa.reshape(*x.shape[:-1], xa.shape[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dxa):
-        p, seed, cdt, x_shape, x_dtype = ctx.meta
-        x_saved, A_cat = ctx.saved_tensors
-        x2 = x_saved.reshape(-1, x_shape[-1])
-        dxa2 = dxa.reshape(x2.shape[0], -1).to(cdt)
+        p, cdt, x_shape, x_dtype = ctx.meta
+        x_saved, mask, A_cat = ctx.saved_tensors  # x (dropped when p > 0), keep-mask or None, A
+        xd = x_saved.reshape(-1, x_shape[-1])
+        dxa2 = dxa.reshape(xd.shape[0], -1).to(cdt)
         A = A_cat.to(cdt)
-        mask = _mask(x2.shape, p, seed, x2.device) if (p > 0.0 and seed is not None) else None
         dA = None
         if ctx.needs_input_grad[1]:
-            xd = x2 if mask is None else x2.mul(mask).mul_(1.0 / (1.0 - p))
             dA = (dxa2.t() @ xd).to(A_cat.dtype)
-            del xd
         dx = None
         if ctx.needs_input_grad[0]:
             dx = dxa2 @ A
             if mask is not None:
-                dx.mul_(mask).mul_(1.0 / (1.0 - p))
+                dx = _undrop(dx, mask, p)
             dx = dx.reshape(x_shape).to(x_dtype)
         return dx, dA, None, None, None
 
@@ -730,10 +721,10 @@ def fused_lora_A(
             raise DeltaConfigError(f"lora_As[{i}] must have shape (r, {in_f}), got shape {tuple(a.shape)}")
         ranks.append(a.shape[0])
     p = float(dropout_p) if training else 0.0
-    if p > 0.0:
-        xa = _fused_a_with_dropout(x, list(lora_As), p, seed)
+    if p > 0.0 and seed is not None:
+        xa = _fused_a_with_seed(x, list(lora_As), p, seed)
     else:
-        xa = _fused_a(x, list(lora_As), 0.0, None)
+        xa = _fused_a(x, list(lora_As), p, None)
     return list(torch.split(xa, ranks, dim=-1))
 
 
@@ -743,11 +734,10 @@ def _fused_a(x: Tensor, lora_As: list[Tensor], p: float, seed: int | None) -> Te
     if torch.is_grad_enabled() and (x.requires_grad or A_cat.requires_grad):
         return _FusedAFn.apply(x, A_cat, p, seed, cdt)
     x2 = x.reshape(-1, x.shape[-1]).to(cdt)
-    return (_dropped(x2, p, seed) @ A_cat.to(cdt).t()).reshape(*x.shape[:-1], A_cat.shape[0])
+    xd = _drop(x2, p, seed)[0] if p > 0.0 else x2
+    return (xd @ A_cat.to(cdt).t()).reshape(*x.shape[:-1], A_cat.shape[0])
 
 
 @torch.compiler.disable
-def _fused_a_with_dropout(x: Tensor, lora_As: list[Tensor], p: float, seed: int | None) -> Tensor:
-    if seed is None:
-        seed = next_dropout_seed()
+def _fused_a_with_seed(x: Tensor, lora_As: list[Tensor], p: float, seed: int) -> Tensor:
     return _fused_a(x, lora_As, p, seed)
