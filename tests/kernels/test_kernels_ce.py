@@ -140,7 +140,9 @@ def test_no_grad_and_detached_inputs():
 
 def test_default_chunk_size():
     assert default_chunk_size(10, 7) == 10
-    assert default_chunk_size(100_000, 128_256) == 2**24 // 128_256
+    assert default_chunk_size(100_000, 128_256) == 256  # 2**25 // 128256 = 261 rows, down to a multiple of 128
+    assert default_chunk_size(100_000, 49_152) == 640  # 682 -> 640
+    assert default_chunk_size(100_000, 2**20) == 32  # under 128 rows: not rounded
     assert default_chunk_size(5, 2**30) == 1
 
 

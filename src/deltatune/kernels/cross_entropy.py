@@ -21,7 +21,8 @@ Semantics (checked against ``F.cross_entropy`` in the tests):
 * The loss comes back in fp32 for half/bfloat16 inputs (fp64 for fp64 inputs); gradients come back in
   the dtypes of ``hidden``, ``weight`` and ``bias``. Weight- and bias-gradient accumulation across
   chunks is in fp32 (fp64 for fp64 weights), also under autocast.
-* Out-of-range labels (not ``ignore_index`` and not in ``[0, V)``) raise :class:`DeltaConfigError`.
+* Out-of-range labels (not ``ignore_index`` and not in ``[0, V)``) raise :class:`DeltaConfigError` (the
+  check reads one device value, so it is skipped while a CUDA graph is being captured).
 
 The chunk-gradient-in-forward technique is the one popularised by Liger-Kernel's fused linear
 cross-entropy and Apple's cut-cross-entropy (behaviour only; no code from either).
@@ -39,12 +40,17 @@ from .lora_function import _compute_dtype
 
 __all__ = ["causal_lm_loss", "default_chunk_size", "linear_cross_entropy"]
 
-_TARGET_CHUNK_ELEMS = 2**24  # 16M logits per chunk: 64 MiB in fp32
+_TARGET_CHUNK_ELEMS = 2**25  # 32M logits per chunk: 128 MiB in fp32
+_ROW_MULTIPLE = 128  # matmul tile height on tensor-core GPUs: a chunk of 130 rows wastes half a tile
 
 
 def default_chunk_size(n_rows: int, vocab_size: int) -> int:
-    """Rows per chunk used when ``chunk_size`` is None: about 16M logits (64 MiB fp32) per chunk."""
-    return max(1, min(n_rows, _TARGET_CHUNK_ELEMS // max(1, vocab_size)))
+    """Rows per chunk used when ``chunk_size`` is None: about 32M logits (128 MiB fp32) per chunk, rounded
+    down to a multiple of 128 rows when that is at least 128 (so the chunk matmuls fill whole tiles)."""
+    rows = max(1, _TARGET_CHUNK_ELEMS // max(1, vocab_size))
+    if rows >= _ROW_MULTIPLE:
+        rows -= rows % _ROW_MULTIPLE
+    return min(n_rows, rows)
 
 
 def _acc_dtype(dt: torch.dtype) -> torch.dtype:
@@ -256,6 +262,20 @@ def _validate(
         check_int("chunk_size", chunk_size, minimum=1)
 
 
+def _capturing(t: Tensor) -> bool:
+    """True while ``t``'s CUDA device is capturing a graph (host reads of device values are not allowed)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _check_label_range(labels: Tensor, v: int, ignore_index: int) -> None:
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
+    if bool(bad.any()):
+        first = int(labels[bad][0])
+        raise DeltaConfigError(
+            f"labels must be in [0, {v}) or equal ignore_index ({ignore_index}), got {first}"
+        )
+
+
 def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
@@ -275,20 +295,18 @@ def linear_cross_entropy(
         labels: ``(N,)`` integer class indices or ``ignore_index``.
         bias: optional ``(V,)``.
         ignore_index, label_smoothing, reduction: as in ``torch.nn.functional.cross_entropy``.
-        chunk_size: rows per chunk (default :func:`default_chunk_size`: ~16M logits per chunk).
+        chunk_size: rows per chunk (default :func:`default_chunk_size`: ~32M logits per chunk).
 
     Returns:
         scalar (``"mean"``/``"sum"``) or ``(N,)`` (``"none"``) loss in fp32 (fp64 for fp64 inputs).
     """
     _validate(hidden, weight, labels, bias, ignore_index, label_smoothing, reduction, chunk_size)
     v = weight.shape[0]
+    # checked where the labels are (host labels: no device read); device labels are read back, which is
+    # not allowed (and skipped) while a CUDA graph is being captured or torch.compile traces
+    if not torch.compiler.is_compiling() and not (labels.is_cuda and _capturing(hidden)):
+        _check_label_range(labels.long(), v, ignore_index)
     labels = labels.to(device=hidden.device, dtype=torch.int64)
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
-    if bool(bad.any()):
-        first = int(labels[bad][0])
-        raise DeltaConfigError(
-            f"labels must be in [0, {v}) or equal ignore_index ({ignore_index}), got {first}"
-        )
     chunk = chunk_size if chunk_size is not None else default_chunk_size(hidden.shape[0], v)
     cdt = _compute_dtype(hidden)
     if not torch.is_grad_enabled():  # evaluation: no gradient work or V x H buffers at all
