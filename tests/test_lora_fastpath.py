@@ -55,6 +55,17 @@ def test_torch_compile_matches_eager():
             torch.testing.assert_close(grads_a[n], p.grad, atol=1e-5, rtol=1e-4, msg=n)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_dynamo_traces_a_lora_model_in_one_graph(dropout):
+    """Grouped projections, the fast path and its dropout trace without a graph break."""
+    model = dt.apply(llama(), dt.LoraConfig(target_modules=TARGETS, r=4, dropout=dropout, init="random")).train()
+    assert model.model.layers[0].self_attn.q_proj.__dict__.get("_shared_group") is not None
+    ids = example_input("llama")["input_ids"]
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda i: model.model(input_ids=i, use_cache=False).last_hidden_state)(ids)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 # ---------------------------------------------------------------- group outputs computed ahead
 def _formula(layer, x):
     """The plain LoRA formula for the layer's active adapter (no dropout)."""

@@ -96,7 +96,7 @@ class SharedInputGroup:
 
     def output(self, layer: LoraLayer, spec: tuple, x: torch.Tensor) -> torch.Tensor | None:
         """``layer``'s output for ``x``, computed with its siblings; None: compute it on its own."""
-        if not self.enabled or x.is_inference() or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not self.enabled or x.is_inference():
             return None
         key = (x._version, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), _compute_dtype(x))
         pending = self._pending
