@@ -51,9 +51,10 @@ from .methods.prefix import PrefixConfig, fold_prefix
 from .methods.ptuning_v2 import PTuningV2Config
 from .methods.rdrop import RDropLoss, rdrop_repeat
 from .peft_io import export_peft, import_peft
-from .train import TrainConfig, Trainer, TrainerCallback, read_log
+from .train import CapturedStep, TrainConfig, Trainer, TrainerCallback, read_log
 
 __all__ = [
+    "CapturedStep",
     "ClassificationConfig",
     "PerplexityConfig",
     "Recipe",

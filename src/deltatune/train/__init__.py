@@ -9,16 +9,19 @@ from .checkpoint import (
     save_trainable_params,
 )
 from .config import TrainConfig
+from .cuda_graph import CapturedStep, optimizer_is_capturable
 from .distributed import EpochBatchSampler
 from .fsdp import find_block_modules, full_parameters, save_delta_sharded, shard_model
 from .logging import read_log
 from .losses import PadCollator, causal_lm_loss
 from .optim import AdamW, param_groups
+from .regional_compile import compile_blocks
 from .schedules import build_scheduler, lr_factor
 from .trainer import Trainer, TrainerCallback, TrainState, set_seed
 
 __all__ = [
     "AdamW",
+    "CapturedStep",
     "EpochBatchSampler",
     "PadCollator",
     "TrainConfig",
@@ -27,12 +30,14 @@ __all__ = [
     "TrainerCallback",
     "build_scheduler",
     "causal_lm_loss",
+    "compile_blocks",
     "find_block_modules",
     "find_latest_checkpoint",
     "full_parameters",
     "list_checkpoints",
     "load_trainable_params",
     "lr_factor",
+    "optimizer_is_capturable",
     "param_groups",
     "read_log",
     "save_delta_sharded",
