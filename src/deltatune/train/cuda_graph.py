@@ -139,9 +139,6 @@ class CapturedStep:
         self._static = {k: v.clone() for k, v in batch.items()}
         self.optimizer.zero_grad(set_to_none=True)  # the captured backward assigns fresh gradients
         torch.cuda.current_stream().synchronize()
-        # the graph allocates from a private pool: hand the blocks cached by the eager warm-up back first,
-        # so the process does not reserve the step's activations twice
-        torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
             loss = self.step_fn(self._static)
