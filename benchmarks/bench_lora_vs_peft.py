@@ -66,7 +66,21 @@ SHAPES = {
     ),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# deltatune's training step on a GPU is captured in a CUDA graph (deltatune.train.CapturedStep, what the
+# Trainer does); "_eager" runs it without. "_graph" captures a PEFT / full fine-tuning step the same way
+# (not what PEFT users get from their trainers; shown to separate the two effects).
 MODES = ["full", "peft", "peft_nodrop", "deltatune", "deltatune_nodrop"]
+EXTRA_MODES = ["deltatune_eager", "deltatune_nodrop_eager", "peft_graph", "peft_nodrop_graph", "full_graph"]
+
+
+def _graphed(mode: str, device: str) -> bool:
+    if device != "cuda":
+        return False
+    return mode.endswith("_graph") or (mode.startswith("deltatune") and not mode.endswith("_eager"))
+
+
+def _peft_ref(mode: str) -> str:
+    return "peft_nodrop" if "nodrop" in mode else "peft"
 
 
 def build_model(shape: str, dtype: torch.dtype, device: str):
@@ -113,7 +127,8 @@ def run_mode(mode: str, args) -> dict:
 
     device = args.device
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    dropout = 0.0 if mode.endswith("nodrop") else args.dropout
+    dropout = 0.0 if "nodrop" in mode else args.dropout
+    graphed = _graphed(mode, device)
     model = build_model(args.shape, dtype, device)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(device)
@@ -134,34 +149,67 @@ def run_mode(mode: str, args) -> dict:
             model = peft.PeftModel.from_pretrained(base, tmp, is_trainable=True)
     if args.grad_ckpt:
         model.gradient_checkpointing_enable()
+    model.config.use_cache = False  # training: no KV cache (every mode)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, fused=(device == "cuda"))
+    if graphed:
+        opt = torch.optim.AdamW(params, lr=args.lr, fused=True, capturable=True)
+    else:
+        opt = torch.optim.AdamW(params, lr=args.lr, fused=(device == "cuda"))
 
+    compiled = args.compile and mode.startswith("deltatune")
+    if compiled:
+        from deltatune.train import compile_blocks
+
+        compile_blocks(model)
     if mode.startswith("deltatune") and not args.no_fused_ce:
         from deltatune.kernels.cross_entropy import causal_lm_loss
 
-        def loss_fn():
-            hidden = model.model(input_ids=ids).last_hidden_state
-            return causal_lm_loss(hidden, model.lm_head.weight, labels)
+        ce = torch.compile(causal_lm_loss, dynamic=False) if compiled else causal_lm_loss
+
+        def loss_fn(b):
+            hidden = model.model(input_ids=b["ids"]).last_hidden_state
+            return ce(hidden, model.lm_head.weight, b["labels"], chunk_size=args.ce_chunk)
     else:
 
-        def loss_fn():
-            return model(input_ids=ids, labels=labels).loss
+        def loss_fn(b):
+            return model(input_ids=b["ids"], labels=b["labels"]).loss
 
-    def step() -> float:
-        loss = loss_fn()
+    batch = {"ids": ids, "labels": labels}
+
+    def train_step(b) -> torch.Tensor:
+        loss = loss_fn(b)
         loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    for _ in range(args.warmup):
-        step()
-    times, losses = [], []
-    if device == "cuda":
+    if graphed:
+        from deltatune.train import CapturedStep
+
+        # the capture call is the last warm-up step, so every mode times the same optimiser steps
+        captured = CapturedStep(train_step, opt, warmup=max(1, args.warmup - 1))
+
+        def step() -> torch.Tensor:
+            return captured(batch)
+
+    else:
+
+        def step() -> torch.Tensor:
+            loss = train_step(batch)
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+    if device == "cuda":  # peak memory over warm-up (and a graphed mode's capture) and timed steps
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    t_warm = time.perf_counter()
+    for _ in range(max(args.warmup, 2 if graphed else 0)):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t_warm
+    times, losses = [], []
+    if device == "cuda":
         for _ in range(args.steps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -170,6 +218,7 @@ def run_mode(mode: str, args) -> dict:
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1000)
         peak = torch.cuda.max_memory_allocated()
+        reserved = torch.cuda.max_memory_reserved()
     else:
         with RssPeak() as rss:
             for _ in range(args.steps):
@@ -177,8 +226,11 @@ def run_mode(mode: str, args) -> dict:
                 losses.append(step())
                 times.append(time.perf_counter() - t0)
         peak = rss.peak
+        reserved = peak
     med = statistics.median(times)
     trainable = sum(p.numel() for p in params)
+    if args.profile and not graphed:
+        _profile(step, args, mode)
     return {
         "mode": mode,
         "tokens_per_s": args.batch * args.seq / med,
@@ -186,7 +238,32 @@ def run_mode(mode: str, args) -> dict:
         "peak_bytes": peak,
         "losses": [float(x) for x in losses],
         "trainable_params": trainable,
+        "peak_reserved_bytes": reserved,
+        "warmup_s": warmup_s,
+        "cuda_graph": graphed,
+        "compiled": compiled,
     }
+
+
+def _profile(step, args, mode: str) -> None:
+    """Write the top operators of two profiled steps (by device time) to ``args.profile``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            step()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+    os.makedirs(args.profile, exist_ok=True)
+    key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=40)
+    with open(os.path.join(args.profile, f"profile_{args.shape}_{mode}.txt"), "w") as f:
+        f.write(table)
+    events = prof.key_averages()
+    dev = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events) / 2 / 1e3
+    n_ops = sum(e.count for e in events if not e.key.startswith(("cuda", "cudaLaunch"))) / 2
+    print(f"PROFILE {mode}: device time per step {dev:.1f} ms, operator calls per step {n_ops:.0f}", file=sys.stderr)
 
 
 def main() -> None:
@@ -201,9 +278,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated; also {','.join(EXTRA_MODES)}")
     ap.add_argument("--grad-ckpt", action="store_true")
     ap.add_argument("--no-fused-ce", action="store_true", help="deltatune modes use the HF loss too")
+    ap.add_argument("--ce-chunk", type=int, default=None, help="rows per chunk of the fused loss")
+    ap.add_argument("--compile", action="store_true",
+                    help="deltatune modes: torch.compile each transformer block and the loss (compile_blocks)")
+    ap.add_argument("--profile", help="write per-mode operator profiles (eager modes) to this directory")
     ap.add_argument("--isolate", action="store_true", help="each mode in a fresh subprocess (default on CPU)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="write results here")
@@ -223,6 +304,9 @@ def main() -> None:
         if isolate:
             cmd = [sys.executable, __file__, "--one", mode] + [a for a in sys.argv[1:] if a != "--isolate"]
             out = subprocess.run(cmd, capture_output=True, text=True)
+            for ln in out.stderr.splitlines():
+                if ln.startswith("PROFILE "):
+                    print(ln, file=sys.stderr)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if not line:
                 print(out.stderr[-3000:], file=sys.stderr)
@@ -253,7 +337,7 @@ def report(results: list[dict], args) -> None:
             print(f"| {r['mode']} | {'OOM' if r.get('oom') else 'error'} | | | | | |")
             continue
         row = [r["mode"], f"{r['tokens_per_s']:,.0f}", f"{r['peak_bytes'] / gib:.2f}"]
-        for ref in ("full", "peft_nodrop" if r["mode"].endswith("nodrop") else "peft"):
+        for ref in ("full", _peft_ref(r["mode"])):
             b = by.get(ref)
             if b and "tokens_per_s" in b and ref != r["mode"]:
                 row += [
@@ -264,7 +348,8 @@ def report(results: list[dict], args) -> None:
                 row += ["", ""]
         print("| " + " | ".join(row) + " |")
     checks = {}
-    for ours, theirs in (("deltatune", "peft"), ("deltatune_nodrop", "peft_nodrop")):
+    for ours in [m for m in by if m.startswith("deltatune")]:
+        theirs = _peft_ref(ours)
         a, b = by.get(ours, {}), by.get(theirs, {})
         if "losses" in a and "losses" in b:
             la, lb = torch.tensor(a["losses"]), torch.tensor(b["losses"])
