@@ -2,13 +2,15 @@
 
 :func:`linear_cross_entropy` equals ``F.cross_entropy((hidden @ weight.T + bias).float(), labels, ...)``
 (the HF causal-LM recipe, which upcasts the logits) in value and in gradient, but processes the rows in
-chunks of ``chunk_size``: per chunk it forms the logits in the compute dtype, takes the log-sum-exp in
-fp32 (or fp64 for fp64 inputs), and — for ``reduction`` ``"mean"``/``"sum"``, or ``"none"`` with a frozen
-``weight`` — computes that chunk's gradient right away in the forward pass, so the backward only
-scales the stored ``dhidden (N, H)`` (and ``dweight (V, H)`` / ``dbias``) by the incoming gradient. Peak
-extra memory is ``O(chunk_size * V)`` instead of ``O(N * V)``. With ``reduction="none"`` and a trainable
-``weight`` the per-row incoming gradient is unknown in the forward, so only the row log-sum-exp
-(``N`` floats) is kept and the chunk logits are recomputed in the backward.
+chunks of ``chunk_size``: per chunk it forms the logits in the compute dtype, takes their log-softmax in
+fp32 (or fp64 for fp64 inputs; one fused kernel reading the logits, no upcast copy), and — for
+``reduction`` ``"mean"``/``"sum"``, or ``"none"`` with a frozen ``weight`` — computes that chunk's
+gradient right away in the forward pass (``exp`` in place, the target subtracted, then one kernel that
+scales and rounds to the compute dtype), so the backward only scales the stored ``dhidden (N, H)`` (and
+``dweight (V, H)`` / ``dbias``) by the incoming gradient. Peak extra memory is ``O(chunk_size * V)``
+instead of ``O(N * V)``. With ``reduction="none"`` and a trainable ``weight`` the per-row incoming
+gradient is unknown in the forward, so nothing beyond the inputs is kept and the chunk logits are
+recomputed in the backward.
 
 Semantics (checked against ``F.cross_entropy`` in the tests):
 
@@ -57,28 +59,35 @@ def _acc_dtype(dt: torch.dtype) -> torch.dtype:
     return torch.promote_types(dt, torch.float32)
 
 
-def _chunk_logits(h_c: Tensor, w: Tensor, b: Tensor | None, acc: torch.dtype) -> Tensor:
+def _chunk_log_softmax(h_c: Tensor, w: Tensor, b: Tensor | None, acc: torch.dtype) -> Tensor:
+    """Log-softmax of one chunk's logits in ``acc`` precision: the matmul in the compute dtype, then one
+    fused ``log_softmax`` kernel that reads the logits in place of an upcast copy."""
     z = torch.addmm(b, h_c, w.t()) if b is not None else h_c @ w.t()
-    return z.to(acc)
+    return torch.log_softmax(z, dim=1, dtype=acc)
 
 
-def _row_loss(z: Tensor, lse: Tensor, safe_y: Tensor, valid: Tensor, eps: float) -> Tensor:
-    nll = lse - z.gather(1, safe_y[:, None])[:, 0]
-    if eps > 0.0:
-        row = (1.0 - eps) * nll + eps * (lse - z.mean(dim=1))
-    else:
-        row = nll
+def _row_loss(logp: Tensor, safe_y: Tensor, valid: Tensor, eps: float) -> Tensor:
+    """Per-row loss from the log-softmax: ``-(1 - eps) * logp[y] - eps * mean(logp)``."""
+    nll = -logp.gather(1, safe_y[:, None])[:, 0]
+    row = (1.0 - eps) * nll - eps * logp.mean(dim=1) if eps > 0.0 else nll
     return torch.where(valid, row, torch.zeros((), dtype=row.dtype, device=row.device))
 
 
-def _dlogits_(z: Tensor, lse: Tensor, safe_y: Tensor, coef: Tensor, eps: float) -> Tensor:
-    """In place: z <- coef[:, None] * (softmax(z) - target_distribution)."""
-    p = z.sub_(lse[:, None]).exp_()
+def _dlogits(logp: Tensor, safe_y: Tensor, coef: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
+    """``coef[:, None] * (softmax - target_distribution)`` from the log-softmax (consumed in place), written
+    in ``out_dtype``: the products are formed in ``logp``'s precision and rounded once, by the kernel that
+    writes the result (no separate cast pass)."""
+    p = logp.exp_()
+    p.scatter_add_(1, safe_y[:, None], torch.full_like(logp[:, :1], -(1.0 - eps)))
+    c = coef[:, None]
+    if out_dtype == p.dtype:
+        if eps > 0.0:
+            p.sub_(eps / p.shape[1])
+        return p.mul_(c)
+    out = torch.empty(p.shape, dtype=out_dtype, device=p.device)
     if eps > 0.0:
-        p.sub_(eps / z.shape[1])
-    p.scatter_add_(1, safe_y[:, None], torch.full_like(lse[:, None], -(1.0 - eps)))
-    p.mul_(coef[:, None])
-    return p
+        return torch.addcmul(c * (-eps / p.shape[1]), p, c, out=out)
+    return torch.mul(p, c, out=out)
 
 
 def _accumulate_chunk_grads(
@@ -115,7 +124,6 @@ class _LinearCEFn(torch.autograd.Function):
             coef = valid.to(acc)
 
         rows = torch.empty(n, dtype=acc, device=hidden.device)
-        lse_all = torch.empty(n, dtype=acc, device=hidden.device) if (any_grad and not precompute) else None
         dh = torch.empty_like(h) if (precompute and need_h) else None
         w_acc_dtype = _acc_dtype(weight.dtype)  # fp32 (fp64 for fp64 weights), never a half type
         dw = torch.zeros(w.shape, dtype=w_acc_dtype, device=w.device) if (precompute and need_w) else None
@@ -123,17 +131,15 @@ class _LinearCEFn(torch.autograd.Function):
 
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            z = _chunk_logits(h[s:e], w, b, acc)
-            lse = torch.logsumexp(z, dim=1)
-            rows[s:e] = _row_loss(z, lse, safe_y[s:e], valid[s:e], eps)
-            if lse_all is not None:
-                lse_all[s:e] = lse
+            logp = _chunk_log_softmax(h[s:e], w, b, acc)
+            rows[s:e] = _row_loss(logp, safe_y[s:e], valid[s:e], eps)
             if precompute:
-                dz_acc = _dlogits_(z, lse, safe_y[s:e], coef[s:e], eps)
+                # the bias gradient is summed in full precision, so it needs the products before rounding
+                dz = _dlogits(logp, safe_y[s:e], coef[s:e], eps, acc if db is not None else cdt)
                 if db is not None:
-                    db.add_(dz_acc.sum(0))
-                dz = dz_acc.to(cdt)
-                del z, dz_acc
+                    db.add_(dz.sum(0))
+                    dz = dz.to(cdt)
+                del logp
                 _accumulate_chunk_grads(dz, h, w, s, e, cdt, dh, dw)
 
         if reduction == "mean":
@@ -156,7 +162,7 @@ class _LinearCEFn(torch.autograd.Function):
         if precompute:
             ctx.save_for_backward(dh, dw, db)
         elif any_grad:
-            ctx.save_for_backward(hidden, weight, bias, labels, lse_all, coef)
+            ctx.save_for_backward(hidden, weight, bias, labels, coef)
         return loss
 
     @staticmethod
@@ -187,8 +193,8 @@ class _LinearCEFn(torch.autograd.Function):
             return out_h, out_w, out_b, None, None, None, None, None, None
 
         # reduction == "none" with a trainable weight/bias: recompute the chunk logits
-        hidden, weight, bias, labels, lse_all, coef = ctx.saved_tensors
-        acc = lse_all.dtype
+        hidden, weight, bias, labels, coef = ctx.saved_tensors
+        acc = coef.dtype
         h = hidden.to(cdt)
         w = weight.to(cdt)
         b = bias.to(cdt) if bias is not None else None
@@ -202,12 +208,12 @@ class _LinearCEFn(torch.autograd.Function):
         db = torch.zeros(w.shape[0], dtype=acc, device=h.device) if need_b else None
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            z = _chunk_logits(h[s:e], w, b, acc)
-            dz_acc = _dlogits_(z, lse_all[s:e], safe_y[s:e], rc[s:e], eps)
+            logp = _chunk_log_softmax(h[s:e], w, b, acc)
+            dz = _dlogits(logp, safe_y[s:e], rc[s:e], eps, acc if db is not None else cdt)
             if db is not None:
-                db.add_(dz_acc.sum(0))
-            dz = dz_acc.to(cdt)
-            del z, dz_acc
+                db.add_(dz.sum(0))
+                dz = dz.to(cdt)
+            del logp
             _accumulate_chunk_grads(dz, h, w, s, e, cdt, dh, dw)
         return (
             dh.to(h_dtype) if dh is not None else None,
