@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 # ----------------------------------------------------------------------------------------------------------
-# dropout by seed
+# dropout
 # ----------------------------------------------------------------------------------------------------------
 def dropout_mask(
     shape: Sequence[int] | torch.Size, p: float, seed: int, device: torch.device | str
@@ -231,10 +231,9 @@ class _LoRAFn(torch.autograd.Function):
         need_B = needs[off_b + n_groups :] if has_bias else needs[off_b:]
 
         in_f = x_shape[-1]
-        x2 = x_saved if x_saved.dim() == 2 else x_saved.reshape(-1, in_f)
+        xd = x_saved if x_saved.dim() == 2 else x_saved.reshape(-1, in_f)  # the adapter's input, 2-D
         A = _cast(A_saved, cdt)
-        n_rows = x2.shape[0]
-        xd = x2
+        n_rows = xd.shape[0]
         if recompute_xa:
             xa = F.linear(xd, A)
         else:
