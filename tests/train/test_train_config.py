@@ -64,6 +64,11 @@ def test_from_dict_needs_mapping():
         ({"resume_from": "latest"}, DeltaConfigError, r"resume_from='latest' needs output_dir"),
         ({"output_dir": ""}, DeltaConfigError, r"output_dir must be None or a non-empty directory path"),
         ({"seed": True}, DeltaConfigTypeError, r"seed must be an int >= 0, got True \(bool\)"),
+        ({"cuda_graph": "yes"}, DeltaConfigTypeError, r"cuda_graph must be a bool, got 'yes'"),
+        ({"cuda_graph": True, "distributed": "ddp"}, DeltaConfigError,
+         r"cuda_graph=True runs in one process; got distributed='ddp' \(use 'none'\)"),
+        ({"cuda_graph": True, "mixed_precision": "fp16"}, DeltaConfigError,
+         r"cuda_graph=True does not take mixed_precision='fp16' .*use 'bf16' or 'no'"),
     ],
 )
 def test_validation_errors(kwargs, exc, pattern):

@@ -38,6 +38,16 @@ def test_causal_lm_loss_without_shift():
     assert int(n) == 10 == count_loss_tokens(labels, shift=False)
 
 
+def test_pad_collator_pad_to_multiple_of():
+    batch = PadCollator(pad_token_id=2, pad_to_multiple_of=4)([{"input_ids": [5, 6, 7, 8, 9]}, {"input_ids": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 2, 2, 2], [8, 2, 2, 2, 2, 2, 2, 2]]
+    assert batch["attention_mask"].tolist() == [[1] * 5 + [0] * 3, [1] + [0] * 7]
+    assert batch["labels"].tolist() == [[5, 6, 7, 8, 9] + [-100] * 3, [8] + [-100] * 7]
+    assert PadCollator(pad_to_multiple_of=4)([{"input_ids": [1, 2, 3, 4]}])["input_ids"].shape == (1, 4)
+    with pytest.raises(DeltaConfigError, match=r"pad_to_multiple_of must be a positive int, got 0"):
+        PadCollator(pad_to_multiple_of=0)
+
+
 def test_pad_collator():
     batch = PadCollator(pad_token_id=2)([{"input_ids": [5, 6, 7]}, {"input_ids": [8]}])
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]

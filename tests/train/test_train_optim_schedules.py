@@ -91,6 +91,61 @@ def test_adamw_state_dict_round_trip_weights_only():
     assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_capturable_adamw_equals_the_default_update_under_a_schedule(bias_correction):
+    torch.manual_seed(0)
+    a = [nn.Parameter(torch.randn(3, 8)), nn.Parameter(torch.randn(5))]
+    b = [nn.Parameter(p.detach().clone()) for p in a]
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.05, bias_correction=bias_correction)
+    ref, cap = AdamW(a, **kw), AdamW(b, capturable=True, **kw)
+    scheds = [build_scheduler(o, "linear", 2, 6) for o in (ref, cap)]
+    for _ in range(6):
+        for p, q in zip(a, b):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+        ref.step()
+        cap.step()
+        for sch in scheds:
+            sch.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+    step = cap.state[b[0]]["step"]
+    assert isinstance(step, torch.Tensor) and step.device == b[0].device and float(step) == 6.0
+
+
+def test_capturable_adamw_reads_lr_from_its_device_copy_and_sync_lr_refreshes_it():
+    p = nn.Parameter(torch.zeros(2))
+    opt = AdamW([p], lr=0.5, capturable=True)
+    p.grad = torch.ones(2)
+    opt.step()  # creates the device copy of the learning rate
+    (copy,) = opt._lr_on_device.values()
+    assert float(copy) == 0.5
+    opt.param_groups[0]["lr"] = 0.25
+    assert float(copy) == 0.5  # a replay would still read 0.5 ...
+    opt.sync_lr()
+    assert float(copy) == 0.25  # ... until sync_lr copies the new value
+
+
+def test_capturable_adamw_resumes_from_a_default_state_dict():
+    torch.manual_seed(1)
+    p = nn.Parameter(torch.randn(4))
+    ref = AdamW([p], lr=0.1)
+    p.grad = torch.ones(4)
+    ref.step()  # step count 1, as a Python int
+    q = nn.Parameter(p.detach().clone())
+    cap = AdamW([q], lr=0.1, capturable=True)
+    buf = io.BytesIO()  # through a file, as a resume does (load_state_dict keeps same-device tensors)
+    torch.save(ref.state_dict(), buf)
+    buf.seek(0)
+    cap.load_state_dict(torch.load(buf, weights_only=True))
+    assert cap.param_groups[0]["capturable"] is True  # the checkpoint's False does not win
+    p.grad = q.grad = torch.full((4,), -0.5)
+    ref.step()
+    cap.step()
+    torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)  # float32 bias corrections vs Python floats
+    assert float(cap.state[q]["step"]) == 2.0
+
+
 def test_adamw_validates():
     with pytest.raises(DeltaConfigError, match=r"eps must be a number > 0, got 0\.0"):
         AdamW([nn.Parameter(torch.zeros(1))], eps=0.0)

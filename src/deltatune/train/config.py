@@ -60,6 +60,13 @@ class TrainConfig:
     ``keep_last_checkpoints`` (None = keep all), ``resume_from`` (None, ``"latest"`` or a checkpoint
     directory), ``tensorboard`` (write TensorBoard events when the package is importable).
 
+    Speed: ``cuda_graph`` (default False) captures each optimiser step (forward and backward of every
+    micro-batch, clipping, the AdamW update) in a CUDA graph per batch-shape signature and replays it
+    (:class:`~deltatune.train.CapturedStep`); it needs a CUDA device, one process, ``mixed_precision``
+    ``"no"`` or ``"bf16"`` and the default causal-LM loss. Pad batches to few shapes (e.g.
+    :class:`~deltatune.train.PadCollator` ``pad_to_multiple_of``): at most
+    ``Trainer.MAX_CUDA_GRAPHS`` shapes are captured, others run eagerly.
+
     Other: ``seed``, ``shuffle`` (training data order; a deterministic function of seed and epoch),
     ``num_workers`` (DataLoader workers), ``progress_bar``.
     """
@@ -96,6 +103,7 @@ class TrainConfig:
     resume_from: str | None = None
     tensorboard: bool = True
     progress_bar: bool = True
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         self.lr = check_float("lr", self.lr, low=0.0, low_inclusive=False)
@@ -162,6 +170,16 @@ class TrainConfig:
             self.resume_from = os.fspath(self.resume_from)
         check_bool("tensorboard", self.tensorboard)
         check_bool("progress_bar", self.progress_bar)
+        check_bool("cuda_graph", self.cuda_graph)
+        if self.cuda_graph and self.distributed != "none":
+            raise DeltaConfigError(
+                f"cuda_graph=True runs in one process; got distributed={self.distributed!r} (use 'none')"
+            )
+        if self.cuda_graph and self.mixed_precision == "fp16":
+            raise DeltaConfigError(
+                "cuda_graph=True does not take mixed_precision='fp16' (its GradScaler reads the gradients' "
+                "finiteness on the host every step); use 'bf16' or 'no'"
+            )
         if self.output_dir is None:
             if self.save_every > 0:
                 raise DeltaConfigError(

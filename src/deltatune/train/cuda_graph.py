@@ -130,6 +130,7 @@ class CapturedStep:
         stream = self._stream
         if self.calls <= self.warmup:  # eager, on a side stream (what capture requires of warm-up work)
             stream.wait_stream(torch.cuda.current_stream())
+            self.optimizer.zero_grad(set_to_none=True)  # another graph's replay may have left gradients
             with torch.cuda.stream(stream):
                 loss = self.step_fn(batch)
                 self.optimizer.zero_grad(set_to_none=True)

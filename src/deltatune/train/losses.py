@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DeltaConfigError
+from ..validation import check_int
 
 __all__ = [
     "IGNORE_INDEX",
@@ -83,10 +84,16 @@ class PadCollator:
     ``labels`` (and without a ``label`` key) the labels are a copy of ``input_ids`` with padding
     set to -100 (causal LM). Other keys go through ``torch.utils.data.default_collate``.
     Non-dict examples are passed to ``default_collate`` unchanged.
+
+    ``pad_to_multiple_of`` rounds the padded length up to a multiple of it, so batches come in few
+    shapes (what a captured CUDA-graph step, ``TrainConfig.cuda_graph``, needs).
     """
 
-    def __init__(self, pad_token_id: int = 0) -> None:
+    def __init__(self, pad_token_id: int = 0, pad_to_multiple_of: int | None = None) -> None:
         self.pad_token_id = pad_token_id
+        if pad_to_multiple_of is not None:
+            check_int("pad_to_multiple_of", pad_to_multiple_of, minimum=1)
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, features: Sequence[Any]) -> Any:
         if not features or not isinstance(features[0], Mapping):
@@ -106,7 +113,7 @@ class PadCollator:
         for key in keys:
             if key in seq_keys:
                 pad = self.pad_token_id if key == "input_ids" else _SEQ_PAD[key]
-                batch[key] = _pad([f[key] for f in features], pad)
+                batch[key] = _pad([f[key] for f in features], pad, self.pad_to_multiple_of)
             else:
                 batch[key] = torch.utils.data.default_collate([f[key] for f in features])
         if lengths is not None:
@@ -119,9 +126,11 @@ class PadCollator:
         return batch
 
 
-def _pad(seqs: list[Any], value: int) -> torch.Tensor:
+def _pad(seqs: list[Any], value: int, multiple: int | None = None) -> torch.Tensor:
     tensors = [s if isinstance(s, torch.Tensor) else torch.as_tensor(s) for s in seqs]
     width = max(int(t.shape[0]) for t in tensors)
+    if multiple is not None:
+        width = -(-width // multiple) * multiple
     out = torch.full((len(tensors), width), value, dtype=tensors[0].dtype)
     for i, t in enumerate(tensors):
         out[i, : t.shape[0]] = t

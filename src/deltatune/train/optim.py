@@ -77,6 +77,14 @@ class AdamW(torch.optim.Optimizer):
 
     Works on any float parameters; the moment buffers have the parameter's dtype and device.
     Uses multi-tensor (``torch._foreach_*``) kernels per parameter group.
+
+    ``capturable=True`` makes :meth:`step` safe to capture in a CUDA graph
+    (:class:`~deltatune.train.CapturedStep`): the step counts live on the parameters' device and the
+    bias corrections are computed there, and the learning rate is read from a device copy of each
+    group's ``"lr"``. The copy is refreshed by every eager :meth:`step` and by :meth:`sync_lr`, which
+    must be called before each replay of a captured step (a replay runs no Python, so a scheduler's
+    new ``"lr"`` reaches the graph only through that copy). The update equals the default one up to
+    float32 rounding of the bias corrections.
     """
 
     def __init__(
@@ -87,6 +95,7 @@ class AdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         bias_correction: bool = True,
+        capturable: bool = False,
     ) -> None:
         lr = check_float("lr", lr, low=0.0)
         check_float("betas[0]", betas[0], low=0.0, high=1.0, high_inclusive=False)
@@ -94,14 +103,41 @@ class AdamW(torch.optim.Optimizer):
         check_float("eps", eps, low=0.0, low_inclusive=False)
         check_float("weight_decay", weight_decay, low=0.0)
         check_bool("bias_correction", bias_correction)
+        check_bool("capturable", capturable)
         defaults = {
             "lr": lr,
             "betas": (float(betas[0]), float(betas[1])),
             "eps": float(eps),
             "weight_decay": float(weight_decay),
             "bias_correction": bias_correction,
+            "capturable": capturable,
         }
         super().__init__(params, defaults)
+        self._lr_on_device: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def _device_lr(self, index: int, group: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """The device copy of group ``index``'s learning rate, refreshed unless a graph is being captured."""
+        key = (index, device)
+        t = self._lr_on_device.get(key)
+        if t is None:
+            t = self._lr_on_device[key] = torch.empty((), dtype=torch.float32, device=device)
+            t.fill_(float(group["lr"]))
+        elif not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            t.fill_(float(group["lr"]))
+        return t
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; each group keeps this optimiser's ``capturable`` setting (a checkpoint written
+        without it can be resumed under CUDA graphs, and the other way round)."""
+        capturable = [bool(g.get("capturable", False)) for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, value in zip(self.param_groups, capturable):
+            group["capturable"] = value
+
+    def sync_lr(self) -> None:
+        """Copy every group's current ``"lr"`` into its device copy (call before replaying a captured step)."""
+        for (index, _), t in self._lr_on_device.items():
+            t.fill_(float(self.param_groups[index]["lr"]))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -110,7 +146,8 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
+            capturable = bool(group.get("capturable", False))
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
@@ -122,13 +159,20 @@ class AdamW(torch.optim.Optimizer):
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] = int(state["step"]) + 1
+                if capturable:  # a float32 count on the parameter's device, advanced below
+                    if not (isinstance(state["step"], torch.Tensor) and state["step"].device == p.device):
+                        state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=p.device)
+                else:
+                    state["step"] = int(state["step"]) + 1
                 params.append(p)
                 grads.append(p.grad)
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 steps.append(state["step"])
             if not params:
+                continue
+            if capturable:
+                self._capturable_update(index, group, params, grads, exp_avgs, exp_avg_sqs, steps)
                 continue
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
             beta1, beta2 = group["betas"]
@@ -146,3 +190,42 @@ class AdamW(torch.optim.Optimizer):
                 torch._foreach_add_(denom, eps)
                 torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr)
         return loss
+
+    def _capturable_update(
+        self,
+        index: int,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        exp_avgs: list[torch.Tensor],
+        exp_avg_sqs: list[torch.Tensor],
+        steps: list[torch.Tensor],
+    ) -> None:
+        """The update of :meth:`step` with device-side step counts, bias corrections and learning rate."""
+        lr = self._device_lr(index, group, params[0].device)
+        wd, eps = group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        torch._foreach_add_(steps, 1.0)
+        if wd != 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        if group["bias_correction"]:
+            root_bc2 = torch._foreach_pow(beta2, steps)  # sqrt(1 - beta2**t)
+            torch._foreach_neg_(root_bc2)
+            torch._foreach_add_(root_bc2, 1.0)
+            torch._foreach_sqrt_(root_bc2)
+            torch._foreach_div_(denom, root_bc2)
+            torch._foreach_add_(denom, eps)
+            step_size = torch._foreach_pow(beta1, steps)  # -lr / (1 - beta1**t)
+            torch._foreach_neg_(step_size)
+            torch._foreach_add_(step_size, 1.0)
+            torch._foreach_reciprocal_(step_size)
+            torch._foreach_mul_(step_size, -lr)
+            torch._foreach_div_(denom, step_size)  # p += exp_avg / (denom / step_size)
+        else:
+            torch._foreach_add_(denom, eps)
+            torch._foreach_div_(denom, -lr)
+        torch._foreach_addcdiv_(params, exp_avgs, denom)

@@ -8,6 +8,7 @@ resume semantics.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -43,6 +44,7 @@ from .checkpoint import (
     torch_save_atomic,
 )
 from .config import TrainConfig
+from .cuda_graph import CapturedStep
 from .distributed import (
     DistContext,
     EpochBatchSampler,
@@ -275,6 +277,15 @@ class Trainer:
                 f"mixed_precision='fp16' needs a CUDA device (it uses a GradScaler), got device "
                 f"{str(self.device)!r}; use 'bf16' or 'no' on CPU"
             )
+        if config.cuda_graph and loss_fn is not None:
+            raise DeltaConfigError(
+                "cuda_graph=True needs the default causal-LM loss (a loss_fn hands its unit count to the host "
+                "on every step); leave loss_fn unset or set cuda_graph to false"
+            )
+        if config.cuda_graph and self.device.type != "cuda":
+            raise DeltaConfigError(
+                f"cuda_graph=True needs a CUDA device, got device {str(self.device)!r}; set cuda_graph to false"
+            )
         set_seed(config.seed)
 
         if config.gradient_checkpointing:
@@ -308,8 +319,10 @@ class Trainer:
             eps=config.adam_eps,
             weight_decay=config.weight_decay,
             bias_correction=config.bias_correction,
+            capturable=config.cuda_graph,
         )
         self._trainable = [p for g in groups for p in g["params"]]
+        self._graphs: dict[tuple, CapturedStep] = {}
 
         probe = self._train_sampler(0, 0)
         self.batches_per_epoch = probe.batches_per_epoch
@@ -440,6 +453,10 @@ class Trainer:
         loss sum (a device tensor, not synced) and the global counts.
         """
         c = self.config
+        if c.cuda_graph:
+            graphed = self._graphed_train_step(micro)
+            if graphed is not None:
+                return graphed
         world = self.dist.world_size
         fwd = self._ddp if self._ddp is not None else self.model
         default_loss = self.loss_fn is None
@@ -501,6 +518,64 @@ class Trainer:
             "grad_norm": grad_norm,
             "lr": lr,
         }
+
+    #: most batch-shape signatures captured as CUDA graphs (each keeps its own activation memory)
+    MAX_CUDA_GRAPHS = 8
+
+    def _graphed_train_step(self, micro: list[Any]) -> dict[str, Any] | None:
+        """:meth:`_train_step` as a replayed CUDA graph (``cuda_graph=True``); None when this batch-shape
+        signature is beyond :attr:`MAX_CUDA_GRAPHS` (the step then runs eagerly).
+
+        The loss normalisation ``1 / tokens`` (counted on the host) and the learning rate reach the graph
+        through device tensors; everything else in the step is fixed by the shapes."""
+        c = self.config
+        for b in micro:
+            if not isinstance(b, Mapping) or "labels" not in b:
+                self._compute_loss(self.model, b, 0.0)  # raises the explanatory error
+        counts = [count_loss_tokens(b["labels"], c.shift_labels) for b in micro]  # on the CPU copy
+        n_units = sum(counts)
+        in_tokens = sum(_input_tokens(b, n) for b, n in zip(micro, counts))
+        flat: dict[str, Any] = {}
+        for i, b in enumerate(micro):
+            for k, v in _to_device(b, self.device).items():
+                flat[f"{i}/{k}"] = v
+        sig = tuple((k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, type(v)) for k, v in flat.items())
+        captured = self._graphs.get(sig)
+        if captured is None:
+            if len(self._graphs) >= self.MAX_CUDA_GRAPHS:
+                self.optimizer.zero_grad(set_to_none=True)  # gradients may still point at a graph's buffers
+                return None
+            captured = self._graphs[sig] = CapturedStep(
+                functools.partial(self._captured_body, len(micro)), self.optimizer, warmup=2
+            )
+        flat["__scale"] = torch.full((), 1.0 / n_units if n_units > 0 else 0.0, dtype=torch.float32, device=self.device)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.sync_lr()
+        out = captured(flat)
+        self.scheduler.step()
+        return {"loss_sum": out[0], "n": n_units, "tokens": in_tokens, "grad_norm": out[1], "lr": lr}
+
+    def _captured_body(self, n_micro: int, flat: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One optimiser step on the static batch tensors (the function :class:`CapturedStep` captures):
+        returns ``[loss sum, gradient norm]`` as one device tensor."""
+        c = self.config
+        loss_sum: torch.Tensor | None = None
+        for i in range(n_micro):
+            prefix = f"{i}/"
+            batch = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+            with self._autocast():
+                total, _ = self._compute_loss(self.model, batch, c.label_smoothing)
+            (total * flat["__scale"]).backward()
+            part = total.detach().float()
+            loss_sum = part if loss_sum is None else loss_sum + part
+        assert loss_sum is not None
+        clip = c.clip_grad_norm
+        if clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self._trainable, clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self._trainable if p.grad is not None])
+        self.optimizer.step()
+        return torch.stack([loss_sum, norm.float()])
 
     # ------------------------------------------------------------------ public API
     def train(self, resume_from: str | os.PathLike[str] | None = None) -> dict[str, Any]:

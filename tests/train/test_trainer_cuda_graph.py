@@ -1,0 +1,57 @@
+"""Trainer(cuda_graph=True): errors before any work (CPU) and captured steps equal eager ones (CUDA only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _train_utils import lm_examples, tiny_llama, tiny_lm, trainable_state
+
+from deltatune.errors import DeltaConfigError
+from deltatune.train import PadCollator, TrainConfig, Trainer
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cfg(**kw):
+    base = {"progress_bar": False, "tensorboard": False, "cuda_graph": True}
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_custom_loss_is_refused_before_any_work():
+    with pytest.raises(DeltaConfigError, match=r"cuda_graph=True needs the default causal-LM loss .*loss_fn"):
+        Trainer(tiny_lm(), _cfg(), lm_examples(2), loss_fn=lambda m, b: (torch.zeros(()), 1))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
+def test_cpu_device_is_refused_before_any_work():
+    with pytest.raises(DeltaConfigError, match=r"cuda_graph=True needs a CUDA device, got device 'cpu'"):
+        Trainer(tiny_lm(), _cfg(device="cpu"), lm_examples(2))
+
+
+def _run(cuda_graph: bool, max_graphs: int | None = None):
+    data = lm_examples(24, seed=5, min_len=3, max_len=20)
+    cfg = _cfg(cuda_graph=cuda_graph, lr=5e-3, batch_size=4, grad_accum_steps=2, max_steps=6, warmup_steps=2,
+               log_every=1, max_grad_norm=0.5, device="cuda", shuffle=False)
+    model = tiny_llama()
+    tr = Trainer(model, cfg, data, collate_fn=PadCollator(pad_to_multiple_of=8))
+    if max_graphs is not None:
+        tr.MAX_CUDA_GRAPHS = max_graphs
+    tr.train()
+    logs = [(r["loss"], r["grad_norm"], r["lr"]) for r in tr.log_history if r["split"] == "train"]
+    return logs, trainable_state(model), tr
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("max_graphs", [None, 1])
+def test_captured_training_equals_eager_training(max_graphs):
+    eager_logs, eager_state, _ = _run(False)
+    logs, state, tr = _run(True, max_graphs)
+    assert len(tr._graphs) >= 1 and (max_graphs is None or len(tr._graphs) == max_graphs)
+    assert [lr for _, _, lr in logs] == [lr for _, _, lr in eager_logs]
+    for (loss, norm, _), (e_loss, e_norm, _) in zip(logs, eager_logs):
+        assert loss == pytest.approx(e_loss, rel=1e-4)
+        assert norm == pytest.approx(e_norm, rel=1e-3)
+    for name, value in eager_state.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=name)
