@@ -174,14 +174,9 @@ class AdamW(torch.optim.Optimizer):
             if capturable:
                 self._capturable_update(index, group, params, grads, exp_avgs, exp_avg_sqs, steps)
                 continue
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            lr, eps = group["lr"], group["eps"]
             beta1, beta2 = group["betas"]
-            if wd != 0.0:
-                torch._foreach_mul_(params, 1.0 - lr * wd)
-            torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-            denom = torch._foreach_sqrt(exp_avg_sqs)
+            denom = _decay_and_moments(params, grads, exp_avgs, exp_avg_sqs, lr, group)
             if group["bias_correction"]:
                 torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**t) for t in steps])
                 torch._foreach_add_(denom, eps)
@@ -203,15 +198,10 @@ class AdamW(torch.optim.Optimizer):
     ) -> None:
         """The update of :meth:`step` with device-side step counts, bias corrections and learning rate."""
         lr = self._device_lr(index, group, params[0].device)
-        wd, eps = group["weight_decay"], group["eps"]
+        eps = group["eps"]
         beta1, beta2 = group["betas"]
         torch._foreach_add_(steps, 1.0)
-        if wd != 0.0:
-            torch._foreach_mul_(params, 1.0 - lr * wd)
-        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        denom = torch._foreach_sqrt(exp_avg_sqs)
+        denom = _decay_and_moments(params, grads, exp_avgs, exp_avg_sqs, lr, group)
         if group["bias_correction"]:
             root_bc2 = torch._foreach_pow(beta2, steps)  # sqrt(1 - beta2**t)
             torch._foreach_neg_(root_bc2)
@@ -229,3 +219,23 @@ class AdamW(torch.optim.Optimizer):
             torch._foreach_add_(denom, eps)
             torch._foreach_div_(denom, -lr)
         torch._foreach_addcdiv_(params, exp_avgs, denom)
+
+
+def _decay_and_moments(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    lr: float | torch.Tensor,
+    group: dict[str, Any],
+) -> list[torch.Tensor]:
+    """Decoupled weight decay and the moment updates, in place; returns ``sqrt(v)`` per parameter (the
+    denominator before bias correction and ``eps``). ``lr`` is a float or a 0-d device tensor."""
+    wd = group["weight_decay"]
+    beta1, beta2 = group["betas"]
+    if wd != 0.0:
+        torch._foreach_mul_(params, 1.0 - lr * wd)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    return torch._foreach_sqrt(exp_avg_sqs)
