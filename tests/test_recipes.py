@@ -305,3 +305,26 @@ def test_generate_without_training_and_evaluate_missing_files(tiny, tmp_path):
         generate_predictions(r, progress=False)
     with pytest.raises(DeltaConfigError, match="predictions file must exist"):
         evaluate_run(r)
+
+
+def test_train_collator_pads_to_few_shapes_only_when_steps_are_captured():
+    from deltatune.recipes import CUDA_GRAPH_PAD_MULTIPLE, train_collator
+    from deltatune.train import TrainConfig
+
+    feats = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    eager = train_collator(2, TrainConfig(progress_bar=False))(feats)
+    assert eager["input_ids"].shape == (2, 3)
+    graphed = train_collator(2, TrainConfig(progress_bar=False, cuda_graph=True))(feats)
+    assert graphed["input_ids"].shape == (2, CUDA_GRAPH_PAD_MULTIPLE)
+    assert graphed["labels"][0].tolist() == [5, 6, 7] + [-100] * (CUDA_GRAPH_PAD_MULTIPLE - 3)
+    assert graphed["attention_mask"].sum().item() == 4
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU error")
+def test_cuda_graph_on_cpu_is_refused_before_any_work(tiny, tmp_path):
+    recipe = load_recipe(_recipe(tiny, tmp_path), ["train.cuda_graph=true"])
+    assert recipe.train.cuda_graph is True
+    with pytest.raises(DeltaConfigError, match=r"train.cuda_graph=true needs a CUDA device, got device 'cpu'"):
+        run_recipe(recipe)
+    assert not (tmp_path / "run").exists()  # nothing written
+

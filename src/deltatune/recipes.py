@@ -878,7 +878,13 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _check_distributed(recipe: Recipe) -> None:
+def _check_placement(recipe: Recipe) -> None:
+    """Checks of the training placement that need the machine (run before any work)."""
+    if recipe.train.cuda_graph and _device(recipe).type != "cuda":
+        raise DeltaConfigError(
+            f"train.cuda_graph=true needs a CUDA device, got device {str(_device(recipe))!r}; "
+            "set train.cuda_graph=false"
+        )
     if recipe.is_full and recipe.train.distributed == "fsdp":
         raise DeltaConfigError(
             "train.distributed must be 'none' or 'ddp' for full fine-tuning recipes (method: full), got 'fsdp'; "
@@ -919,8 +925,25 @@ def _save_final(recipe: Recipe, model: Any, tokenizer: Any, run_dir: Path) -> Pa
     return final
 
 
+
+#: padding multiple of training batches when their steps are captured as CUDA graphs: sequences up to
+#: 128 tokens then come in at most 8 shapes (Trainer.MAX_CUDA_GRAPHS)
+CUDA_GRAPH_PAD_MULTIPLE = 16
+
+
+def train_collator(pad_token_id: int, train: Any) -> Any:
+    """The collate function of a recipe's training batches (``train``: its
+    :class:`~deltatune.train.TrainConfig`): dynamic padding, rounded up to :data:`CUDA_GRAPH_PAD_MULTIPLE`
+    when ``train.cuda_graph`` captures the steps (few batch shapes)."""
+    from .data import CausalLMCollator
+
+    return CausalLMCollator(
+        pad_token_id=pad_token_id, pad_to_multiple_of=CUDA_GRAPH_PAD_MULTIPLE if train.cuda_graph else None
+    )
+
+
 def _finetune(recipe: Recipe, model: Any, tokenizer: Any, data: RunData, run_dir: Path, progress: bool) -> dict[str, Any]:
-    from .data import CausalLMCollator, build_causal_lm_features
+    from .data import build_causal_lm_features
     from .train import Trainer
 
     kw = _feature_kwargs(recipe)
@@ -959,7 +982,7 @@ def _finetune(recipe: Recipe, model: Any, tokenizer: Any, data: RunData, run_dir
             load_delta(m, directory)
 
     train_cfg = dataclasses.replace(recipe.train, progress_bar=recipe.train.progress_bar and progress)
-    collator = CausalLMCollator(pad_token_id=int(tokenizer.pad_token_id))
+    collator = train_collator(int(tokenizer.pad_token_id), train_cfg)
     with Trainer(
         model, train_cfg, feats, eval_dataset=dev_feats, collate_fn=collator, save_fn=save_fn, load_fn=load_fn
     ) as trainer:
@@ -1052,7 +1075,7 @@ def finetune(recipe: Recipe, *, overwrite: bool = False, progress: bool = True) 
     summary merged with the trainable-parameter counts.
     """
     check_type("recipe", recipe, Recipe, "a Recipe (see load_recipe)")
-    _check_distributed(recipe)
+    _check_placement(recipe)
     data = prepare_data(recipe)
     run_dir = _start_run_dir(recipe, overwrite)
     model, tok = _load_model(recipe)
@@ -1196,7 +1219,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, progress: bool = True
     the files written.
     """
     check_type("recipe", recipe, Recipe, "a Recipe (see load_recipe)")
-    _check_distributed(recipe)
+    _check_placement(recipe)
     t0 = time.perf_counter()
     data = prepare_data(recipe)
     run_dir = _start_run_dir(recipe, overwrite)
