@@ -324,7 +324,7 @@ def test_train_collator_pads_to_few_shapes_only_when_steps_are_captured():
 def test_cuda_graph_on_cpu_is_refused_before_any_work(tiny, tmp_path):
     recipe = load_recipe(_recipe(tiny, tmp_path), ["train.cuda_graph=true"])
     assert recipe.train.cuda_graph is True
-    with pytest.raises(DeltaConfigError, match=r"train.cuda_graph=true needs a CUDA device, got device 'cpu'"):
+    with pytest.raises(DeltaConfigError, match=r"cuda_graph=True needs a CUDA device, got device 'cpu'; set cuda_graph to false"):
         run_recipe(recipe)
     assert not (tmp_path / "run").exists()  # nothing written
 

@@ -880,11 +880,7 @@ def _rank() -> int:
 
 def _check_placement(recipe: Recipe) -> None:
     """Checks of the training placement that need the machine (run before any work)."""
-    if recipe.train.cuda_graph and _device(recipe).type != "cuda":
-        raise DeltaConfigError(
-            f"train.cuda_graph=true needs a CUDA device, got device {str(_device(recipe))!r}; "
-            "set train.cuda_graph=false"
-        )
+    recipe.train.check_cuda_graph_device()
     if recipe.is_full and recipe.train.distributed == "fsdp":
         raise DeltaConfigError(
             "train.distributed must be 'none' or 'ddp' for full fine-tuning recipes (method: full), got 'fsdp'; "

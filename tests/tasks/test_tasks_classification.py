@@ -155,3 +155,5 @@ def test_config_errors(tmp_path):
         ClassificationConfig(task="sst2", method="lora", method_config={"r": 0}, data_dir=str(data))
     with pytest.raises(DeltaConfigError, match=r"^ClassificationConfig.train must not set 'seed'"):
         ClassificationConfig(task="sst2", train={"seed": 1}, data_dir=str(data))
+    with pytest.raises(DeltaConfigError, match=r"^ClassificationConfig.train.cuda_graph must be false: classification"):
+        ClassificationConfig(task="sst2", train={"cuda_graph": True}, data_dir=str(data))

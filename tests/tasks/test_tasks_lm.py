@@ -65,3 +65,12 @@ def test_pack_token_blocks_and_config_errors(tmp_path):
         PerplexityConfig(data_dir=str(data), max_length=16, stride=32)
     with pytest.raises(DeltaConfigError, match=r"^PerplexityConfig.data_dir must hold wikitext-2/wiki.train.tokens"):
         PerplexityConfig(data_dir=str(tmp_path / "nowhere"))
+
+
+def test_cuda_graph_on_cpu_is_refused_before_the_model_loads(tmp_path):
+    data = write_wikitext(tmp_path / "data")
+    # the model path does not exist: loading it would raise another error
+    with pytest.raises(DeltaConfigError, match=r"cuda_graph=True needs a CUDA device, got device 'cpu'"):
+        run_perplexity(dict(model=str(tmp_path / "no-model"), data_dir=str(data),
+                            delta={"method": "lora", "r": 4, "target_modules": ["q_proj"]},
+                            train={"max_steps": 1, "cuda_graph": True}, progress=False, device="cpu"))

@@ -55,3 +55,9 @@ def test_captured_training_equals_eager_training(max_graphs):
         assert norm == pytest.approx(e_norm, rel=1e-3)
     for name, value in eager_state.items():
         torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_config_device_check():
+    TrainConfig(cuda_graph=False, device="cpu").check_cuda_graph_device()  # off: nothing to check
+    with pytest.raises(DeltaConfigError, match=r"cuda_graph=True needs a CUDA device, got device 'cpu'"):
+        TrainConfig(cuda_graph=True, device="cpu").check_cuda_graph_device()

@@ -215,6 +215,11 @@ class ClassificationConfig:
                     f"{n}.train must not set {key!r} (it is set from the run's own {key.split('_')[0]!r} field), "
                     f"got {key}={self.train[key]!r}"
                 )
+        if self.train.get("cuda_graph"):
+            raise DeltaConfigError(
+                f"{n}.train.cuda_graph must be false: classification trains with its own loss, and captured "
+                "steps take the causal-LM loss only"
+            )
         check_run_fields(self)
         check_bool(f"{n}.save_delta", self.save_delta)
         check_bool(f"{n}.progress", self.progress)

@@ -188,6 +188,7 @@ def run_perplexity(cfg: PerplexityConfig | Mapping[str, Any]) -> dict[str, Any]:
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     tcfg = cfg.train_config()
+    tcfg.check_cuda_graph_device()  # before the model is loaded
     set_seed(cfg.seed)
     model, tokenizer = load(cfg.model, task="causal-lm", dtype=cfg.dtype)
     device = resolve_device(cfg.device)

@@ -194,6 +194,19 @@ class TrainConfig:
         """The clipping threshold, or ``None`` when clipping is off (``max_grad_norm`` None or 0)."""
         return self.max_grad_norm if self.max_grad_norm else None
 
+    def check_cuda_graph_device(self) -> None:
+        """Raise :class:`DeltaConfigError` when ``cuda_graph`` is on and ``device`` does not resolve to a CUDA
+        device (callers run this before any work; the Trainer runs it too)."""
+        if not self.cuda_graph:
+            return
+        from .distributed import resolve_device
+
+        device = resolve_device(self.device)
+        if device.type != "cuda":
+            raise DeltaConfigError(
+                f"cuda_graph=True needs a CUDA device, got device {str(device)!r}; set cuda_graph to false"
+            )
+
     @classmethod
     def known_keys(cls) -> list[str]:
         """Names accepted by :meth:`from_dict`."""

@@ -282,10 +282,7 @@ class Trainer:
                 "cuda_graph=True needs the default causal-LM loss (a loss_fn hands its unit count to the host "
                 "on every step); leave loss_fn unset or set cuda_graph to false"
             )
-        if config.cuda_graph and self.device.type != "cuda":
-            raise DeltaConfigError(
-                f"cuda_graph=True needs a CUDA device, got device {str(self.device)!r}; set cuda_graph to false"
-            )
+        config.check_cuda_graph_device()
         set_seed(config.seed)
 
         if config.gradient_checkpointing:
