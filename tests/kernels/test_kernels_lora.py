@@ -15,7 +15,7 @@ from deltatune.kernels import (
     lora_linear_multi,
     lora_merged_linear,
 )
-from deltatune.kernels.lora_function import _run
+from deltatune.kernels.lora_function import _run, pack_mask, unpack_mask
 
 
 def _native_mask(shape, p, dtype, seed):
@@ -252,8 +252,9 @@ def test_fp32_master_adapters_with_bf16_activations():
     assert y.dtype == torch.bfloat16
     x_sized = [it for it in log.items if int(torch.tensor(it[0]).prod()) == x.numel()]
     assert not [it for it in x_sized if it[1] == torch.float32], log.items
-    # the dropped input in bf16 (never upcast) and its 1-byte keep-mask
-    assert sorted(str(it[1]) for it in x_sized) == ["torch.bfloat16", "torch.bool"], log.items
+    # the dropped input in bf16 (never upcast) and, besides it, only the keep-mask packed to bits
+    assert [it[1] for it in x_sized] == [torch.bfloat16], log.items
+    assert [(it[0], it[1]) for it in log.items if it[1] == torch.uint8] == [((15, in_f // 8), torch.uint8)]
     y.backward(torch.randn_like(y))
     assert A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
     # reference: the same computation with bf16 copies of the adapters, fp64 arithmetic
@@ -304,8 +305,8 @@ def test_saves_strictly_less_than_peft_style_composition():
             F.linear(x, W) + F.linear(F.linear(xa, A), B).to(x.dtype) * 2.0
         ours_b, naive_b = ours.unique_bytes(params), naive.unique_bytes(params)
         assert ours_b < naive_b, (adapter_dtype, ours_b, naive_b)
-        # ours keeps the dropped x (bf16) instead of x, its 1-byte mask and the (N, r) product only
-        assert ours_b == x.numel() * 2 + x.numel() + x.numel() // in_f * r * 2
+        # ours keeps the dropped x (bf16) instead of x, its mask packed to bits and the (N, r) product only
+        assert ours_b == x.numel() * 2 + x.numel() // 8 + x.numel() // in_f * r * 2
 
 
 # ---------------------------------------------------------------- checkpointing and compile
@@ -367,8 +368,8 @@ def test_lora_linear_multi_qkv_matches_separate_formulas(p):
     n_rows = x.numel() // in_f
     x_sized = [it for it in log.items if int(torch.tensor(it[0]).prod()) == x.numel() and it[1] == x.dtype]
     assert len(x_sized) == 1  # x (dropped copy when p > 0) saved once for all three
-    masks = [it for it in log.items if it[1] == torch.bool]
-    assert [it[0] for it in masks] == ([(n_rows, in_f)] if p else [])  # one shared mask
+    masks = [it for it in log.items if it[1] in (torch.bool, torch.uint8)]
+    assert [it[:2] for it in masks] == ([((n_rows, in_f // 8), torch.uint8)] if p else [])  # one shared mask
     refs = [_ref(x, W, b, A, B, s, p, 77) for W, b, A, B, s in zip(Ws, bs, As, Bs, sc)]
     gs = [torch.randn_like(r) for r in refs]
     for y, r in zip(ys, refs):
@@ -514,3 +515,17 @@ def test_torch_compile_traces_dropout_without_graph_break_or_recompiling():
         )
     assert not torch.allclose(outs[0], outs[1])  # a fresh mask per call
     assert counter.frame_count == 1  # one graph: dropout is traced, compiled once, not once per call
+
+
+@pytest.mark.parametrize("shape", [(5, 16), (3, 4, 8), (2, 64), (7, 12)])
+def test_pack_mask_round_trip(shape):
+    m = torch.rand(shape, generator=torch.Generator().manual_seed(3)) > 0.3
+    packed = pack_mask(m)
+    if shape[-1] % 8:
+        assert packed is m  # not a multiple of 8: kept as bool
+    else:
+        assert packed.dtype == torch.uint8 and tuple(packed.shape) == (*shape[:-1], shape[-1] // 8)
+        # little-endian bits: element 8k + j of a row is bit j of byte k
+        assert int(packed.reshape(-1)[0]) == sum(int(b) << j for j, b in enumerate(m.reshape(-1, 8)[0].tolist()))
+    assert torch.equal(unpack_mask(packed), m)
+

@@ -9,6 +9,8 @@ from .lora_function import (
     lora_linear,
     lora_linear_multi,
     lora_merged_linear,
+    pack_mask,
+    unpack_mask,
 )
 
 __all__ = [
@@ -20,4 +22,6 @@ __all__ = [
     "lora_linear",
     "lora_linear_multi",
     "lora_merged_linear",
+    "pack_mask",
+    "unpack_mask",
 ]

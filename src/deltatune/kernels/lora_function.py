@@ -8,9 +8,10 @@ element of the compute dtype):
 
 * without dropout: the input ``x`` once, in the compute dtype: ``in * s`` bytes (it is needed for ``dA``);
 * with dropout: the dropped input ``drop(x)`` **instead of** ``x`` (``in * s`` bytes; ``x`` itself is not
-  needed, the frozen base matmul keeps nothing) and the 1-byte keep-mask (``in`` bytes), so dropout costs
-  one byte per input element. (A naive ``lora_B(lora_A(dropout(x)))`` after a base layer that saved
-  ``x`` keeps ``x``, the dropped copy *and* the mask.)
+  needed, the frozen base matmul keeps nothing) and the keep-mask packed to one bit per element
+  (``in / 8`` bytes; a bool mask, ``in`` bytes, when ``in`` is not a multiple of 8), so dropout costs
+  an eighth of a byte per input element. (A naive ``lora_B(lora_A(dropout(x)))`` after a base layer
+  that saved ``x`` keeps ``x``, the dropped copy *and* a 1-byte mask.)
 * the small product ``xa = drop(x) @ A^T``: ``R * s`` bytes (needed for ``dB``);
 * references to ``W``, ``A``, ``B`` (parameters: no extra memory). ``W`` is never saved as a cast copy; if
   its dtype differs from the compute dtype it is re-cast in the backward.
@@ -57,6 +58,8 @@ __all__ = [
     "lora_linear",
     "lora_linear_multi",
     "lora_merged_linear",
+    "pack_mask",
+    "unpack_mask",
 ]
 
 # ----------------------------------------------------------------------------------------------------------
@@ -95,6 +98,38 @@ def _drop(x2: Tensor, p: float, seed: int | None) -> tuple[Tensor, Tensor]:
 def _undrop(g: Tensor, mask: Tensor, p: float) -> Tensor:
     """Gradient through inverted dropout: ``g * mask / (1 - p)`` (one fused kernel)."""
     return torch.ops.aten.native_dropout_backward(g, mask, 1.0 / (1.0 - p))
+
+
+_BIT_WEIGHTS: dict[torch.device, Tensor] = {}
+
+
+def _bit_weights(device: torch.device) -> Tensor:
+    """``[1, 2, 4, ..., 128]`` as uint8 on ``device``, made once per device (so that no host-to-device copy
+    happens inside a CUDA graph capture after the first, eager, call)."""
+    if torch.compiler.is_compiling():  # a constant of the traced graph (no side effect on the cache)
+        return torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
+    w = _BIT_WEIGHTS.get(device)
+    if w is None:
+        w = _BIT_WEIGHTS[device] = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
+    return w
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """A bool ``(..., n)`` mask packed to uint8 ``(..., n / 8)``, one bit per element (little-endian within a
+    byte); returned unchanged when ``n`` is not a multiple of 8. :func:`unpack_mask` inverts it."""
+    n = mask.shape[-1]
+    if n % 8:
+        return mask
+    bits = mask.reshape(*mask.shape[:-1], n // 8, 8).view(torch.uint8)
+    return torch.sum(bits * _bit_weights(mask.device), dim=-1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: Tensor) -> Tensor:
+    """The bool mask :func:`pack_mask` packed (a bool tensor is returned unchanged)."""
+    if packed.dtype == torch.bool:
+        return packed
+    bits = torch.bitwise_and(packed.unsqueeze(-1), _bit_weights(packed.device)).ne_(0).view(torch.bool)
+    return bits.reshape(*packed.shape[:-1], packed.shape[-1] * 8)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -201,10 +236,11 @@ class _LoRAFn(torch.autograd.Function):
         # them again
         if n_As > 1:
             As = (lora_A,)
+        kept = None if mask is None else pack_mask(mask)
         if recompute_xa:
-            ctx.save_for_backward(xd, mask, *As, *weights, *Bs)
+            ctx.save_for_backward(xd, kept, *As, *weights, *Bs)
         else:
-            ctx.save_for_backward(xd, mask, xa, *As, *weights, *Bs)
+            ctx.save_for_backward(xd, kept, xa, *As, *weights, *Bs)
         if n_As > 1:
             ctx.A_info = [(a.shape[0], a.dtype) for a in tensors[:n_As]]
         ctx.meta = meta
@@ -219,7 +255,7 @@ class _LoRAFn(torch.autograd.Function):
         plan, scalings, p, seed, fifo, cdt, recompute_xa, n_groups, n_As, has_bias = ctx.meta
         whole, x_shape, x_dtype = ctx.extra
         saved = ctx.saved_tensors
-        x_saved, mask = saved[0], saved[1]  # x (dropped when p > 0) and the keep-mask (None when p == 0)
+        x_saved, mask = saved[0], saved[1]  # x (dropped when p > 0) and the packed keep-mask (None when p == 0)
         rest = saved[2:] if recompute_xa else saved[3:]
         A_saved = rest[0]  # the one A, or the concatenation (compute dtype) of several
         weights, Bs = rest[1 : 1 + n_groups], rest[1 + n_groups :]
@@ -282,7 +318,7 @@ class _LoRAFn(torch.autograd.Function):
                 else:
                     dx.addmm_(dy2[g], wt)
             if mask is not None:
-                dx.add_(_undrop(torch.mm(dxa, A), mask, p))
+                dx.add_(_undrop(torch.mm(dxa, A), unpack_mask(mask), p))
             else:
                 dx.addmm_(dxa, A)
             if len(x_shape) != 2:
@@ -635,7 +671,7 @@ class _FusedAFn(torch.autograd.Function):
         xd, mask = _drop(x2, p, seed) if p > 0.0 else (x2, None)
         xa = xd @ A_cat.to(cdt).t()
         x_saved = x if (xd.data_ptr() == x.data_ptr() and x.dtype == cdt) else xd
-        ctx.save_for_backward(x_saved, mask, A_cat)
+        ctx.save_for_backward(x_saved, None if mask is None else pack_mask(mask), A_cat)
         ctx.meta = (p, cdt, x.shape, x.dtype)
         return xa.reshape(*x.shape[:-1], xa.shape[-1])
 
@@ -654,7 +690,7 @@ class _FusedAFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = dxa2 @ A
             if mask is not None:
-                dx = _undrop(dx, mask, p)
+                dx = _undrop(dx, unpack_mask(mask), p)
             dx = dx.reshape(x_shape).to(x_dtype)
         return dx, dA, None, None, None
 
