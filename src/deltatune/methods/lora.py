@@ -172,6 +172,12 @@ def _weight_in(spec: tuple) -> int:
     return w.shape[0] if spec[7] else w.shape[1]
 
 
+def _fast_output(x: torch.Tensor, spec: tuple) -> torch.Tensor:
+    """The fast path's output ``x @ W^T + b + scaling * (drop(x) @ A^T) @ B^T`` for a layer's spec."""
+    _, W, b, A, B, scaling, p, fifo = spec
+    return _run(x, A, (W,), (b,), (B,), ((0, 0, B.shape[0], 0, A.shape[0]),), (scaling,), p, True, None, fifo)[0]
+
+
 @dataclasses.dataclass
 class LoraConfig(DeltaConfig):
     """LoRA hyper-parameters.
@@ -449,25 +455,6 @@ class LoraLayer(DeltaLayer):
             weight.data.copy_(new.to(weight.dtype))
 
     # -- forward --------------------------------------------------------------------------
-    def _fast_ok(self, name: str, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
-        base = self.base_layer
-        return (
-            FAST_PATH
-            and self.kind == "linear"
-            and not args
-            and not kwargs
-            and not self.use_dora[name]
-            and self.slices[name] is None
-            and (type(base) is nn.Linear or is_gpt2_conv1d(base))
-            and not base.weight.requires_grad
-            and isinstance(self.lora_dropout[name], (nn.Dropout, nn.Identity))
-            and x.is_floating_point()
-        )
-
-    def _dropout_p(self, name: str) -> float:
-        dropout = self.lora_dropout[name]
-        return float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Base output plus the active adapters' deltas (see :meth:`DeltaLayer.forward`).
 
@@ -484,19 +471,13 @@ class LoraLayer(DeltaLayer):
                     out = group.output(self, spec, x)
                     if out is not None:
                         return out
-                _, W, b, A, B, scaling, p, fifo = spec
-                return _run(x, A, (W,), (b,), (B,), ((0, 0, B.shape[0], 0, A.shape[0]),), (scaling,), p, True,
-                            None, fifo)[0]
+                return _fast_output(x, spec)
         return super().forward(*args, **kwargs)
 
     def _fast_spec(self, x: Any) -> tuple | None:
-        """``(name, W, b, A, B, scaling, p, fan_in_fan_out)`` when the call ``self(x)`` can take the fast
-        path (exactly what :meth:`delta_forward` would compute with :func:`lora_linear`), else None.
-
-        Read straight from the module dictionaries each call (no ``nn.Module.__getattr__``, nothing cached
-        that adding, deleting, switching or merging adapters could leave stale); ``p`` is the dropout
-        probability in effect (0 in eval mode)."""
-        if self.disabled or self.kind != "linear" or not isinstance(x, torch.Tensor):
+        """The :meth:`_adapter_spec` of the one active, unmerged adapter when the call ``self(x)`` can take
+        the fast path, else None."""
+        if self.disabled:
             return None
         active = self.active_adapters
         merged = self.merged_adapters
@@ -504,7 +485,18 @@ class LoraLayer(DeltaLayer):
             active = [a for a in active if a not in merged]
         if len(active) != 1:
             return None
-        name = active[0]
+        return self._adapter_spec(active[0], x)
+
+    def _adapter_spec(self, name: str, x: Any) -> tuple | None:
+        """``(name, W, b, A, B, scaling, p, fan_in_fan_out)`` when adapter ``name`` applied to ``x`` can take
+        the fast path (a plain linear LoRA on a frozen ``nn.Linear``/GPT-2 ``Conv1D``, no DoRA, no slices,
+        ``nn.Dropout``/``nn.Identity`` dropout, a floating-point input), else None.
+
+        Read straight from the module dictionaries each call (no ``nn.Module.__getattr__``, nothing cached
+        that adding, deleting, switching or merging adapters could leave stale); ``p`` is the dropout
+        probability in effect (0 in eval mode)."""
+        if self.kind != "linear" or not isinstance(x, torch.Tensor):
+            return None
         if self.use_dora[name] or self.slices[name] is not None or not x.is_floating_point():
             return None
         modules = self._modules
@@ -527,16 +519,9 @@ class LoraLayer(DeltaLayer):
         return (name, W, params.get("bias"), A, B, self.scaling[name], p, self.fan_in_fan_out)
 
     def delta_forward(self, active: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        first = active[0]
-        if self._fast_ok(first, x, args, kwargs):
-            from ..kernels.lora_function import lora_linear
-
-            p = self._dropout_p(first)
-            result = lora_linear(
-                x, self.base_layer.weight, self.base_layer.bias, self.lora_A[first].weight,
-                self.lora_B[first].weight, self.scaling[first], p, self.training,
-                fan_in_fan_out=self.fan_in_fan_out,
-            )
+        spec = self._adapter_spec(active[0], x) if FAST_PATH and not args and not kwargs else None
+        if spec is not None:  # the first adapter together with the base, in one node
+            result = _fast_output(x, spec)
             active = active[1:]
         else:
             result = self.base_layer(x, *args, **kwargs)
