@@ -204,7 +204,8 @@ def _lora_forward(
 
 
 def _cat_cdt(As: Sequence[Tensor], cdt: torch.dtype) -> Tensor:
-    """The A matrices stacked along the rank dimension, in the compute dtype (no copy for a single one)."""
+    """The A matrices stacked along the rank dimension, in the compute dtype (no copy for a single one).
+    Differentiable when called outside the autograd Function: gradients reach each A in its own dtype."""
     if len(As) == 1:
         return As[0]
     return torch.cat([_cast(a, cdt) for a in As], dim=0)
@@ -562,14 +563,6 @@ def lora_linear_multi(
     )
 
 
-def _cat_As(As: list[Tensor], cdt: torch.dtype) -> Tensor:
-    if len(As) == 1:
-        return As[0]
-    # cat in the compute dtype (A's are small); the cast is differentiable, so grads reach each A_i in
-    # its own dtype
-    return torch.cat([a.to(cdt) for a in As], dim=0)
-
-
 def lora_merged_linear(
     x: Tensor,
     weight: Tensor,
@@ -765,7 +758,7 @@ def fused_lora_A(
 
 def _fused_a(x: Tensor, lora_As: list[Tensor], p: float, seed: int | None) -> Tensor:
     cdt = _compute_dtype(x)
-    A_cat = _cat_As(lora_As, cdt)
+    A_cat = _cat_cdt(lora_As, cdt)
     if torch.is_grad_enabled() and (x.requires_grad or A_cat.requires_grad):
         return _FusedAFn.apply(x, A_cat, p, seed, cdt)
     x2 = x.reshape(-1, x.shape[-1]).to(cdt)
