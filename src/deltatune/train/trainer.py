@@ -460,11 +460,7 @@ class Trainer:
         scale = 1.0
         counts: list[int] = []
         if default_loss:
-            for b in micro:
-                if not isinstance(b, Mapping) or "labels" not in b:
-                    self._compute_loss(self.model, b, 0.0)  # raises the explanatory error
-            counts = [count_loss_tokens(b["labels"], c.shift_labels) for b in micro]  # on the CPU copy
-            in_tokens = sum(_input_tokens(b, n) for b, n in zip(micro, counts))
+            counts, in_tokens = self._loss_token_counts(micro)
             global_n, global_tok = self._global_counts(sum(counts), in_tokens)
             scale = world / global_n if global_n > 0 else 0.0
         loss_sum: torch.Tensor | None = None
@@ -493,13 +489,7 @@ class Trainer:
             grads = [p.grad for p in self._trainable if p.grad is not None]
             if grads and factor != 1.0:
                 torch._foreach_mul_(grads, factor)
-        grad_norm = None
-        clip = c.clip_grad_norm
-        if clip is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, clip)
-        elif want_norm:
-            grads = [p.grad for p in self._trainable if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        grad_norm = self._clip_and_norm(want_norm)
         lr = self.scheduler.get_last_lr()[0]
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -516,6 +506,26 @@ class Trainer:
             "lr": lr,
         }
 
+    def _loss_token_counts(self, micro: list[Any]) -> tuple[list[int], int]:
+        """Default loss: the counted label tokens of each micro-batch and the input tokens of all of them,
+        from the CPU copies (batches without ``labels`` raise the explanatory error)."""
+        for b in micro:
+            if not isinstance(b, Mapping) or "labels" not in b:
+                self._compute_loss(self.model, b, 0.0)  # raises the explanatory error
+        counts = [count_loss_tokens(b["labels"], self.config.shift_labels) for b in micro]
+        return counts, sum(_input_tokens(b, n) for b, n in zip(micro, counts))
+
+    def _clip_and_norm(self, want_norm: bool) -> torch.Tensor | None:
+        """Clip the gradients when clipping is on and return their total norm (before clipping); without
+        clipping, the norm only when ``want_norm``."""
+        clip = self.config.clip_grad_norm
+        if clip is not None:
+            return torch.nn.utils.clip_grad_norm_(self._trainable, clip)
+        if not want_norm:
+            return None
+        grads = [p.grad for p in self._trainable if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
     #: most batch-shape signatures captured as CUDA graphs (each keeps its own activation memory)
     MAX_CUDA_GRAPHS = 8
 
@@ -525,18 +535,13 @@ class Trainer:
 
         The loss normalisation ``1 / tokens`` (counted on the host) and the learning rate reach the graph
         through device tensors; everything else in the step is fixed by the shapes."""
-        c = self.config
-        for b in micro:
-            if not isinstance(b, Mapping) or "labels" not in b:
-                self._compute_loss(self.model, b, 0.0)  # raises the explanatory error
-        counts = [count_loss_tokens(b["labels"], c.shift_labels) for b in micro]  # on the CPU copy
+        counts, in_tokens = self._loss_token_counts(micro)
         n_units = sum(counts)
-        in_tokens = sum(_input_tokens(b, n) for b, n in zip(micro, counts))
-        flat: dict[str, Any] = {}
-        for i, b in enumerate(micro):
-            for k, v in _to_device(b, self.device).items():
-                flat[f"{i}/{k}"] = v
-        sig = tuple((k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, type(v)) for k, v in flat.items())
+        # the signature from the CPU copies: a batch that runs eagerly is not moved to the device twice
+        sig = tuple(
+            (f"{i}/{k}", tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (f"{i}/{k}", type(v))
+            for i, b in enumerate(micro) for k, v in b.items()
+        )
         captured = self._graphs.get(sig)
         if captured is None:
             if len(self._graphs) >= self.MAX_CUDA_GRAPHS:
@@ -545,6 +550,7 @@ class Trainer:
             captured = self._graphs[sig] = CapturedStep(
                 functools.partial(self._captured_body, len(micro)), self.optimizer, warmup=2
             )
+        flat = {f"{i}/{k}": v for i, b in enumerate(micro) for k, v in _to_device(b, self.device).items()}
         flat["__scale"] = torch.full((), 1.0 / n_units if n_units > 0 else 0.0, dtype=torch.float32, device=self.device)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.sync_lr()
@@ -566,11 +572,8 @@ class Trainer:
             part = total.detach().float()
             loss_sum = part if loss_sum is None else loss_sum + part
         assert loss_sum is not None
-        clip = c.clip_grad_norm
-        if clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self._trainable, clip)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in self._trainable if p.grad is not None])
+        norm = self._clip_and_norm(True)
+        assert norm is not None
         self.optimizer.step()
         return torch.stack([loss_sum, norm.float()])
 
