@@ -310,9 +310,10 @@ def linear_cross_entropy(
     v = weight.shape[0]
     # checked where the labels are (host labels: no device read); device labels are read back, which is
     # not allowed (and skipped) while a CUDA graph is being captured or torch.compile traces
+    labels = labels.long()
     if not torch.compiler.is_compiling() and not (labels.is_cuda and _capturing(hidden)):
-        _check_label_range(labels.long(), v, ignore_index)
-    labels = labels.to(device=hidden.device, dtype=torch.int64)
+        _check_label_range(labels, v, ignore_index)
+    labels = labels.to(hidden.device)
     chunk = chunk_size if chunk_size is not None else default_chunk_size(hidden.shape[0], v)
     cdt = _compute_dtype(hidden)
     if not torch.is_grad_enabled():  # evaluation: no gradient work or V x H buffers at all
