@@ -27,12 +27,6 @@ def _run(args: list[str], cwd) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
 def test_torchrun_recipe_matches_single_process(mode, tmp_path):
-    if mode == "ddp" and os.environ.get("PYTEST_XDIST_WORKER"):
-        # Known open problem: launched from a pytest-xdist worker, the DDP torchrun job finishes its
-        # work (scores printed) but does not exit. It passes run directly
-        # (`pytest tests/test_cli_distributed.py -k ddp`) and by hand; DDP itself is covered under
-        # xdist by tests/train/test_trainer_ddp.py.
-        pytest.skip("DDP torchrun job does not exit under pytest-xdist (open problem); run without -n")
     model_dir, data_dir = tiny_assets()
     common = {"generate": {"num_beams": 1, "max_new_tokens": 4}}
     dist_cfg = write_recipe(tmp_path / "dist.yaml", recipe_dict(

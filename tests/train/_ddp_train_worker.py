@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import weakref
 
 import torch
 
@@ -12,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _train_utils import lm_examples, tiny_lm, trainable_state  # noqa: E402
 
+from deltatune.errors import DeltaError  # noqa: E402
 from deltatune.train import TrainConfig, Trainer  # noqa: E402
 
 
@@ -45,12 +47,23 @@ def main() -> None:
     train, evals = datasets()
     with Trainer(tiny_lm(), config(out, 2, "ddp", accum), train, eval_dataset=evals) as tr:
         assert tr._ddp is not None
+        ddp_ref = weakref.ref(tr._ddp)
         summary = tr.train()
         rank = tr.dist.rank
         torch.save(trainable_state(tr.model), os.path.join(out, f"weights_rank{rank}.pt"))
-        if rank == 0:
-            with open(os.path.join(out, "summary.json"), "w") as fh:
-                json.dump({**summary, "world_size": tr.dist.world_size, "backend": torch.distributed.get_backend()}, fh)
+        backend = torch.distributed.get_backend()
+    # close() frees the DDP wrapper (and its reducer) before the process group goes: a reducer left
+    # to free the group later can deadlock the exit against a Gloo worker thread
+    released = ddp_ref() is None
+    try:
+        tr.train()
+        after_close = "no error"
+    except DeltaError as e:
+        after_close = str(e)
+    if rank == 0:
+        with open(os.path.join(out, "summary.json"), "w") as fh:
+            json.dump({**summary, "world_size": tr.dist.world_size, "backend": backend,
+                       "ddp_released": released, "train_after_close": after_close}, fh)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
            str(ddp_out), str(accum)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     train, evals = datasets()
@@ -56,6 +56,9 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
 
     ddp_summary = json.loads((ddp_out / "summary.json").read_text())
     assert ddp_summary["world_size"] == 2 and ddp_summary["backend"] == "gloo"
+    assert ddp_summary["ddp_released"] is True
+    assert ddp_summary["train_after_close"] == (
+        "Trainer.train() after close(): this DDP trainer has released its process group")
     assert ddp_summary["tokens"] == summary["tokens"]
     assert ddp_summary["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-6)
     # only rank 0 writes logs and checkpoints; every rank adds its own RNG state

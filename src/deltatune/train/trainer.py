@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..errors import CheckpointError, DeltaConfigError, DeltaConfigTypeError
+from ..errors import CheckpointError, DeltaConfigError, DeltaConfigTypeError, DeltaError
 from .checkpoint import (
     abort_checkpoint,
     begin_checkpoint,
@@ -290,6 +291,7 @@ class Trainer:
 
         self.model = model.to(self.device)
         self._ddp: nn.Module | None = None
+        self._ddp_released = False
         self.fsdp_units: list[str] = []
         if config.distributed == "fsdp":
             from .fsdp import shard_model
@@ -402,11 +404,26 @@ class Trainer:
             )
 
     def close(self) -> None:
-        """Close the log files and destroy the process group if this trainer created it."""
+        """Close the log files, release the DDP wrapper and destroy the process group if this trainer
+        created it. A DDP trainer cannot train or evaluate after this.
+
+        The DDP wrapper is freed first, while the process group is still registered. Its C++ reducer
+        holds a reference to the group; were that the last one, the group would be torn down from the
+        reducer's destructor with the GIL held, and that deadlocks against a Gloo worker thread that
+        needs the GIL to free the tensors of a collective it has just finished (a rank then never exits).
+        """
         if self._logger is not None:
             self._logger.close()
             self._logger = None
+        if self._ddp is not None:
+            self._ddp = None
+            self._ddp_released = True
+            gc.collect()  # DDP sits in reference cycles (its hooks): free the reducer now, not later
         self.dist.close()
+
+    def _check_open(self, what: str) -> None:
+        if self._ddp_released:
+            raise DeltaError(f"Trainer.{what}() after close(): this DDP trainer has released its process group")
 
     def __enter__(self) -> Trainer:
         return self
@@ -589,6 +606,7 @@ class Trainer:
         ``trainable_params``, ``total_params``, ``peak_mem_mb``, ``wall_time_s`` (this run),
         ``elapsed_s`` (all runs), ``tokens``, ``loss_tokens`` and ``tokens_per_s``.
         """
+        self._check_open("train")
         try:
             return self._train(resume_from)
         finally:
@@ -776,6 +794,7 @@ class Trainer:
         Returns ``{"eval_loss", "eval_ppl" (= exp(eval_loss)), "eval_tokens"}``. The default loss
         is plain cross-entropy here (no label smoothing). The model's train/eval mode is restored.
         """
+        self._check_open("evaluate")
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
         if ds is None:
             raise DeltaConfigError("evaluate() needs an eval_dataset (given to the Trainer or to evaluate()), got None")
