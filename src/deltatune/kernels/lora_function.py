@@ -70,9 +70,9 @@ def dropout_mask(
 ) -> Tensor:
     """Keep-mask (bool, True = keep) of inverted dropout with drop probability ``p``, reproducible from ``seed``.
 
-    The same ``(shape, p, seed, device)`` always gives the same mask; the kernels use this function both
-    in the forward and (to regenerate the mask) in the backward. Each element is kept with probability
-    ``1 - p`` (``torch.rand(...) >= p`` with a private generator seeded by ``seed``).
+    The same ``(shape, p, seed, device)`` always gives the same mask; the kernels use it for calls with an
+    explicit ``seed`` (without one they draw with ``torch.native_dropout``). Each element is kept with
+    probability ``1 - p`` (``torch.rand(...) >= p`` with a private generator seeded by ``seed``).
     """
     check_float("p", p, low=0.0, high=1.0, high_inclusive=False)
     check_int("seed", seed, minimum=0)
@@ -707,7 +707,8 @@ def fused_lora_A(
     Autograd-correct building block for grouping projections that share an input: the layer code can
     compute the A products of q/k/v once and finish each projection with plain ops
     (``F.linear(x, W_i, b_i) + scaling * xa_i @ B_i.T``: with a frozen ``W_i`` autograd saves no copy of
-    ``x`` for it). ``x`` is saved once, dropout is stored as a seed (one mask shared by all ``A_i``).
+    ``x`` for it). ``x`` is saved once (the dropped ``x`` with dropout, plus its bit-packed keep-mask: one
+    mask shared by all ``A_i``).
 
     With ``lora_Bs`` and ``weights`` (and optionally ``biases``, ``scalings``, ``fan_in_fan_out``) the
     products are finished inside the same autograd node: the result is the list of projection outputs
