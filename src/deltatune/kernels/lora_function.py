@@ -107,11 +107,15 @@ def _bit_weights(device: torch.device) -> Tensor:
     """``[1, 2, 4, ..., 128]`` as uint8 on ``device``, made once per device (so that no host-to-device copy
     happens inside a CUDA graph capture after the first, eager, call)."""
     if torch.compiler.is_compiling():  # a constant of the traced graph (no side effect on the cache)
-        return torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
+        return _new_bit_weights(device)
     w = _BIT_WEIGHTS.get(device)
     if w is None:
-        w = _BIT_WEIGHTS[device] = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
+        w = _BIT_WEIGHTS[device] = _new_bit_weights(device)
     return w
+
+
+def _new_bit_weights(device: torch.device) -> Tensor:
+    return torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
 
 
 def pack_mask(mask: Tensor) -> Tensor:
@@ -542,25 +546,31 @@ def lora_linear_multi(
         sc = [_check_scaling(f"scalings[{i}]", s) for i, s in enumerate(scalings)]
     else:
         sc = [_check_scaling("scalings", scalings)] * k
-    plan = []
-    r_off = 0
     ws = []
     for i in range(k):
         w, out = _check_base(f"weights[{i}]", weights[i], f"biases[{i}]", biases[i], in_f, fan_in_fan_out)
         ws.append(w)
         A = _check_tensor(f"lora_As[{i}]", lora_As[i], 2)
         B = _check_tensor(f"lora_Bs[{i}]", lora_Bs[i], 2)
-        r = A.shape[0]
         if A.shape[1] != in_f:
             raise DeltaConfigError(f"lora_As[{i}] must have shape (r, {in_f}), got shape {tuple(A.shape)}")
-        if tuple(B.shape) != (out, r):
-            raise DeltaConfigError(f"lora_Bs[{i}] must have shape ({out}, {r}), got shape {tuple(B.shape)}")
-        plan.append((i, 0, out, r_off, r_off + r))
-        r_off += r
+        if tuple(B.shape) != (out, A.shape[0]):
+            raise DeltaConfigError(f"lora_Bs[{i}] must have shape ({out}, {A.shape[0]}), got shape {tuple(B.shape)}")
     return _run(
-        x, list(lora_As), ws, list(biases), list(lora_Bs), tuple(plan), sc, dropout_p, training, seed,
-        fan_in_fan_out,
+        x, list(lora_As), ws, list(biases), list(lora_Bs), _whole_plan(lora_As, lora_Bs), sc, dropout_p, training,
+        seed, fan_in_fan_out,
     )
+
+
+def _whole_plan(lora_As: Sequence[Tensor], lora_Bs: Sequence[Tensor]) -> _Plan:
+    """The plan of projections that each take their own whole output: slice ``i`` is group ``i``'s full
+    ``B_i.shape[0]`` outputs, fed by its ``A_i`` rows of the stacked A matrices."""
+    plan = []
+    r_off = 0
+    for i, (a, b) in enumerate(zip(lora_As, lora_Bs)):
+        plan.append((i, 0, b.shape[0], r_off, r_off + a.shape[0]))
+        r_off += a.shape[0]
+    return tuple(plan)
 
 
 def lora_merged_linear(
@@ -724,14 +734,9 @@ def fused_lora_A(
         if lora_Bs is None or weights is None:
             raise DeltaConfigError("fused_lora_A needs both lora_Bs and weights to finish the projections")
         if not check:
-            plan = []
-            r_off = 0
-            for i, (a, b) in enumerate(zip(lora_As, lora_Bs)):
-                plan.append((i, 0, b.shape[0], r_off, r_off + a.shape[0]))
-                r_off += a.shape[0]
             return _run(
                 x, lora_As, weights, biases if biases is not None else [None] * len(weights), lora_Bs,
-                tuple(plan), scalings, dropout_p, training, seed, fan_in_fan_out,
+                _whole_plan(lora_As, lora_Bs), scalings, dropout_p, training, seed, fan_in_fan_out,
             )
         return lora_linear_multi(
             x, weights, biases, lora_As, lora_Bs, scalings, dropout_p, training,
