@@ -921,7 +921,6 @@ def _save_final(recipe: Recipe, model: Any, tokenizer: Any, run_dir: Path) -> Pa
     return final
 
 
-
 #: padding multiple of training batches when their steps are captured as CUDA graphs: sequences up to
 #: 128 tokens then come in at most 8 shapes (Trainer.MAX_CUDA_GRAPHS)
 CUDA_GRAPH_PAD_MULTIPLE = 16

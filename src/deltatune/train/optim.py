@@ -119,10 +119,10 @@ class AdamW(torch.optim.Optimizer):
         """The device copy of group ``index``'s learning rate, refreshed unless a graph is being captured."""
         key = (index, device)
         t = self._lr_on_device.get(key)
-        if t is None:
+        new = t is None
+        if new:
             t = self._lr_on_device[key] = torch.empty((), dtype=torch.float32, device=device)
-            t.fill_(float(group["lr"]))
-        elif not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if new or not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             t.fill_(float(group["lr"]))
         return t
 
