@@ -285,6 +285,15 @@ def test_run_recipe_then_steps_alone(tiny, tmp_path):
     assert cfg == r.to_dict() and cfg["train"]["lr"] == 1e-2
     report = (run / "report.md").read_text()
     assert f"| BLEU | {metrics['BLEU']:.4f} |" in report and "](plot_loss.png)" in report
+    # the versions that produced the numbers are recorded in both
+    import importlib.metadata
+
+    import deltatune
+
+    want = {"deltatune": deltatune.__version__, "torch": importlib.metadata.version("torch"),
+            "transformers": importlib.metadata.version("transformers"), "peft": importlib.metadata.version("peft")}
+    assert metrics["versions"] == want
+    assert "| software | " + ", ".join(f"{k} {v}" for k, v in want.items()) + " |" in report
 
     # generate alone reloads the saved delta: greedy decoding gives the same predictions again
     before = (run / "predictions.txt").read_text()

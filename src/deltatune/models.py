@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ._optional import require
 from .errors import CheckpointError, DeltaConfigError, MissingPackageError
 from .io_utils import atomic_write_text, fsync_dir
 from .validation import check_bool, check_choice, check_positive_int, check_type
@@ -597,6 +598,7 @@ def _ensure_gguf_cache(path: Path, root: Path, name: str, *, force: bool = False
     entry = root / name
     if not force and _cache_is_valid(entry, key):
         return entry
+    require("gguf", f"reading the GGUF file {str(path)!r}")  # before any work: transformers needs it to dequantise
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(root, name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))

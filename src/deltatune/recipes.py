@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._version import format_versions, software_versions
 from .errors import (
     CheckpointError,
     DataFormatError,
@@ -962,6 +963,7 @@ def _finetune(recipe: Recipe, model: Any, tokenizer: Any, data: RunData, run_dir
             "train_examples": len(data.train),
             "train_features": len(feats),
             "dev_examples": len(data.dev),
+            "versions": software_versions(),
         }
     )
     if _rank() == 0:
@@ -1176,6 +1178,8 @@ def evaluate_run(
             out[key] = info[key]
     if gen.get("split"):
         out["eval_split"] = gen["split"]
+    # the versions that trained the run (run_info.json), else those scoring it now
+    out["versions"] = info.get("versions") if isinstance(info.get("versions"), dict) else software_versions()
     _write_json(root / METRICS_FILE, out)
 
     extra: dict[str, Any] = {}
@@ -1198,6 +1202,7 @@ def evaluate_run(
             extra[label] = info[key]
     if "num_inputs" in gen:
         extra["eval inputs"] = gen["num_inputs"]
+    extra["software"] = format_versions(out["versions"])
     write_report(root, out, extra)
     return out
 

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._optional import require
 from .errors import DataFormatError, DeltaConfigError
 from .io_utils import atomic_write_bytes, atomic_write_text
 from .validation import check_type
@@ -150,7 +151,7 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _figure(ncols: int = 1) -> Any:
-    from matplotlib.figure import Figure
+    Figure = require("matplotlib.figure", "plots").Figure  # noqa: N806
 
     fig = Figure(figsize=(6.4 * ncols, 4.2), dpi=100)
     fig.subplots_adjust(left=0.12 / ncols, right=1 - 0.03 / ncols, bottom=0.12, top=0.91, wspace=0.25)
@@ -159,7 +160,7 @@ def _figure(ncols: int = 1) -> Any:
 
 
 def _save_png(fig: Any, path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "plots").FigureCanvasAgg  # noqa: N806
 
     FigureCanvasAgg(fig)
     buf = io.BytesIO()

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._optional import require
 from .errors import DeltaConfigError, DeltaConfigTypeError, DeltaError
 from .io_utils import atomic_write_bytes, atomic_write_text, yaml_load
 from .validation import check_bool, check_int, check_known_keys, check_type
@@ -404,8 +405,8 @@ def _csv_text(rows: Sequence[MethodRow], metrics: Sequence[str]) -> str:
 
 
 def _png_bytes(title: str, rows: Sequence[MethodRow], metrics: Sequence[str]) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "sweep plots").FigureCanvasAgg  # noqa: N806
+    Figure = require("matplotlib.figure", "sweep plots").Figure  # noqa: N806
 
     n = len(metrics) + 1
     fig = Figure(figsize=(4.2 * n, 4.0), dpi=100)

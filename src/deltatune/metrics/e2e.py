@@ -36,6 +36,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from .._optional import require
 from ..errors import DataFormatError, DeltaConfigError, DeltaConfigTypeError, MissingPackageError
 from ..validation import check_choice, check_path_exists, check_str_list
 
@@ -174,13 +175,7 @@ def _require_java(names: Sequence[str]) -> str:
 
 
 def _pycocoevalcap_dir() -> str:
-    try:
-        import pycocoevalcap  # noqa: F401
-        from pycocoevalcap.tokenizer import ptbtokenizer
-    except ImportError as exc:
-        raise MissingPackageError(
-            "METEOR, ROUGE_L and CIDEr need the package pycocoevalcap: `pip install pycocoevalcap`"
-        ) from exc
+    ptbtokenizer = require("pycocoevalcap.tokenizer.ptbtokenizer", "METEOR, ROUGE_L and CIDEr")
     return os.path.dirname(os.path.abspath(ptbtokenizer.__file__))
 
 
@@ -198,11 +193,7 @@ def mteval_tokenize(text: str, *, lowercase: bool = True) -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer13a() -> Any:
-    try:
-        from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
-    except ImportError as exc:
-        raise MissingPackageError("BLEU and NIST need the package sacrebleu: `pip install sacrebleu`") from exc
-    return Tokenizer13a()
+    return require("sacrebleu.tokenizers.tokenizer_13a", "BLEU and NIST").Tokenizer13a()
 
 
 def _ngrams(words: Sequence[str], max_n: int) -> Counter[tuple[str, ...]]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .._optional import require
 from ..errors import DeltaConfigError, DeltaConfigTypeError
 from ..validation import check_type
 
@@ -119,7 +120,7 @@ def matthews_corrcoef(predictions: Any, labels: Any) -> float:
 
 def pearson(predictions: Any, labels: Any) -> float:
     """Pearson correlation; 0.0 when either side is constant (scipy would return NaN)."""
-    from scipy.stats import pearsonr
+    pearsonr = require("scipy.stats", "the pearson metric").pearsonr
 
     p, y = _pair(predictions, labels, "float")
     if p.size < 2:
@@ -131,7 +132,7 @@ def pearson(predictions: Any, labels: Any) -> float:
 
 def spearman(predictions: Any, labels: Any) -> float:
     """Spearman rank correlation (ties get average ranks); 0.0 when either side is constant."""
-    from scipy.stats import spearmanr
+    spearmanr = require("scipy.stats", "the spearman metric").spearmanr
 
     p, y = _pair(predictions, labels, "float")
     if p.size < 2:

@@ -15,6 +15,22 @@ import torch
 from ..errors import DataFormatError
 from ..io_utils import atomic_write_text
 
+_warned_tensorboard = False
+
+
+def _warn_no_tensorboard(exc: BaseException) -> None:
+    """Say once per process that TensorBoard events are not written (the JSON-lines log still is)."""
+    global _warned_tensorboard
+    if _warned_tensorboard:
+        return
+    _warned_tensorboard = True
+    print(
+        f"deltatune: TensorBoard events are not written ({type(exc).__name__}: {exc}); the JSON-lines log is. "
+        "Install the 'eval' extra for them: pip install 'deltatune[eval]', or set train.tensorboard: false",
+        file=sys.stderr,
+    )
+
+
 __all__ = ["LOG_FILE", "MetricsLogger", "peak_memory_mb", "read_log", "reset_peak_memory"]
 
 LOG_FILE = "train_log.jsonl"
@@ -108,8 +124,9 @@ class MetricsLogger:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except Exception:  # noqa: BLE001 - tensorboard missing or broken: skip it
+            except Exception as exc:  # noqa: BLE001 - tensorboard missing or broken: say so once, go on
                 SummaryWriter = None  # noqa: N806
+                _warn_no_tensorboard(exc)
             if SummaryWriter is not None:
                 self._tb = SummaryWriter(log_dir=os.fspath(root / "tensorboard"))
 
