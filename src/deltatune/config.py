@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .errors import DeltaConfigError, DeltaConfigTypeError
-from .io_utils import yaml_load
+from .io_utils import load_json_file, load_yaml_file
 from .validation import check_optional_int_list, check_str_list, check_type
 
 __all__ = ["DeltaConfig", "load_config", "config_from_dict"]
@@ -147,11 +147,10 @@ def load_config(source: str | os.PathLike | Mapping[str, Any]) -> DeltaConfig:
     path = Path(source)
     if not path.is_file():
         raise DeltaConfigError(f"config path must be an existing file, got {str(path)!r}")
-    text = path.read_text(encoding="utf-8")
     if path.suffix in (".yaml", ".yml"):
-        data = yaml_load(text)
+        data = load_yaml_file(path, "config")
     elif path.suffix == ".json":
-        data = json.loads(text)
+        data = load_json_file(path, "config")
     else:
         raise DeltaConfigError(f"config file must end in .yaml, .yml or .json, got {str(path)!r}")
     if isinstance(data, Mapping) and "method" not in data:

@@ -66,7 +66,7 @@ from .errors import (
     DeltaConfigTypeError,
     MissingPackageError,
 )
-from .io_utils import atomic_write_text, yaml_load
+from .io_utils import atomic_write_text, read_text_file, yaml_load
 from .validation import check_bool, check_choice, check_float, check_int, check_str_list, check_type
 
 __all__ = [
@@ -371,7 +371,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if path.suffix not in (".yaml", ".yml"):
         raise DeltaConfigError(f"recipe file must end in .yaml or .yml, got {os.fspath(path)!r}")
     try:
-        data = yaml_load(path.read_text(encoding="utf-8"))
+        data = yaml_load(read_text_file(path, "recipe"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "line 1"

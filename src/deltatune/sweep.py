@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DeltaConfigError, DeltaConfigTypeError, DeltaError
-from .io_utils import atomic_write_bytes, atomic_write_text, yaml_load
+from .io_utils import atomic_write_bytes, atomic_write_text, read_text_file, yaml_load
 from .validation import check_bool, check_int, check_known_keys, check_type
 
 __all__ = [
@@ -175,7 +175,7 @@ def load_sweep(
         import yaml
 
         try:
-            raw = yaml_load(path.read_text(encoding="utf-8"))
+            raw = yaml_load(read_text_file(path, "sweep config"))
         except yaml.YAMLError as exc:
             raise DeltaConfigError(f"config {os.fspath(path)!r} is not valid YAML: {exc}") from None
         if not isinstance(raw, Mapping):
