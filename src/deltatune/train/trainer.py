@@ -43,6 +43,7 @@ from .checkpoint import (
     save_trainable_params,
     torch_load,
     torch_save_atomic,
+    verify_checkpoint,
 )
 from .config import TrainConfig
 from .cuda_graph import CapturedStep
@@ -932,6 +933,7 @@ class Trainer:
         path = Path(path)
         if not is_complete_checkpoint(path):
             raise CheckpointError(f"{os.fspath(path)!r} is not a complete checkpoint-<step> directory")
+        verify_checkpoint(path)
         state = torch_load(path / "trainer_state.pt")
         if not isinstance(state, dict) or state.get("format_version") != _STATE_VERSION:
             raise CheckpointError(f"{os.fspath(path)!r}: unknown trainer_state format")
