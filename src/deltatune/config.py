@@ -55,13 +55,14 @@ class DeltaConfig:
     # -- validation -----------------------------------------------------------------------
     def validate(self) -> None:
         """Check every field; raise ``DeltaConfigError`` naming the field, the value and what is expected."""
+        from .inject import check_patterns
+
         name = type(self).__name__
-        if self.target_modules is not None:
-            check_str_list(f"{name}.target_modules", self.target_modules)
-        if self.exclude_modules is not None:
-            check_str_list(f"{name}.exclude_modules", self.exclude_modules)
-        if self.modules_to_save is not None:
-            check_str_list(f"{name}.modules_to_save", self.modules_to_save)
+        for field_name in ("target_modules", "exclude_modules", "modules_to_save"):
+            value = getattr(self, field_name)
+            if value is not None:
+                check_str_list(f"{name}.{field_name}", value)
+                check_patterns(f"{name}.{field_name}", value)
         if self.layers_pattern is not None:
             check_str_list(f"{name}.layers_pattern", self.layers_pattern)
         self.layers_to_transform = check_optional_int_list(

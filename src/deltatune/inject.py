@@ -89,6 +89,21 @@ def normalise_patterns(spec: str | Sequence[str] | None) -> list[str] | None:
     return list(spec)
 
 
+def check_patterns(field: str, spec: str | Sequence[str] | None) -> None:
+    """Every regex entry of a target spec (``"re:..."``, or a single string with regex syntax) must
+    compile; raises :class:`~deltatune.errors.DeltaConfigError` naming ``field``, the entry and the error."""
+    from .errors import DeltaConfigError
+
+    for entry in normalise_patterns(spec) or []:
+        kind, pat = _pattern_kind(entry)
+        if kind != "regex":
+            continue
+        try:
+            re.compile(pat)
+        except re.error as exc:
+            raise DeltaConfigError(f"{field} entry {entry!r} is not a valid regular expression: {exc}") from None
+
+
 def layer_index(name: str, patterns: Sequence[str] | None = None) -> int | None:
     """The layer number in a name like ``model.layers.3.mlp`` (None when there is none)."""
     for pat in patterns or DEFAULT_LAYER_PATTERNS:
