@@ -26,7 +26,14 @@ from ._version import __version__
 from .api import _record, apply
 from .config import config_from_dict
 from .errors import AdapterNotFoundError, CheckpointError, DeltaConfigError, DeltaError, FileFormatError
-from .io_utils import atomic_write_bytes, atomic_write_text, fsync_dir, json_loads_strict, read_text_file
+from .io_utils import (
+    atomic_write_bytes,
+    atomic_write_text,
+    check_output_dir,
+    fsync_dir,
+    json_loads_strict,
+    read_text_file,
+)
 from .methods import get_method
 from .methods.base import get_records, logical_param_name, param_adapter_name
 from .validation import check_type
@@ -103,18 +110,6 @@ def _meta_digest(meta: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
-def _check_target_dir(directory: Path) -> None:
-    """Refuse, before writing anything, a target that is a file or whose member names are taken by directories."""
-    if directory.exists() and not directory.is_dir():
-        raise CheckpointError(f"directory {str(directory)!r} exists and is not a directory; cannot write a delta into it")
-    for name in (DELTA_WEIGHTS_NAME, DELTA_CONFIG_NAME, _PREV_WEIGHTS_NAME):
-        member = directory / name
-        if member.exists() and not member.is_file():
-            raise CheckpointError(
-                f"{str(member)!r} exists and is not a regular file; refusing to write the delta over it"
-            )
-
-
 def _clean_temporaries(directory: Path) -> list[Path]:
     """Delete what a killed save left in ``directory``: only temporary files whose names deltatune creates."""
     gone = []
@@ -178,7 +173,7 @@ def save_delta(model: nn.Module, directory: str | os.PathLike, adapter_name: str
     check_type("model", model, nn.Module, "a torch.nn.Module")
     check_type("directory", directory, (str, os.PathLike), "a path")
     directory = Path(directory)
-    _check_target_dir(directory)
+    check_output_dir(directory, (DELTA_WEIGHTS_NAME, DELTA_CONFIG_NAME, _PREV_WEIGHTS_NAME))
     adapter_name = _default_adapter(model, adapter_name)
     record = _record(model, adapter_name)
     state = delta_state_dict(model, adapter_name)

@@ -14,6 +14,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_output_dir",
     "file_sha256",
     "fsync_dir",
     "json_loads_strict",
@@ -135,6 +136,21 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
                 break
             h.update(block)
     return h.hexdigest()
+
+
+def check_output_dir(directory: str | os.PathLike, members: tuple[str, ...]) -> None:
+    """Before anything is written: ``directory`` must be a directory (or not exist yet) and each of
+    ``members`` inside it a regular file (or absent); :class:`~deltatune.errors.CheckpointError`
+    naming the path otherwise."""
+    from .errors import CheckpointError
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"directory {str(directory)!r} exists and is not a directory; cannot write into it")
+    for name in members:
+        member = directory / name
+        if member.exists() and not member.is_file():
+            raise CheckpointError(f"{str(member)!r} exists and is not a regular file; refusing to write over it")
 
 
 def _line_of(data: bytes, offset: int) -> int:
