@@ -572,6 +572,11 @@ def load_recipe(
         )
     name = raw.get("name") or default_name
     check_type("name", name, str, "a str")
+    if any(sep in name for sep in ("/", "\\")) or ".." in name or name.strip(".") == "" or "\0" in name:
+        raise DeltaConfigError(
+            f"name must be a plain run name (it names the directory under the output root), without '/', '\\' "
+            f"or '..', got {name!r}"
+        )
     num_threads = raw.get("num_threads")
     if num_threads is not None:
         check_int("num_threads", num_threads, minimum=1)

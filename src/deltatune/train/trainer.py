@@ -65,7 +65,7 @@ from .fsdp import (
     shard_optimizer_state_dict,
 )
 from .logging import MetricsLogger, peak_memory_mb, reset_peak_memory
-from .losses import PadCollator, causal_lm_loss, count_loss_tokens, get_logits
+from .losses import PadCollator, causal_lm_loss, check_lm_examples, count_loss_tokens, get_logits
 from .optim import AdamW, param_groups
 from .schedules import build_scheduler, resolve_warmup_steps
 
@@ -252,6 +252,8 @@ class Trainer:
         for name, fn in (("collate_fn", collate_fn), ("loss_fn", loss_fn), ("save_fn", save_fn), ("load_fn", load_fn)):
             if fn is not None and not callable(fn):
                 raise DeltaConfigTypeError(f"{name} must be callable or None, got {type(fn).__name__}")
+        if loss_fn is None:
+            check_lm_examples(train_dataset, model, "train_dataset")
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise DeltaConfigError(
