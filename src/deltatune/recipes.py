@@ -414,6 +414,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise DeltaConfigError(f"--set key {key!r} has an empty component (in {text!r})")
     try:
         value = yaml_load(raw) if raw.strip() else None
+    except yaml.constructor.ConstructorError as exc:  # valid syntax, refused content (a duplicate key)
+        raise DeltaConfigError(f"--set {text!r}: {exc.problem}") from None
     except yaml.YAMLError:
         value = raw  # not YAML (e.g. " ||"): the text itself, verbatim
     return parts, value
