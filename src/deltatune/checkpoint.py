@@ -138,6 +138,9 @@ def _keep_previous_weights(directory: Path) -> None:
     except (OSError, ValueError, AttributeError):
         old_hash = None  # no readable previous delta: nothing to keep
     if old_hash is not None and _sha256_file(w_path) == old_hash:
+        # the tensor file matches: any older kept copy is not needed (and rename() onto a hard link of
+        # the same file would do nothing, leaving the temporary link behind)
+        prev.unlink(missing_ok=True)
         tmp = directory / f"{_PREV_WEIGHTS_NAME}.{uuid.uuid4().hex[:8]}.tmp"
         try:
             os.link(w_path, tmp)
