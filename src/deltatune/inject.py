@@ -70,7 +70,12 @@ def match_pattern(name: str, pattern: str) -> bool:
     """Does logical module ``name`` match one entry of a target list?"""
     kind, pat = _pattern_kind(pattern)
     if kind == "regex":
-        return re.fullmatch(pat, name) is not None
+        try:
+            return re.fullmatch(pat, name) is not None
+        except re.error as exc:  # configs check their patterns; this catches any other caller's
+            from .errors import DeltaConfigError
+
+            raise DeltaConfigError(f"module pattern {pattern!r} is not a valid regular expression: {exc}") from None
     if kind == "glob":
         return fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(name, "*." + pat)
     return name == pat or name.endswith("." + pat)
