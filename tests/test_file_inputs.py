@@ -134,3 +134,25 @@ def test_recipe_plain_names_are_accepted(tiny, tmp_path):
     raw = recipe_dict(model_dir, data_dir, tmp_path / "run")
     for name in ("e2e_lora", "run-1.v2", "a.b"):
         assert load_recipe({**raw, "name": name}).name == name
+
+
+# -- other files we read back -------------------------------------------------------------------
+def test_prediction_and_reference_files_with_bad_bytes(tmp_path):
+    from deltatune.metrics import read_predictions_file, read_references_file
+
+    p = tmp_path / "pred.txt"
+    p.write_bytes("\ufeffA pub .\nCaf\u00e9 .\n".encode())
+    assert read_predictions_file(p) == ["A pub .", "Caf\u00e9 ."]  # a BOM is dropped, UTF-8 read
+    p.write_bytes(b"A pub .\nCaf\xe9 .\n")
+    with pytest.raises(FileFormatError, match=r"text file '.*pred\.txt', line 2: not valid UTF-8"):
+        read_predictions_file(p)
+    with pytest.raises(FileFormatError, match=r"pred\.txt', line 2: not valid UTF-8"):
+        read_references_file(p)
+
+
+def test_run_metrics_file_with_bad_bytes(tmp_path):
+    from deltatune.report import read_metrics
+
+    (tmp_path / "metrics.json").write_bytes(b'{"bleu": "\xff"}')
+    with pytest.raises(FileFormatError, match=r"metrics\.json '.*metrics\.json', line 1: not valid UTF-8"):
+        read_metrics(tmp_path)

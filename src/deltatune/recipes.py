@@ -824,7 +824,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text_file(path, path.name))
     except json.JSONDecodeError as exc:
         raise DataFormatError(f"{path}, line {exc.lineno}: invalid JSON ({exc.msg})") from None
     return data if isinstance(data, dict) else {}
