@@ -74,19 +74,23 @@ def test_non_utf8_names_file_line_and_byte(tmp_path):
         dt.load_config(j)
 
 
-def test_yaml_and_json_syntax_errors_name_the_line(tmp_path):
-    p = tmp_path / "bad.yaml"
-    p.write_text("method: lora\nr: [4\nalpha: 8\n")
-    with pytest.raises(FileFormatError, match=r"config '.*bad\.yaml', line 3, column \d+: invalid YAML"):
-        dt.load_config(p)
-    with pytest.raises(FileFormatError, match=r"YAML file '.*bad\.yaml', line 3"):
-        load_yaml_file(p)
-    j = tmp_path / "bad.json"
-    j.write_text('{"method": "lora",\n "r": 4,\n}')
-    with pytest.raises(FileFormatError, match=r"config '.*bad\.json', line 3, column 1: invalid JSON"):
-        dt.load_config(j)
-    with pytest.raises(FileFormatError, match=r"JSON file '.*bad\.json', line 3, column 1: invalid JSON"):
-        load_json_file(j)
+@pytest.mark.parametrize(
+    ("name", "text", "loader", "message"),
+    [
+        ("bad.yaml", "method: lora\nr: [4\nalpha: 8\n", dt.load_config, r"config '.*bad\.yaml', line 3, column \d+: invalid YAML"),
+        ("bad.yaml", "method: lora\nr: [4\nalpha: 8\n", load_yaml_file, r"YAML file '.*bad\.yaml', line 3"),
+        ("bad.json", '{"method": "lora",\n "r": 4,\n}', dt.load_config, r"config '.*bad\.json', line 3, column 1: invalid JSON"),
+        ("bad.json", '{"method": "lora",\n "r": 4,\n}', load_json_file, r"JSON file '.*bad\.json', line 3, column 1: invalid JSON"),
+    ],
+)
+def test_yaml_and_json_syntax_errors_name_the_line(tmp_path, name, text, loader, message):
+    p = tmp_path / name
+    p.write_text(text)
+    with pytest.raises(FileFormatError, match=message):
+        loader(p)
+
+
+def test_json_loads_strict():
     with pytest.raises(FileFormatError, match=r"^src, line 1, column 1: invalid JSON \(Expecting value\)"):
         json_loads_strict("", "src")
     assert json_loads_strict('{"a": [1, {"a": 2}]}', "src") == {"a": [1, {"a": 2}]}  # same key, other object
