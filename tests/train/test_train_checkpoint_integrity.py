@@ -156,3 +156,14 @@ def test_all_labels_ignored_is_refused(tmp_path):
         Trainer(tiny_lm(), _cfg(tmp_path), data)
     data[1] = {"input_ids": [3, 4, 5], "labels": [-100, -100, 5]}
     Trainer(tiny_lm(), _cfg(tmp_path), data)  # one usable label is enough
+
+
+def test_read_log_with_cut_or_bad_utf8(tmp_path):
+    from deltatune.train import read_log
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_bytes(b'{"step": 1, "note": "caf\xc3\xa9"}\n{"step": 2, "note": "caf\xc3')  # killed mid-character
+    assert read_log(log) == [{"step": 1, "note": "caf\u00e9"}]
+    log.write_bytes(b'{"step": 1, "note": "\xff"}\n{"step": 2}\n')
+    with pytest.raises(DataFormatError, match=r"train_log\.jsonl:1: not a JSON object \(not valid UTF-8: invalid start byte\)"):
+        read_log(log)
