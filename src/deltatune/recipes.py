@@ -67,7 +67,15 @@ from .errors import (
     MissingPackageError,
 )
 from .io_utils import atomic_write_text, read_text_file, yaml_load
-from .validation import check_bool, check_choice, check_float, check_int, check_str_list, check_type
+from .validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_run_name,
+    check_str_list,
+    check_type,
+)
 
 __all__ = [
     "DATA_DIR_ENV_VAR",
@@ -573,12 +581,7 @@ def load_recipe(
             f"unknown recipe key(s) {', '.join(repr(k) for k in unknown)}; known keys: {', '.join(SECTIONS)}"
         )
     name = raw.get("name") or default_name
-    check_type("name", name, str, "a str")
-    if any(sep in name for sep in ("/", "\\")) or ".." in name or name.strip(".") == "" or "\0" in name:
-        raise DeltaConfigError(
-            f"name must be a plain run name (it names the directory under the output root), without '/', '\\' "
-            f"or '..', got {name!r}"
-        )
+    check_run_name("name", name)
     num_threads = raw.get("num_threads")
     if num_threads is not None:
         check_int("num_threads", num_threads, minimum=1)

@@ -40,7 +40,7 @@ from typing import Any
 
 from .errors import DeltaConfigError, DeltaConfigTypeError, DeltaError
 from .io_utils import atomic_write_bytes, atomic_write_text, read_text_file, yaml_load
-from .validation import check_bool, check_int, check_known_keys, check_type
+from .validation import check_bool, check_int, check_known_keys, check_run_name, check_type
 
 __all__ = [
     "SWEEP_KEYS",
@@ -198,7 +198,7 @@ def load_sweep(
             f"(use methods.<name>.config for method fields and sweep.seeds / --seeds for seeds)"
         )
     name = raw.pop("name", default_name)
-    check_type("name", name, str, "a str")
+    check_run_name("name", name)
     per_method = raw.pop("methods", None) or {}
     check_type("methods", per_method, Mapping, "a mapping method -> {lr, config, train}")
     sweep = raw.pop("sweep", None) or {}
