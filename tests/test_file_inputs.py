@@ -160,3 +160,27 @@ def test_run_metrics_file_with_bad_bytes(tmp_path):
     (tmp_path / "metrics.json").write_bytes(b'{"bleu": "\xff"}')
     with pytest.raises(FileFormatError, match=r"metrics\.json '.*metrics\.json', line 1: not valid UTF-8"):
         read_metrics(tmp_path)
+
+
+# -- overwriting a run directory -----------------------------------------------------------------
+def test_overwrite_deletes_only_our_files_and_refuses_foreign_checkpoints(tiny, tmp_path):
+    from deltatune.errors import ForeignFileError
+    from deltatune.recipes import _prepare_run_dir
+
+    model_dir, data_dir = tiny
+    recipe = load_recipe(recipe_dict(model_dir, data_dir, tmp_path / "run"))
+    run = tmp_path / "run"
+    (run / "checkpoint-4").mkdir(parents=True)
+    (run / "checkpoint-4" / "COMPLETE").write_text("4\n")  # the Trainer's
+    for name in ("train_log.jsonl", "metrics.json", "notes.txt"):
+        (run / name).write_text("x")
+    (run / "checkpoint-500").mkdir()
+    (run / "checkpoint-500" / "pytorch_model.bin").write_bytes(b"not ours")
+    before = sorted(p.relative_to(run).as_posix() for p in run.rglob("*"))
+    with pytest.raises(ForeignFileError, match=r"holds \['checkpoint-500'\], checkpoint directories deltatune did not write"):
+        _prepare_run_dir(recipe, overwrite=True)
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == before  # nothing deleted
+    (run / "checkpoint-500" / "pytorch_model.bin").rename(tmp_path / "moved.bin")
+    (run / "checkpoint-500").rmdir()
+    _prepare_run_dir(recipe, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]  # our artefacts and checkpoint gone

@@ -797,12 +797,15 @@ def _prepare_run_dir(recipe: Recipe, overwrite: bool) -> Path:
                 f"(overwrite=True) to replace it, --set train.resume_from=latest to resume it, or choose another "
                 f"--output-dir"
             )
+        from .train.checkpoint import cleanup_stale_checkpoints, list_checkpoints, remove_checkpoint
+
+        cleanup_stale_checkpoints(run_dir)  # ForeignFileError, before anything is deleted, for checkpoints not ours
         for name in _ARTEFACTS:
             (run_dir / name).unlink(missing_ok=True)
         for sub in (DELTA_DIR, MODEL_DIR, "tensorboard"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
-        for ckpt in run_dir.glob("checkpoint-*"):
-            shutil.rmtree(ckpt, ignore_errors=True)
+        for ckpt in list_checkpoints(run_dir):  # only complete checkpoints: the ones the Trainer wrote
+            remove_checkpoint(ckpt)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -922,12 +925,14 @@ def _save_final(recipe: Recipe, model: Any, tokenizer: Any, run_dir: Path) -> Pa
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        old = run_dir / f".tmp-{MODEL_DIR}-old-{uuid.uuid4().hex[:8]}"
+        if final.exists():  # move the previous model aside (one rename) instead of deleting it first
+            os.rename(final, old)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 
