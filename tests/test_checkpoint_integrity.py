@@ -217,6 +217,7 @@ def test_save_killed_at_every_point_loads_old_or_new(tmp_path, fresh):
     old, new, after = _model(0.5), _model(2.5), _model(-1.0)
     v_old, v_new, v_after = _values(old), _values(new), _values(after)
     kill_at, killed, outcomes = 1, True, set()
+    counts = {"old": 0, "new": 0, "CheckpointError": 0}
     while killed:
         d = tmp_path / f"d{kill_at}"
         if not fresh:
@@ -228,6 +229,8 @@ def test_save_killed_at_every_point_loads_old_or_new(tmp_path, fresh):
         else:
             assert _same(got, v_old) or _same(got, v_new), f"killed at call {kill_at}: neither the old nor the new delta"
         outcomes.add("none" if got is None else ("new" if _same(got, v_new) else "old"))
+        if killed:
+            counts["CheckpointError" if got is None else ("new" if _same(got, v_new) else "old")] += 1
         # the next save succeeds, cleans the killed save's temporaries and is what loads
         dt.save_delta(after, d)
         assert sorted(p.name for p in d.iterdir()) == ["delta.safetensors", "delta_config.json"]
@@ -235,6 +238,7 @@ def test_save_killed_at_every_point_loads_old_or_new(tmp_path, fresh):
         shutil.rmtree(d)
         kill_at += 1
     assert kill_at > 10  # the save really passed through many kill points
+    print(f"{'fresh' if fresh else 'overwrite'}: {kill_at - 2} kill points, loads {counts}")
     assert outcomes == ({"none", "new"} if fresh else {"old", "new"})
 
 
