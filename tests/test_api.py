@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import deltatune as dt
+from deltatune.checkpoint import _meta_digest
 from deltatune.methods.lora import LoraLayer
 from tests.tiny_models import example_input, gpt2, llama, mlp, run
 
@@ -267,6 +268,10 @@ def test_checkpoint_reports_config_and_shape_mismatch(tmp_path):
     meta = json.loads((d / "delta_config.json").read_text())
     meta["config"]["r"] = 3
     (d / "delta_config.json").write_text(json.dumps(meta))
+    with pytest.raises(dt.CheckpointError, match=r"delta_config.json' was changed after it was written"):
+        dt.load_delta(mlp(), d)
+    meta["meta_sha256"] = _meta_digest(meta)  # a consistent (re-hashed) config that does not fit the tensors
+    (d / "delta_config.json").write_text(json.dumps(meta))
     with pytest.raises(dt.CheckpointError, match=r"shape mismatches: \['0.lora_A.weight: checkpoint \(2, 16\) vs model \(3, 16\)"):
         dt.load_delta(mlp(), d)
 
@@ -377,6 +382,7 @@ def test_failed_apply_and_failed_load_leave_no_adapter(tmp_path):
     dt.save_delta(saved, tmp_path / "d")
     meta = json.loads((tmp_path / "d" / "delta_config.json").read_text())
     meta["config"]["r"] = 3
+    meta["meta_sha256"] = _meta_digest(meta)
     (tmp_path / "d" / "delta_config.json").write_text(json.dumps(meta))
     fresh = mlp()
     with pytest.raises(dt.CheckpointError, match="shape mismatches"):

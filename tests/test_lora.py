@@ -30,7 +30,7 @@ OPTIONS = {
     "bias_all": {"bias": "all"},
     "bias_lora_only": {"bias": "lora_only"},
     "dropout": {"dropout": 0.1},
-    "rank_pattern": {"rank_pattern": {"re:.*(0|conv2|c_fc|v_proj|value)": 2}, "alpha_pattern": {"re:.*(2|head|c_proj|o_proj)": 3.0}},
+    "rank_pattern": {"rank_pattern": {"re:.*(0|conv2|c_fc|v_proj|value)": 2}, "alpha_pattern": {"re:.*(2|head|c_proj|o_proj|query)": 3.0}},
 }
 CASES = [(m, o) for m in TARGETS for o in OPTIONS]
 CASES += [("gpt2", "slices"), ("bert", "modules_to_save")]

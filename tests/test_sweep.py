@@ -122,6 +122,8 @@ def test_errors_unknown_method_and_bad_task(tmp_path, capsys):
         load_sweep(_config(tmp_path, methods={"lora": {"train": {"max_steps": 9}}}))
     with pytest.raises(DeltaConfigError, match=r"^sweep config must not set 'seed'"):
         load_sweep(_config(tmp_path, seed=3))
+    with pytest.raises(DeltaConfigError, match=r"^name must be a plain run name .*, got '\.\./escaped'$"):
+        load_sweep(_config(tmp_path, name="../escaped"))
     assert not (tmp_path / "out" / "results.md").exists()
 
 

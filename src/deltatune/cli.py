@@ -248,23 +248,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _info_config(path: str, overrides: Sequence[str]) -> tuple[Any, bool]:
     """The method config of ``--config`` (a method config file or a recipe), with ``--set`` applied."""
-    import json
 
-    import yaml
 
     from .config import config_from_dict
     from .errors import DataFormatError, DeltaConfigError
-    from .io_utils import yaml_load
+    from .io_utils import load_json_file, load_yaml_file
     from .recipes import FULL_METHOD, parse_override
 
     p = Path(path)
     if not p.is_file():
         raise DeltaConfigError(f"--config must be an existing YAML/JSON file, got {path!r}")
-    text = p.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text) if p.suffix == ".json" else yaml_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise DataFormatError(f"{p}, line 1: cannot parse the config ({exc})") from None
+    data = load_json_file(p, "--config") if p.suffix == ".json" else load_yaml_file(p, "--config")
     if isinstance(data, dict) and "method" not in data and isinstance(data.get("delta"), dict):
         data = data["delta"]
     if not isinstance(data, dict):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .errors import DeltaConfigError, DeltaConfigTypeError
-from .io_utils import yaml_load
+from .io_utils import load_json_file, load_yaml_file
 from .validation import check_optional_int_list, check_str_list, check_type
 
 __all__ = ["DeltaConfig", "load_config", "config_from_dict"]
@@ -55,13 +55,14 @@ class DeltaConfig:
     # -- validation -----------------------------------------------------------------------
     def validate(self) -> None:
         """Check every field; raise ``DeltaConfigError`` naming the field, the value and what is expected."""
+        from .inject import check_patterns
+
         name = type(self).__name__
-        if self.target_modules is not None:
-            check_str_list(f"{name}.target_modules", self.target_modules)
-        if self.exclude_modules is not None:
-            check_str_list(f"{name}.exclude_modules", self.exclude_modules)
-        if self.modules_to_save is not None:
-            check_str_list(f"{name}.modules_to_save", self.modules_to_save)
+        for field_name in ("target_modules", "exclude_modules", "modules_to_save"):
+            value = getattr(self, field_name)
+            if value is not None:
+                check_str_list(f"{name}.{field_name}", value)
+                check_patterns(f"{name}.{field_name}", value)
         if self.layers_pattern is not None:
             check_str_list(f"{name}.layers_pattern", self.layers_pattern)
         self.layers_to_transform = check_optional_int_list(
@@ -147,11 +148,10 @@ def load_config(source: str | os.PathLike | Mapping[str, Any]) -> DeltaConfig:
     path = Path(source)
     if not path.is_file():
         raise DeltaConfigError(f"config path must be an existing file, got {str(path)!r}")
-    text = path.read_text(encoding="utf-8")
     if path.suffix in (".yaml", ".yml"):
-        data = yaml_load(text)
+        data = load_yaml_file(path, "config")
     elif path.suffix == ".json":
-        data = json.loads(text)
+        data = load_json_file(path, "config")
     else:
         raise DeltaConfigError(f"config file must end in .yaml, .yml or .json, got {str(path)!r}")
     if isinstance(data, Mapping) and "method" not in data:

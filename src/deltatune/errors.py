@@ -45,3 +45,15 @@ class MissingPackageError(DeltaError, ImportError):
 
 class DataFormatError(DeltaError, ValueError):
     """A data file is malformed; the message names the file and the line or record."""
+
+
+class FileFormatError(DataFormatError):
+    """A config, recipe or data file cannot be read: not UTF-8, invalid YAML/JSON, or a duplicate key.
+
+    The message names the file and the line (and column where known)."""
+
+
+class ForeignFileError(DeltaError):
+    """A directory deltatune would write into or clean up holds files deltatune did not write.
+
+    deltatune never deletes such files; the message names them and says what to do."""

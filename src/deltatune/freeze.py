@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from .errors import DeltaConfigError
+from .errors import AdapterNotFoundError, DeltaConfigError
 from .methods import get_method, method_names
 from .methods.base import get_records, logical_param_name, param_adapter_name
 from .validation import check_str_list, check_type
@@ -53,6 +53,14 @@ def freeze_delta(
     includes = check_str_list("include", include, allow_none=True) or []
     excludes = check_str_list("exclude", exclude, allow_none=True) or []
     adapters = [adapter_name] if isinstance(adapter_name, str) else (list(adapter_name) if adapter_name else None)
+    if adapters is not None:
+        on_model = {a: r.method for a, r in get_records(model).items()}
+        absent = [a for a in adapters if on_model.get(a) not in modes]
+        if absent:
+            raise AdapterNotFoundError(
+                f"adapter_name {absent if len(absent) > 1 else absent[0]!r} is not a {modes} adapter on the model; "
+                f"adapters on the model: {on_model or 'none'}"
+            )
     params = OrderedDict(model.named_parameters())
     for label, pats in (("include", includes), ("exclude", excludes)):
         for p in pats:

@@ -70,7 +70,12 @@ def match_pattern(name: str, pattern: str) -> bool:
     """Does logical module ``name`` match one entry of a target list?"""
     kind, pat = _pattern_kind(pattern)
     if kind == "regex":
-        return re.fullmatch(pat, name) is not None
+        try:
+            return re.fullmatch(pat, name) is not None
+        except re.error as exc:  # configs check their patterns; this catches any other caller's
+            from .errors import DeltaConfigError
+
+            raise DeltaConfigError(f"module pattern {pattern!r} is not a valid regular expression: {exc}") from None
     if kind == "glob":
         return fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(name, "*." + pat)
     return name == pat or name.endswith("." + pat)
@@ -87,6 +92,21 @@ def normalise_patterns(spec: str | Sequence[str] | None) -> list[str] | None:
             return ["re:" + spec]
         return [spec]
     return list(spec)
+
+
+def check_patterns(field: str, spec: str | Sequence[str] | None) -> None:
+    """Every regex entry of a target spec (``"re:..."``, or a single string with regex syntax) must
+    compile; raises :class:`~deltatune.errors.DeltaConfigError` naming ``field``, the entry and the error."""
+    from .errors import DeltaConfigError
+
+    for entry in normalise_patterns(spec) or []:
+        kind, pat = _pattern_kind(entry)
+        if kind != "regex":
+            continue
+        try:
+            re.compile(pat)
+        except re.error as exc:
+            raise DeltaConfigError(f"{field} entry {entry!r} is not a valid regular expression: {exc}") from None
 
 
 def layer_index(name: str, patterns: Sequence[str] | None = None) -> int | None:

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 
 from .api import _record, apply
-from .errors import CheckpointError, DeltaConfigError
-from .io_utils import atomic_write_bytes, atomic_write_text
+from .errors import CheckpointError, DeltaConfigError, DeltaError, FileFormatError
+from .io_utils import atomic_write_bytes, atomic_write_text, check_output_dir, load_json_file
 from .methods.base import ModulesToSaveWrapper, delta_layers, logical_param_name
 from .methods.lora import LoraConfig, LoraLayer
 from .validation import check_type
@@ -123,11 +123,57 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, adapter_name: st
         "lora_bias": False,
     }
     directory = Path(directory)
+    check_output_dir(directory, (PEFT_WEIGHTS, PEFT_CONFIG))
     directory.mkdir(parents=True, exist_ok=True)
     out = {k: v.contiguous().cpu() for k, v in tensors.items()}
     atomic_write_bytes(directory / PEFT_WEIGHTS, save(out, metadata={"format": "pt"}))
     atomic_write_text(directory / PEFT_CONFIG, json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def _read_peft_config(cfg_path: Path) -> dict[str, Any]:
+    """``adapter_config.json`` as a dict, its fields' types checked (CheckpointError naming file and field)."""
+    try:
+        pc = load_json_file(cfg_path, PEFT_CONFIG)
+    except FileFormatError as exc:
+        raise CheckpointError(str(exc)) from None
+    where = repr(str(cfg_path))
+    if not isinstance(pc, dict):
+        raise CheckpointError(f"{where} must hold a JSON object, got {type(pc).__name__}")
+    if "r" not in pc and pc.get("peft_type") == "LORA":
+        raise CheckpointError(f"{where} has no 'r' field (the LoRA rank)")
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if pc.get(key) is not None and not isinstance(pc[key], bool):
+            raise CheckpointError(f"{where}: field {key!r} must be a JSON boolean (true/false), got {pc[key]!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if pc.get(key) is not None and not isinstance(pc[key], dict):
+            raise CheckpointError(f"{where}: field {key!r} must be a JSON object, got {pc[key]!r}")
+    return pc
+
+
+def _read_peft_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors from ``adapter_model.safetensors`` or (plain tensors only) ``adapter_model.bin``."""
+    st, binary = directory / PEFT_WEIGHTS, directory / PEFT_WEIGHTS_BIN
+    if st.is_file():
+        from safetensors.torch import load as load_bytes
+
+        try:
+            tensors = load_bytes(st.read_bytes())
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a malformed file
+            raise CheckpointError(f"{str(st)!r} is not a valid safetensors file: {exc}") from None
+    elif binary.is_file():
+        try:
+            tensors = torch.load(binary, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - an unpickling failure: corrupt, or objects other than tensors
+            raise CheckpointError(
+                f"{str(binary)!r} cannot be read as a plain tensor dict (weights_only=True refused it or it is "
+                f"corrupt; convert it to {PEFT_WEIGHTS}): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise CheckpointError(f"{str(binary)!r} must hold a dict of tensors, got {type(tensors).__name__}")
+    else:
+        raise CheckpointError(f"{str(directory)!r} has neither {PEFT_WEIGHTS} nor {PEFT_WEIGHTS_BIN}")
+    return tensors
 
 
 def _peft_patterns(table: dict[str, Any]) -> dict[str, Any]:
@@ -142,7 +188,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
     cfg_path = directory / PEFT_CONFIG
     if not cfg_path.is_file():
         raise DeltaConfigError(f"directory must hold a PEFT {PEFT_CONFIG}, got {str(directory)!r}")
-    pc = json.loads(cfg_path.read_text(encoding="utf-8"))
+    pc = _read_peft_config(cfg_path)
     if pc.get("peft_type") != "LORA":
         raise CheckpointError(f"import_peft reads LoRA adapters only; {str(cfg_path)!r} has peft_type {pc.get('peft_type')!r}")
     unsupported = {k: pc[k] for k in ("lora_bias", "layer_replication", "use_qalora", "target_parameters") if pc.get(k)}
@@ -150,34 +196,15 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
         unsupported["init_lora_weights"] = pc["init_lora_weights"]
     if unsupported:
         raise CheckpointError(f"PEFT adapter uses options deltatune does not import: {unsupported}")
-    if (directory / PEFT_WEIGHTS).is_file():
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(directory / PEFT_WEIGHTS))
-    elif (directory / PEFT_WEIGHTS_BIN).is_file():
-        tensors = torch.load(directory / PEFT_WEIGHTS_BIN, map_location="cpu", weights_only=True)
-    else:
-        raise CheckpointError(f"{str(directory)!r} has neither {PEFT_WEIGHTS} nor {PEFT_WEIGHTS_BIN}")
+    tensors = _read_peft_tensors(directory)
     targets = pc.get("target_modules")
     if isinstance(targets, str) and targets != "all-linear":
         targets = ["re:" + targets]
     lp = pc.get("layers_pattern")
-    config = LoraConfig(
-        r=pc["r"],
-        alpha=pc.get("lora_alpha", 8),
-        dropout=pc.get("lora_dropout", 0.0) or 0.0,
-        use_rslora=bool(pc.get("use_rslora", False)),
-        use_dora=bool(pc.get("use_dora", False)),
-        bias=pc.get("bias", "none"),
-        target_modules=targets,
-        exclude_modules=pc.get("exclude_modules") or None,
-        layers_to_transform=pc.get("layers_to_transform"),
-        layers_pattern=lp or None,
-        rank_pattern=_peft_patterns(pc.get("rank_pattern")),
-        alpha_pattern=_peft_patterns(pc.get("alpha_pattern")),
-        modules_to_save=pc.get("modules_to_save") or None,
-        fan_in_fan_out=bool(pc.get("fan_in_fan_out", False)),
-    )
+    try:
+        config = _peft_lora_config(pc, targets, lp)
+    except DeltaError as exc:
+        raise CheckpointError(f"{str(cfg_path)!r} does not describe a valid LoRA adapter: {exc}") from None
     state = {}
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
@@ -192,6 +219,26 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
         delete_adapter(model, name)  # leave no randomly initialised adapter behind
         raise
     return model
+
+
+def _peft_lora_config(pc: dict[str, Any], targets: Any, lp: Any) -> LoraConfig:
+    """The :class:`LoraConfig` an ``adapter_config.json`` describes."""
+    return LoraConfig(
+        r=pc["r"],
+        alpha=pc.get("lora_alpha", 8),
+        dropout=pc.get("lora_dropout", 0.0) or 0.0,
+        use_rslora=pc.get("use_rslora") or False,
+        use_dora=pc.get("use_dora") or False,
+        bias=pc.get("bias", "none"),
+        target_modules=targets,
+        exclude_modules=pc.get("exclude_modules") or None,
+        layers_to_transform=pc.get("layers_to_transform"),
+        layers_pattern=lp or None,
+        rank_pattern=_peft_patterns(pc.get("rank_pattern")),
+        alpha_pattern=_peft_patterns(pc.get("alpha_pattern")),
+        modules_to_save=pc.get("modules_to_save") or None,
+        fan_in_fan_out=pc.get("fan_in_fan_out") or False,
+    )
 
 
 def _load_peft_tensors(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:

@@ -67,8 +67,16 @@ from .errors import (
     DeltaConfigTypeError,
     MissingPackageError,
 )
-from .io_utils import atomic_write_text, yaml_load
-from .validation import check_bool, check_choice, check_float, check_int, check_str_list, check_type
+from .io_utils import atomic_write_text, read_text_file, yaml_load
+from .validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_run_name,
+    check_str_list,
+    check_type,
+)
 
 __all__ = [
     "DATA_DIR_ENV_VAR",
@@ -372,7 +380,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if path.suffix not in (".yaml", ".yml"):
         raise DeltaConfigError(f"recipe file must end in .yaml or .yml, got {os.fspath(path)!r}")
     try:
-        data = yaml_load(path.read_text(encoding="utf-8"))
+        data = yaml_load(read_text_file(path, "recipe"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "line 1"
@@ -415,6 +423,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise DeltaConfigError(f"--set key {key!r} has an empty component (in {text!r})")
     try:
         value = yaml_load(raw) if raw.strip() else None
+    except yaml.constructor.ConstructorError as exc:  # valid syntax, refused content (a duplicate key)
+        raise DeltaConfigError(f"--set {text!r}: {exc.problem}") from None
     except yaml.YAMLError:
         value = raw  # not YAML (e.g. " ||"): the text itself, verbatim
     return parts, value
@@ -572,7 +582,7 @@ def load_recipe(
             f"unknown recipe key(s) {', '.join(repr(k) for k in unknown)}; known keys: {', '.join(SECTIONS)}"
         )
     name = raw.get("name") or default_name
-    check_type("name", name, str, "a str")
+    check_run_name("name", name)
     num_threads = raw.get("num_threads")
     if num_threads is not None:
         check_int("num_threads", num_threads, minimum=1)
@@ -788,12 +798,15 @@ def _prepare_run_dir(recipe: Recipe, overwrite: bool) -> Path:
                 f"(overwrite=True) to replace it, --set train.resume_from=latest to resume it, or choose another "
                 f"--output-dir"
             )
+        from .train.checkpoint import cleanup_stale_checkpoints, list_checkpoints, remove_checkpoint
+
+        cleanup_stale_checkpoints(run_dir)  # ForeignFileError, before anything is deleted, for checkpoints not ours
         for name in _ARTEFACTS:
             (run_dir / name).unlink(missing_ok=True)
         for sub in (DELTA_DIR, MODEL_DIR, "tensorboard"):
             shutil.rmtree(run_dir / sub, ignore_errors=True)
-        for ckpt in run_dir.glob("checkpoint-*"):
-            shutil.rmtree(ckpt, ignore_errors=True)
+        for ckpt in list_checkpoints(run_dir):  # only complete checkpoints: the ones the Trainer wrote
+            remove_checkpoint(ckpt)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -818,7 +831,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text_file(path, path.name))
     except json.JSONDecodeError as exc:
         raise DataFormatError(f"{path}, line {exc.lineno}: invalid JSON ({exc.msg})") from None
     return data if isinstance(data, dict) else {}
@@ -913,12 +926,14 @@ def _save_final(recipe: Recipe, model: Any, tokenizer: Any, run_dir: Path) -> Pa
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        old = run_dir / f".tmp-{MODEL_DIR}-old-{uuid.uuid4().hex[:8]}"
+        if final.exists():  # move the previous model aside (one rename) instead of deleting it first
+            os.rename(final, old)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 

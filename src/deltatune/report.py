@@ -26,7 +26,7 @@ from typing import Any
 
 from ._optional import require
 from .errors import DataFormatError, DeltaConfigError
-from .io_utils import atomic_write_bytes, atomic_write_text
+from .io_utils import atomic_write_bytes, atomic_write_text, read_text_file
 from .validation import check_type
 
 __all__ = [
@@ -138,7 +138,7 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise DeltaConfigError(f"run directory {os.fspath(run_dir)!r} has no {METRICS_FILE} (was the run finished?)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text_file(path, METRICS_FILE))
     except json.JSONDecodeError as exc:
         raise DataFormatError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg})") from None
     if not isinstance(data, dict):

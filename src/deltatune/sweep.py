@@ -40,8 +40,8 @@ from typing import Any
 
 from ._optional import require
 from .errors import DeltaConfigError, DeltaConfigTypeError, DeltaError
-from .io_utils import atomic_write_bytes, atomic_write_text, yaml_load
-from .validation import check_bool, check_int, check_known_keys, check_type
+from .io_utils import atomic_write_bytes, atomic_write_text, read_text_file, yaml_load
+from .validation import check_bool, check_int, check_known_keys, check_run_name, check_type
 
 __all__ = [
     "SWEEP_KEYS",
@@ -176,7 +176,7 @@ def load_sweep(
         import yaml
 
         try:
-            raw = yaml_load(path.read_text(encoding="utf-8"))
+            raw = yaml_load(read_text_file(path, "sweep config"))
         except yaml.YAMLError as exc:
             raise DeltaConfigError(f"config {os.fspath(path)!r} is not valid YAML: {exc}") from None
         if not isinstance(raw, Mapping):
@@ -199,7 +199,7 @@ def load_sweep(
             f"(use methods.<name>.config for method fields and sweep.seeds / --seeds for seeds)"
         )
     name = raw.pop("name", default_name)
-    check_type("name", name, str, "a str")
+    check_run_name("name", name)
     per_method = raw.pop("methods", None) or {}
     check_type("methods", per_method, Mapping, "a mapping method -> {lr, config, train}")
     sweep = raw.pop("sweep", None) or {}

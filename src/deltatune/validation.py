@@ -23,6 +23,7 @@ __all__ = [
     "check_optional_int_list",
     "check_path_exists",
     "check_positive_int",
+    "check_run_name",
     "check_str_list",
     "check_type",
 ]
@@ -152,6 +153,17 @@ def check_optional_int_list(name: str, value: Any, *, minimum: int = 0) -> list[
     if not isinstance(items, (list, tuple)):
         raise DeltaConfigTypeError(f"{name} must be an int or a list of int, got {_fmt(value)} ({type(value).__name__})")
     return [check_int(f"{name}[{i}]", v, minimum=minimum) for i, v in enumerate(items)]
+
+
+def check_run_name(name: str, value: Any) -> str:
+    """``value`` must be a str usable as one directory name: no ``/``, ``\\``, ``..`` or NUL, not ``.``."""
+    check_type(name, value, str, "a str")
+    if any(sep in value for sep in ("/", "\\", "\0")) or ".." in value or value.strip(".") == "":
+        raise DeltaConfigError(
+            f"{name} must be a plain run name (it names the directory under the output root), without '/', '\\' "
+            f"or '..', got {_fmt(value)}"
+        )
+    return value
 
 
 def check_path_exists(name: str, value: Any, *, kind: str = "path") -> str:

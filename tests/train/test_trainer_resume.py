@@ -150,10 +150,10 @@ def test_crash_mid_save_leaves_no_checkpoint_dir(tmp_path, exc):
 
 
 def _leave_crash_debris(root):
-    """What a SIGKILL during a save could leave behind."""
+    """What a SIGKILL during a save or a rotation could leave behind (names deltatune creates)."""
     (root / ".tmp-checkpoint-4-deadbeef").mkdir()
     (root / ".tmp-checkpoint-4-deadbeef" / "optimizer.pt").write_bytes(b"partial")
-    (root / "checkpoint-6").mkdir()  # no COMPLETE marker
+    (root / ".tmp-checkpoint-removed-checkpoint-1-cafef00d").mkdir()
 
 
 def test_hard_crash_leftovers_are_ignored_and_cleaned(tmp_path):
@@ -163,7 +163,7 @@ def test_hard_crash_leftovers_are_ignored_and_cleaned(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
     assert find_latest_checkpoint(tmp_path).name == "checkpoint-2"
     removed = cleanup_stale_checkpoints(tmp_path)
-    assert sorted(p.name for p in removed) == [".tmp-checkpoint-4-deadbeef", "checkpoint-6"]
+    assert sorted(p.name for p in removed) == [".tmp-checkpoint-4-deadbeef", ".tmp-checkpoint-removed-checkpoint-1-cafef00d"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["checkpoint-2"]
     # a restarted run resumes from the newest complete checkpoint and clears the debris
     _leave_crash_debris(tmp_path)
@@ -171,8 +171,9 @@ def test_hard_crash_leftovers_are_ignored_and_cleaned(tmp_path):
     again.train(resume_from="latest")
     assert [r["step"] for r in again.log_history] == [3]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["checkpoint-2"]
+    (tmp_path / "notmine").mkdir()
     with pytest.raises(CheckpointError, match="must be 'latest' or a complete checkpoint"):
-        again.train(resume_from=tmp_path / "checkpoint-6")
+        again.train(resume_from=tmp_path / "notmine")
 
 
 def test_keep_last_checkpoints_and_final_save(tmp_path):

@@ -63,11 +63,41 @@ def _check_input_file(name: str, path: Any) -> str:
     return path
 
 
-def _open_text(path: str) -> io.TextIOBase:
-    """Open a UTF-8 text file (transparently gunzipping ``*.gz``) with universal newlines off."""
+def _read_text(path: str) -> str:
+    """The UTF-8 text of a data file (transparently gunzipping ``*.gz``).
+
+    Raises:
+        DataFormatError: a truncated or corrupt ``.gz``, bytes that are not UTF-8, or a NUL byte;
+            the message names the file and the line.
+    """
     if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        import zlib
+
+        try:
+            with gzip.open(path, "rb") as fh:
+                data = fh.read()
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raise _fail(path, "line 1", f"not a complete gzip file ({exc})") from None
+    else:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise _fail(
+            path, f"line {line}", f"not valid UTF-8 (byte {data[exc.start:exc.start + 1]!r} at offset {exc.start})"
+        ) from None
+    nul = text.find("\0")
+    if nul >= 0:
+        raise _fail(path, f"line {text.count(chr(10), 0, nul) + 1}", "NUL byte in a text file")
+    return text
+
+
+def _open_text(path: str) -> io.TextIOBase:
+    """A UTF-8 text file (transparently gunzipping ``*.gz``) as a stream with universal newlines off;
+    checked by :func:`_read_text` first."""
+    return io.StringIO(_read_text(path), newline="")
 
 
 class _Grouper:

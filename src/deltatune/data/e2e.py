@@ -151,6 +151,8 @@ def read_e2e_csv(path: str, *, group: bool = True, tokenize_values: bool = True)
                 if not ref:
                     raise _fail(path, f"line {start}", "empty reference")
                 ex.references.append(ref)
+    if not grouper.result():
+        raise _fail(path, "line 2", "no data rows after the header (expected at least one MR)")
     return grouper.result()
 
 
@@ -189,4 +191,6 @@ def read_e2e_lora(path: str, *, group: bool = True) -> list[DataToTextExample]:
                     category = value
             ex, _ = grouper.start(source, category, {})
             ex.references.append(ref)
+    if not grouper.result():
+        raise _fail(path, "line 1", "no examples (expected 'source ||reference' lines)")
     return grouper.result()

@@ -72,6 +72,8 @@ GLUE_TASKS: dict[str, GlueTaskInfo] = {
     )
 }
 _SPLITS = ("train", "dev", "test")
+#: Columns a GLUE test file may have besides the text columns (it has no label column).
+_TEST_ONLY_COLUMNS = frozenset({"index", "#1 ID", "#2 ID", "genre", "filename", "year", "old_index", "source1", "source2"})
 
 
 def glue_task(task: str) -> GlueTaskInfo:
@@ -121,7 +123,7 @@ def read_glue_tsv(path: str, task: str) -> list[TextPairExample]:
         rows = iter(reader)
         first = next(rows, None)
         if first is None:
-            return out
+            raise _fail(path, "line 1", f"empty file (expected a {info.folder} header or rows)")
         first = [c.lstrip("\ufeff") for c in first]
         if info.name == "cola" and first[:1] != ["index"]:
             # headerless train/dev: source, label, original label, sentence
@@ -138,6 +140,15 @@ def read_glue_tsv(path: str, task: str) -> list[TextPairExample]:
             width = len(header)
             text_idx = [header.index(c) for c in info.text_columns]
             label_idx = header.index(info.label_column) if info.label_column in header else None
+            if label_idx is None:
+                # only a test file (first column 'index', no unknown column) may lack the label column
+                unknown = [c for c in header if c not in _TEST_ONLY_COLUMNS and c not in info.text_columns]
+                if header[:1] != ["index"] or unknown:
+                    raise _fail(
+                        path, "line 1",
+                        f"header has no label column {info.label_column!r} and is not a test-file header "
+                        f"('index' first); unknown column(s) {unknown!r} in {header!r}",
+                    )
             pending = []
 
         def rows_with_lines():
@@ -156,6 +167,8 @@ def read_glue_tsv(path: str, task: str) -> list[TextPairExample]:
                     raise _fail(path, f"line {lineno}", f"empty text in column {name!r}")
             label = None if label_idx is None else _parse_label(info, row[label_idx], path, lineno)
             out.append(TextPairExample(texts[0], texts[1] if len(texts) == 2 else None, label))
+    if not out:
+        raise _fail(path, "line 2", "no examples after the header")
     return out
 
 

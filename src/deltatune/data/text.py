@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Mapping, Sequence
 
 from ..errors import DataFormatError, DeltaConfigError, DeltaConfigTypeError
 from ..validation import check_bool, check_type
-from .base import TextPairExample, _check_input_file, _fail, _open_text
+from .base import TextPairExample, _check_input_file, _fail, _open_text, _read_text
 
 __all__ = ["read_classification_csv", "read_wikitext", "read_wikitext_lines"]
 
@@ -139,14 +140,8 @@ def read_wikitext_lines(path: str) -> list[str]:
     string and no ``<eos>`` is added (the ``<eos>`` of word-level LM setups is not in the file).
     """
     path = _check_input_file("path", path)
-    rows = []
-    with open(path, encoding="utf-8", newline="\n") as fh:
-        try:
-            for line in fh:
-                rows.append(line if line.strip() else "")
-        except UnicodeDecodeError as exc:
-            raise DataFormatError(f"{path}, line {len(rows) + 1}: not UTF-8 ({exc.reason})") from None
-    return rows
+    # bad UTF-8 or a NUL byte: DataFormatError naming the file and line (_read_text)
+    return [line if line.strip() else "" for line in io.StringIO(_read_text(path), newline="\n")]
 
 
 def read_wikitext(path: str, *, joiner: str = "\n\n") -> str:

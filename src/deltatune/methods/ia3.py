@@ -31,7 +31,14 @@ import torch.nn as nn
 
 from ..config import DeltaConfig
 from ..errors import DeltaConfigError, DeltaConfigTypeError, UnsupportedModuleError
-from ..inject import ModuleSlot, is_gpt2_conv1d, is_linear_like, match_pattern, normalise_patterns
+from ..inject import (
+    ModuleSlot,
+    check_patterns,
+    is_gpt2_conv1d,
+    is_linear_like,
+    match_pattern,
+    normalise_patterns,
+)
 from ..validation import check_str_list, check_type
 from .base import DeltaLayer, DeltaMethod, unwrap
 
@@ -71,6 +78,7 @@ class IA3Config(DeltaConfig):
         super().validate()
         if self.feedforward_modules is not None:
             check_str_list("IA3Config.feedforward_modules", self.feedforward_modules)
+            check_patterns("IA3Config.feedforward_modules", self.feedforward_modules)
             if self.target_modules is None:
                 raise DeltaConfigError(
                     "IA3Config.feedforward_modules must be None when target_modules is None (the "
@@ -79,6 +87,7 @@ class IA3Config(DeltaConfig):
         check_type("IA3Config.fused_slices", self.fused_slices, dict, "a dict {pattern: [bool, ...]}")
         for k, v in self.fused_slices.items():
             check_type("IA3Config.fused_slices key", k, str, "a str pattern")
+            check_patterns("IA3Config.fused_slices", [k])
             if not isinstance(v, (list, tuple)) or not v or not all(isinstance(b, bool) for b in v):
                 raise DeltaConfigTypeError(f"IA3Config.fused_slices[{k!r}] must be a non-empty list of bool, got {v!r}")
             if not any(v):

@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import DeltaConfig
-from ..errors import DeltaConfigError, DeltaConfigTypeError, UnsupportedModuleError
-from ..inject import ModuleSlot, is_gpt2_conv1d, match_pattern
+from ..errors import DeltaConfigError, DeltaConfigTypeError, TargetNotFoundError, UnsupportedModuleError
+from ..inject import ModuleSlot, check_patterns, is_gpt2_conv1d, match_pattern
 from ..kernels import lora_function as _kernels
 from ..kernels.lora_function import _compute_dtype, _run
 from ..validation import check_bool, check_choice, check_float, check_positive_int, check_type
@@ -232,6 +232,10 @@ class LoraConfig(DeltaConfig):
         check_choice("LoraConfig.adapter_dtype", self.adapter_dtype, ("float32", "base"))
         for fname in ("rank_pattern", "alpha_pattern", "enable_lora"):
             check_type(f"LoraConfig.{fname}", getattr(self, fname), dict, "a dict {pattern: value}")
+        for fname in ("rank_pattern", "alpha_pattern", "enable_lora"):
+            for k in getattr(self, fname):
+                check_type(f"LoraConfig.{fname} key", k, str, "a str pattern")
+                check_patterns(f"LoraConfig.{fname}", [k])
         for k, v in self.rank_pattern.items():
             check_type("LoraConfig.rank_pattern key", k, str, "a str pattern")
             check_positive_int(f"LoraConfig.rank_pattern[{k!r}]", v)
@@ -634,6 +638,21 @@ class LoraMethod(DeltaMethod):
         """q/v projections for known transformers architectures (as the LoRA paper)."""
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         return self.DEFAULT_TARGETS.get(model_type)
+
+    def resolve_targets(self, model: nn.Module, config: DeltaConfig) -> list[ModuleSlot]:
+        """The targets; every ``rank_pattern`` / ``alpha_pattern`` / ``enable_lora`` key must match one
+        of them (a key that matches nothing is a typo, never silently ignored)."""
+        slots = super().resolve_targets(model, config)
+        assert isinstance(config, LoraConfig)
+        names = [s.name for s in slots]
+        for fname in ("rank_pattern", "alpha_pattern", "enable_lora"):
+            unmatched = [k for k in getattr(config, fname) if not any(match_pattern(n, k) for n in names)]
+            if unmatched:
+                raise TargetNotFoundError(
+                    f"LoraConfig.{fname} key(s) {unmatched} match none of the adapted modules "
+                    f"{names[:8]}{' ...' if len(names) > 8 else ''} (target_modules={config.target_modules!r})"
+                )
+        return slots
 
     def apply(self, model: nn.Module, config: DeltaConfig, adapter_name: str) -> list[str]:
         """Wrap the targets, then group sibling projections that share an input."""

@@ -135,6 +135,12 @@ class RDropLoss(nn.Module):
         z2 = z2.reshape(-1, z2.shape[-1]).float()
         y = labels.reshape(-1)
         mask = y != self.ignore_index
+        bad = mask & ((y < 0) | (y >= z1.shape[-1]))
+        if bool(bad.any()):
+            raise DeltaConfigError(
+                f"labels must be {self.ignore_index} (ignored) or a class in [0, {z1.shape[-1]}) for logits with "
+                f"{z1.shape[-1]} classes, got {int(y[bad][0])}"
+            )
         ce = 0.5 * (
             F.cross_entropy(z1, y, ignore_index=self.ignore_index, reduction="none")
             + F.cross_entropy(z2, y, ignore_index=self.ignore_index, reduction="none")

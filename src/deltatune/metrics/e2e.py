@@ -70,8 +70,9 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 
 
 def _read_lines(path: str) -> list[str]:
-    with open(path, encoding="utf-8-sig") as fh:
-        text = fh.read()
+    from ..io_utils import read_text_file
+
+    text = read_text_file(path, "text file").removeprefix("\ufeff")  # bad UTF-8: FileFormatError with the line
     return [line.strip() for line in text.splitlines()]
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import DeltaConfigError, DeltaConfigTypeError
-from ..io_utils import yaml_load
+from ..io_utils import load_yaml_file
 from ..train.distributed import resolve_device
 from ..validation import check_bool, check_choice, check_int, check_known_keys, check_type
 from .classification import check_run_fields
@@ -141,7 +141,7 @@ class PerplexityConfig:
         p = Path(path)
         if not p.is_file():
             raise DeltaConfigError(f"config must be an existing YAML file, got {os.fspath(path)!r}")
-        data = yaml_load(p.read_text(encoding="utf-8"))
+        data = load_yaml_file(p, "config")
         if not isinstance(data, Mapping):
             raise DeltaConfigTypeError(f"config {os.fspath(path)!r} must hold a YAML mapping")
         data = dict(data)

@@ -8,17 +8,24 @@ Layout of ``<output_dir>/checkpoint-<step>/``::
     trainer_state.pt         step, epoch, position in epoch, scheduler / GradScaler state, ...
     trainer_state.json       the same counters, human-readable
     rng_state_rank<R>.pt     python / numpy / torch CPU / CUDA / data-sampler RNG states of rank R
-    COMPLETE                 written last
+    COMPLETE                 written last: JSON with the step and the SHA-256 of every other file
 
 Everything is written into ``<output_dir>/.tmp-checkpoint-<step>-<random>/`` and fsynced, the
 ``COMPLETE`` marker is written, and only then is the directory renamed to ``checkpoint-<step>``.
 A crash or Ctrl-C mid-save therefore leaves at most a ``.tmp-*`` directory, which
 :func:`find_latest_checkpoint` never returns (and the next training run deletes). All ``.pt``
-files load with ``torch.load(..., weights_only=True)``.
+files load with ``torch.load(..., weights_only=True)``. :func:`verify_checkpoint` checks every file
+against the hashes in ``COMPLETE`` before a resume reads anything (checkpoints of older versions,
+whose ``COMPLETE`` holds only the step, are read without that check).
+
+Only directories deltatune itself names (``.tmp-checkpoint-*``) are ever deleted as leftovers; a
+``checkpoint-<step>`` directory without ``COMPLETE`` was not written by deltatune and makes
+:func:`cleanup_stale_checkpoints` raise :class:`~deltatune.errors.ForeignFileError` instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -32,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ForeignFileError
 from ..io_utils import atomic_write, atomic_write_bytes, atomic_write_text, fsync_dir
 
 __all__ = [
@@ -54,12 +61,14 @@ __all__ = [
     "save_trainable_params",
     "torch_load",
     "torch_save_atomic",
+    "verify_checkpoint",
 ]
 
 COMPLETE_MARKER = "COMPLETE"
 DELTA_FILE = "delta.safetensors"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".tmp-checkpoint-"
+_MARKER_FORMAT = "deltatune.train_checkpoint"
 
 
 # ---------------------------------------------------------------------------- atomic file helpers
@@ -124,7 +133,10 @@ def load_trainable_params(model: nn.Module, directory: str | os.PathLike[str]) -
     path = Path(directory) / DELTA_FILE
     if not path.is_file():
         raise CheckpointError(f"checkpoint {os.fspath(directory)!r} has no {DELTA_FILE}")
-    saved = load_file(os.fspath(path))
+    try:
+        saved = load_file(os.fspath(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a malformed file
+        raise CheckpointError(f"{os.fspath(path)!r} is not a valid safetensors file: {exc}") from None
     params = _trainable(model)
     missing = sorted(set(params) - set(saved))
     unexpected = sorted(set(saved) - set(params))
@@ -224,13 +236,26 @@ def begin_checkpoint(output_dir: str | os.PathLike[str], step: int) -> Path:
     return tmp
 
 
+def _file_hashes(directory: Path) -> dict[str, str]:
+    """``{relative posix path: sha256}`` of every file under ``directory`` except ``COMPLETE``."""
+    from ..io_utils import file_sha256
+
+    return {
+        f.relative_to(directory).as_posix(): file_sha256(f)
+        for f in sorted(directory.rglob("*"))
+        if f.is_file() and f.relative_to(directory).as_posix() != COMPLETE_MARKER
+    }
+
+
 def finalize_checkpoint(tmp: Path, step: int) -> Path:
-    """Write ``COMPLETE``, fsync, and rename ``tmp`` to ``checkpoint-<step>`` (replacing an old one)."""
-    (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
-    for f in tmp.iterdir():
+    """fsync every file, write ``COMPLETE`` (the step and every file's SHA-256), and rename ``tmp`` to
+    ``checkpoint-<step>`` (replacing an old one)."""
+    for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+    marker = {"format": _MARKER_FORMAT, "step": step, "sha256": _file_hashes(tmp)}
+    atomic_write_text(tmp / COMPLETE_MARKER, json.dumps(marker, indent=2, sort_keys=True) + "\n")
     fsync_dir(tmp)
     final = tmp.parent / f"checkpoint-{step}"
     old = None
@@ -244,20 +269,57 @@ def finalize_checkpoint(tmp: Path, step: int) -> Path:
     return final
 
 
+def verify_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Check every file of a complete checkpoint against the SHA-256 recorded in its ``COMPLETE``.
+
+    Raises :class:`~deltatune.errors.CheckpointError` naming the first file that is missing or
+    changed. A ``COMPLETE`` of an older version (only the step) carries no hashes and passes."""
+    p = Path(path)
+    marker_path = p / COMPLETE_MARKER
+    try:
+        text = marker_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"cannot read {os.fspath(marker_path)!r}: {exc}") from None
+    if text.strip().isdigit():
+        return  # written by an older deltatune: no hashes to check
+    try:
+        marker = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{os.fspath(marker_path)!r} is not valid JSON ({exc}); the checkpoint is corrupt") from None
+    if not isinstance(marker, dict) or marker.get("format") != _MARKER_FORMAT or not isinstance(marker.get("sha256"), dict):
+        raise CheckpointError(
+            f"{os.fspath(marker_path)!r} is not a deltatune checkpoint marker (expected a JSON object with "
+            f"format {_MARKER_FORMAT!r} and sha256)"
+        )
+    step = checkpoint_step(p)
+    if step is not None and marker.get("step") != step:
+        raise CheckpointError(f"{os.fspath(marker_path)!r} records step {marker.get('step')!r}, but the directory is step {step}")
+    for rel, want in marker["sha256"].items():
+        f = p / rel
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {os.fspath(p)!r} is missing {rel!r} (recorded in {COMPLETE_MARKER})")
+        with open(f, "rb") as fh:
+            have = hashlib.file_digest(fh, "sha256").hexdigest()
+        if have != want:
+            raise CheckpointError(
+                f"{os.fspath(f)!r} has SHA-256 {have[:16]}..., but {COMPLETE_MARKER} records {str(want)[:16]}...: "
+                f"the file was changed or corrupted after the checkpoint was written"
+            )
+
+
 def abort_checkpoint(tmp: Path) -> None:
     """Delete a temporary checkpoint directory (after a failed save)."""
     shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_checkpoint(path: str | os.PathLike[str]) -> None:
-    """Delete a checkpoint: first its ``COMPLETE`` marker (so that it stops counting), then the rest."""
+    """Delete a checkpoint: first rename it to a ``.tmp-checkpoint-removed-*`` name (one atomic step
+    after which it no longer counts), then delete that. A crash in between leaves only a name the
+    next :func:`cleanup_stale_checkpoints` deletes, never a ``checkpoint-<step>`` without ``COMPLETE``."""
     p = Path(path)
-    (p / COMPLETE_MARKER).unlink(missing_ok=True)
     graveyard = p.with_name(f"{_TMP_PREFIX}removed-{p.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        os.rename(p, graveyard)
-    except OSError:
-        graveyard = p
+    os.rename(p, graveyard)
+    fsync_dir(p.parent)
     shutil.rmtree(graveyard, ignore_errors=True)
 
 
@@ -273,14 +335,27 @@ def rotate_checkpoints(output_dir: str | os.PathLike[str], keep_last: int | None
 
 
 def cleanup_stale_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
-    """Delete leftovers of interrupted saves: ``.tmp-checkpoint-*`` dirs and ``checkpoint-*`` dirs
-    without ``COMPLETE``. Returns the deleted paths."""
+    """Delete leftovers of interrupted saves (``.tmp-checkpoint-*`` directories, names only deltatune
+    creates) and return them.
+
+    Raises:
+        ForeignFileError: ``output_dir`` holds a ``checkpoint-<step>`` directory without ``COMPLETE``
+            (deltatune never leaves one: it was written by something else). Checked before anything
+            is deleted; nothing is deleted then.
+    """
     root = Path(output_dir)
     if not root.is_dir():
         return []
+    foreign = sorted(p.name for p in root.iterdir() if checkpoint_step(p) is not None and not is_complete_checkpoint(p))
+    if foreign:
+        raise ForeignFileError(
+            f"output_dir {os.fspath(root)!r} holds {foreign[:10]}, checkpoint directories deltatune did not write "
+            f"(no {COMPLETE_MARKER} marker); deltatune neither uses nor deletes them: move them away or choose "
+            f"another output_dir"
+        )
     gone = []
     for p in root.iterdir():
-        if p.is_dir() and (p.name.startswith(_TMP_PREFIX) or (checkpoint_step(p) is not None and not is_complete_checkpoint(p))):
+        if p.is_dir() and p.name.startswith(_TMP_PREFIX):
             shutil.rmtree(p, ignore_errors=True)
             gone.append(p)
     return gone

@@ -73,17 +73,18 @@ def read_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     p = Path(path)
     if p.is_dir():
         p = p / LOG_FILE
-    lines = p.read_text(encoding="utf-8").splitlines()
+    lines = p.read_bytes().splitlines()
     records = []
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
+    for i, raw in enumerate(lines, start=1):
+        if not raw.strip():
             continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
+            rec = json.loads(raw.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             if i == len(lines):
                 break
-            raise DataFormatError(f"{p}:{i}: not a JSON object ({exc.msg})") from exc
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else f"not valid UTF-8: {exc.reason}"
+            raise DataFormatError(f"{p}:{i}: not a JSON object ({reason})") from exc
         if not isinstance(rec, dict):
             raise DataFormatError(f"{p}:{i}: expected a JSON object, got {type(rec).__name__}")
         records.append(rec)

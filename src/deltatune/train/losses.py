@@ -17,6 +17,7 @@ from ..errors import DeltaConfigError
 from ..validation import check_int
 
 __all__ = [
+    "check_lm_examples",
     "IGNORE_INDEX",
     "PadCollator",
     "causal_lm_loss",
@@ -135,3 +136,62 @@ def _pad(seqs: list[Any], value: int, multiple: int | None = None) -> torch.Tens
     for i, t in enumerate(tensors):
         out[i, : t.shape[0]] = t
     return out
+
+
+def _model_vocab(model: torch.nn.Module) -> tuple[int | None, int | None]:
+    """(input vocabulary size, output size) of a language model, where it can be read off its embeddings."""
+    n_in = n_out = None
+    get_in = getattr(model, "get_input_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    if isinstance(emb, torch.nn.Embedding):
+        n_in = emb.num_embeddings
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        n_out = int(weight.shape[0])
+    return n_in, n_out if n_out is not None else n_in
+
+
+def check_lm_examples(dataset: Any, model: torch.nn.Module, name: str = "train_dataset", ignore_index: int = -100) -> None:
+    """Check causal-LM examples (mappings with ``input_ids`` and optional ``labels``) before training.
+
+    Every input id must lie in ``[0, vocabulary size)`` and every label other than ``ignore_index`` in
+    ``[0, output size)`` (sizes read off the model's embeddings when it has them), and at least one
+    example must have a label the shifted loss uses (not all ``ignore_index``): training on such
+    data computes no loss and changes nothing. Datasets that are not a list/tuple of mappings (lazy
+    datasets) are not scanned.
+
+    Raises:
+        DataFormatError: naming the dataset, the example index, the field and the value.
+    """
+    from ..errors import DataFormatError
+
+    if not isinstance(dataset, (list, tuple)) or not dataset or not isinstance(dataset[0], Mapping):
+        return
+    if "input_ids" not in dataset[0]:
+        return
+    n_in, n_out = _model_vocab(model)
+    usable = False
+    for i, ex in enumerate(dataset):
+        if not isinstance(ex, Mapping) or "input_ids" not in ex:
+            continue
+        ids = torch.as_tensor(ex["input_ids"])
+        if ids.numel() and (int(ids.min()) < 0 or (n_in is not None and int(ids.max()) >= n_in)):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise DataFormatError(
+                f"{name}[{i}]['input_ids'] holds token id {bad}, outside the model's vocabulary [0, {n_in})"
+            )
+        labels = torch.as_tensor(ex["labels"]) if "labels" in ex else ids
+        kept = labels[labels != ignore_index]
+        if kept.numel() and (int(kept.min()) < 0 or (n_out is not None and int(kept.max()) >= n_out)):
+            bad = int(kept.min()) if int(kept.min()) < 0 else int(kept.max())
+            raise DataFormatError(
+                f"{name}[{i}]['labels'] holds {bad}, neither {ignore_index} (ignored) nor a class in [0, {n_out})"
+            )
+        usable = usable or bool((labels.reshape(-1)[1:] != ignore_index).any())
+    if not usable:
+        raise DataFormatError(
+            f"every label of {name} is {ignore_index} (or only the first position, which the shifted causal-LM "
+            f"loss never uses, has one): there is nothing to train on"
+        )

@@ -43,6 +43,7 @@ from .checkpoint import (
     save_trainable_params,
     torch_load,
     torch_save_atomic,
+    verify_checkpoint,
 )
 from .config import TrainConfig
 from .cuda_graph import CapturedStep
@@ -64,7 +65,7 @@ from .fsdp import (
     shard_optimizer_state_dict,
 )
 from .logging import MetricsLogger, peak_memory_mb, reset_peak_memory
-from .losses import PadCollator, causal_lm_loss, count_loss_tokens, get_logits
+from .losses import PadCollator, causal_lm_loss, check_lm_examples, count_loss_tokens, get_logits
 from .optim import AdamW, param_groups
 from .schedules import build_scheduler, resolve_warmup_steps
 
@@ -251,6 +252,8 @@ class Trainer:
         for name, fn in (("collate_fn", collate_fn), ("loss_fn", loss_fn), ("save_fn", save_fn), ("load_fn", load_fn)):
             if fn is not None and not callable(fn):
                 raise DeltaConfigTypeError(f"{name} must be callable or None, got {type(fn).__name__}")
+        if loss_fn is None:
+            check_lm_examples(train_dataset, model, "train_dataset")
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise DeltaConfigError(
@@ -932,6 +935,7 @@ class Trainer:
         path = Path(path)
         if not is_complete_checkpoint(path):
             raise CheckpointError(f"{os.fspath(path)!r} is not a complete checkpoint-<step> directory")
+        verify_checkpoint(path)
         state = torch_load(path / "trainer_state.pt")
         if not isinstance(state, dict) or state.get("format_version") != _STATE_VERSION:
             raise CheckpointError(f"{os.fspath(path)!r}: unknown trainer_state format")
