@@ -9,7 +9,7 @@ A MindPet user changes the import and keeps the names and argument names::
 
 Each shell builds the layer MindPet builds and adds deltatune's method to it (:func:`deltatune.apply`),
 so the parameters are deltatune's (``dense.lora_A.default.weight``...; the MindPet names are
-properties, e.g. ``LoRADense.tk_delta_lora_a``) and :func:`deltatune.freeze_delta`,
+properties, e.g. ``LoRADense.mindpet_delta_lora_a``) and :func:`deltatune.freeze_delta`,
 :func:`deltatune.save_delta` and the Trainer see them as usual.
 
 Numbers are MindPet 1.0.4's (checked by ``scripts/mindpet_parity.sh`` against the real MindPet on
@@ -271,8 +271,8 @@ class LoRADense(nn.Module):
         self.activation = act
         apply(self, LoraConfig(r=lora_rank, alpha=float(lora_alpha), dropout=lora_dropout, target_modules=["dense"]),
               freeze_base=False)
-        _fill("lora_a_init", lora_a_init, self.tk_delta_lora_a)
-        _fill("lora_b_init", lora_b_init, self.tk_delta_lora_b)
+        _fill("lora_a_init", lora_a_init, self.mindpet_delta_lora_a)
+        _fill("lora_b_init", lora_b_init, self.mindpet_delta_lora_b)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -285,12 +285,12 @@ class LoRADense(nn.Module):
         return self.dense.base_layer.bias
 
     @property
-    def tk_delta_lora_a(self) -> nn.Parameter:
+    def mindpet_delta_lora_a(self) -> nn.Parameter:
         """LoRA's A, ``(lora_rank, in_channels)``."""
         return self.dense.lora_A["default"].weight
 
     @property
-    def tk_delta_lora_b(self) -> nn.Parameter:
+    def mindpet_delta_lora_b(self) -> nn.Parameter:
         """LoRA's B, ``(out_channels, lora_rank)``."""
         return self.dense.lora_B["default"].weight
 
@@ -613,7 +613,8 @@ class PrefixEncoder(nn.Module):
 class RDropLoss(nn.Module):
     """MindPet's ``RDropLoss``: ``loss(logits, label_ids, alpha=4)`` with ``logits`` ``(2B, C)`` from an
     :func:`rdrop_repeat` batch: ``CE + alpha/4 · Σ_batch (KL(P1‖P2) + KL(P2‖P1))`` (deltatune's
-    :class:`~deltatune.methods.rdrop.RDropLoss` with its default ``kl_reduction="sum"``).
+    :class:`~deltatune.methods.rdrop.RDropLoss` with its default ``kl_reduction="sum"``). As in MindPet
+    the KL targets get no gradient (``kl_target_grad=False``: MindSpore's ``KLDivLoss`` passes none).
     ``alpha`` must be >= 0 (deltatune is stricter than MindPet here)."""
 
     def forward(self, logits: torch.Tensor, label_ids: torch.Tensor, alpha: float = 4) -> torch.Tensor:
@@ -622,7 +623,8 @@ class RDropLoss(nn.Module):
         if alpha < 0:
             raise DeltaConfigError(f"RDropLoss alpha must be >= 0 (deltatune is stricter than MindPet here), got {alpha}")
         check_type("label_ids", label_ids, torch.Tensor, "a tensor")
-        loss = _RDropLoss(alpha=float(alpha), layout="interleave", shift_labels=False, kl_reduction="sum")
+        loss = _RDropLoss(alpha=float(alpha), layout="interleave", shift_labels=False, kl_reduction="sum",
+                          kl_target_grad=False)
         return loss(logits, label_ids.reshape(-1))
 
 

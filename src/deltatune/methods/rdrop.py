@@ -92,6 +92,10 @@ class RDropLoss(nn.Module):
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (of the cross-entropy; see the module docstring).
         kl_reduction: ``"sum"`` (default, MindPet's and the original R-Drop's: the KL summed over the
             batch, weighted ``alpha/4``) or ``"mean"`` (averaged over positions, weighted ``alpha/2``).
+        kl_target_grad: let the gradient flow through the target distribution of each KL term (the
+            original R-Drop's PyTorch code, default). ``False`` treats it as a constant, which is what
+            MindPet computes (MindSpore's ``KLDivLoss`` passes no gradient to its target); the value is
+            the same either way.
         ignore_index: label value excluded from CE and KL.
         layout: how the batch was duplicated (``"interleave"`` or ``"concat"``, see :func:`rdrop_repeat`).
         shift_labels: shift labels for causal LM (position t predicts label t+1). None: shift when
@@ -106,6 +110,7 @@ class RDropLoss(nn.Module):
         layout: str = "interleave",
         shift_labels: bool | None = None,
         kl_reduction: str = "sum",
+        kl_target_grad: bool = True,
     ) -> None:
         super().__init__()
         self.alpha = check_float("RDropLoss.alpha", alpha, low=0.0)
@@ -116,6 +121,7 @@ class RDropLoss(nn.Module):
             check_bool("RDropLoss.shift_labels", shift_labels)
         self.shift_labels = shift_labels
         self.kl_reduction = check_choice("RDropLoss.kl_reduction", kl_reduction, KL_REDUCTIONS)
+        self.kl_target_grad = check_bool("RDropLoss.kl_target_grad", kl_target_grad)
 
     def extra_repr(self) -> str:
         return (
@@ -161,7 +167,8 @@ class RDropLoss(nn.Module):
         )
         lp1, lp2 = F.log_softmax(z1, dim=-1), F.log_softmax(z2, dim=-1)
         # KL(P2 || P1) + KL(P1 || P2), summed over classes
-        kl = (lp2.exp() * (lp2 - lp1)).sum(-1) + (lp1.exp() * (lp1 - lp2)).sum(-1)
+        t1, t2 = (lp1, lp2) if self.kl_target_grad else (lp1.detach(), lp2.detach())
+        kl = (t2.exp() * (t2 - lp1)).sum(-1) + (t1.exp() * (t1 - lp2)).sum(-1)
         zero = torch.zeros_like(ce)
         ce, kl = torch.where(mask, ce, zero), torch.where(mask, kl, zero)
         weight = self.alpha * (0.25 if self.kl_reduction == "sum" else 0.5)
