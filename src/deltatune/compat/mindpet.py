@@ -763,6 +763,8 @@ class TrainableParamsCheckPoint(TrainerCallback):
         return path
 
     def on_step_end(self, trainer: Any) -> None:
-        step = trainer.state.step
-        if step % self.config.save_checkpoint_steps == 0 and getattr(trainer, "is_main", True):
-            self.save(trainer.model, trainer.state.epoch + 1, step)
+        st = trainer.state
+        if st.step % self.config.save_checkpoint_steps == 0 and getattr(trainer, "is_main", True):
+            # the 1-based epoch the step belongs to (the last step of an epoch has already moved the counter on)
+            epoch = st.epoch if st.batches_in_epoch == 0 and st.epoch > 0 else st.epoch + 1
+            self.save(trainer.model, epoch, st.step)
