@@ -199,11 +199,11 @@ def main(workdir: str) -> int:
         rows.append((f"freeze_delta {mode!r} (trainable per child)",
                      ", ".join(f"{k} {got.get(k)}/{want[k]}" for k in sorted(want)), "-", ok))
     w = max(len(r[0]) for r in rows)
-    w1 = max(len("max |Δ output|"), *(len(r[1]) for r in rows))
-    print(f"| {'MindPet cell':<{w}} | {'max |Δ output|':<{w1}} | max |Δ gradient| | within 1e-5 |")
-    print(f"|{'-' * (w + 2)}|{'-' * (w1 + 2)}|------------------|-------------|")
+    w1 = max(len("max abs Δ output"), *(len(r[1]) for r in rows))
+    print(f"| {'MindPet cell':<{w}} | {'max abs Δ output':<{w1}} | max abs Δ gradient | within 1e-5 |")
+    print(f"|{'-' * (w + 2)}|{'-' * (w1 + 2)}|--------------------|-------------|")
     for name, a, b, ok in rows:
-        print(f"| {name:<{w}} | {a:<{w1}} | {b:<16} | {'yes' if ok else 'NO':<11} |")
+        print(f"| {name:<{w}} | {a:<{w1}} | {b:<18} | {'yes' if ok else 'NO':<11} |")
     failed = [r[0] for r in rows if not r[3]]
     print(f"[mindpet-parity] {len(rows) - len(failed)}/{len(rows)} rows within 1e-5 (Δ scaled by max(1, max|MindPet|))")
     if failed:
