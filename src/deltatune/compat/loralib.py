@@ -69,9 +69,19 @@ class LoRALayer:
         self.merged = False
         self.scaling = self.lora_alpha / self.r if self.r > 0 else 0.0
 
+    @property
+    def _active(self) -> bool:
+        """Does the layer carry a LoRA update?"""
+        return self.r > 0
+
+    def train(self, mode: bool = True) -> LoRALayer:
+        """``nn.Module.train`` plus loralib's rule: unmerge when training starts, merge when it stops."""
+        super().train(mode)  # type: ignore[misc]
+        self._set_merged(mode)
+        return self
+
     def _set_merged(self, mode: bool) -> None:
-        """loralib's train/eval rule: unmerge when training starts, merge when it stops."""
-        if not self.merge_weights or self.r <= 0:
+        if not self.merge_weights or not self._active:
             return
         if mode and self.merged:
             self._apply_delta(-1.0)
@@ -84,7 +94,7 @@ class LoRALayer:
         raise NotImplementedError
 
 
-class Embedding(nn.Embedding, LoRALayer):
+class Embedding(LoRALayer, nn.Embedding):
     """loralib's LoRA ``Embedding``: ``E[x] + (A^T[x] · B^T) · lora_alpha / r``."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1,
@@ -107,10 +117,6 @@ class Embedding(nn.Embedding, LoRALayer):
         with torch.no_grad():
             self.weight += sign * (self.lora_B @ self.lora_A).transpose(0, 1) * self.scaling
 
-    def train(self, mode: bool = True) -> Embedding:
-        nn.Embedding.train(self, mode)
-        self._set_merged(mode)
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = nn.Embedding.forward(self, x)
@@ -121,7 +127,7 @@ class Embedding(nn.Embedding, LoRALayer):
         return out
 
 
-class Linear(nn.Linear, LoRALayer):
+class Linear(LoRALayer, nn.Linear):
     """loralib's LoRA ``Linear``: ``x·Wᵀ + b + (dropout(x)·Aᵀ·Bᵀ) · lora_alpha / r``.
 
     ``fan_in_fan_out=True`` stores the weight as ``(in, out)`` (GPT-2's ``Conv1D`` layout), as loralib.
@@ -154,10 +160,6 @@ class Linear(nn.Linear, LoRALayer):
         with torch.no_grad():
             self.weight += sign * self._t(self.lora_B @ self.lora_A) * self.scaling
 
-    def train(self, mode: bool = True) -> Linear:
-        nn.Linear.train(self, mode)
-        self._set_merged(mode)
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.r > 0 and not self.merged:
@@ -170,7 +172,7 @@ class Linear(nn.Linear, LoRALayer):
         return F.linear(x, self._t(self.weight), self.bias)
 
 
-class MergedLinear(nn.Linear, LoRALayer):
+class MergedLinear(LoRALayer, nn.Linear):
     """loralib's ``MergedLinear``: one fused projection (e.g. ``qkv``) split into ``len(enable_lora)`` equal
     output slices, LoRA on the slices marked True (``lora_A``: ``(r·k, in)``, ``lora_B``: ``(out/n·k, r)``,
     ``k`` the number of enabled slices)."""
@@ -229,11 +231,6 @@ class MergedLinear(nn.Linear, LoRALayer):
             d = self.delta_weight()
             self.weight += sign * (d.transpose(0, 1) if self.fan_in_fan_out else d)
 
-    def train(self, mode: bool = True) -> MergedLinear:
-        nn.Linear.train(self, mode)
-        if self._active:
-            self._set_merged(mode)
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.transpose(0, 1) if self.fan_in_fan_out else self.weight
@@ -246,7 +243,7 @@ class MergedLinear(nn.Linear, LoRALayer):
                                   self.lora_dropout_p, self.training, fan_in_fan_out=self.fan_in_fan_out)
 
 
-class Conv2d(nn.Module, LoRALayer):
+class Conv2d(LoRALayer, nn.Module):
     """loralib's LoRA ``Conv2d`` (0.1.2's ``ConvLoRA``): ``self.conv`` (an ``nn.Conv2d``, so a pretrained
     kernel loads as ``conv.weight``) plus ``(B·A).view(conv.weight.shape) · lora_alpha / r``, with ``lora_A``
     ``(r·k, in·k)`` and ``lora_B`` ``(out/groups·k, r·k)`` for ``kernel_size`` ``k``."""
@@ -290,10 +287,6 @@ class Conv2d(nn.Module, LoRALayer):
         with torch.no_grad():
             self.conv.weight += sign * self.delta_weight()
 
-    def train(self, mode: bool = True) -> Conv2d:
-        nn.Module.train(self, mode)
-        self._set_merged(mode)
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.r > 0 and not self.merged:

@@ -306,9 +306,26 @@ class LoRADense(nn.Module):
 # Adapter / Low-Rank Adapter
 # ------------------------------------------------------------------------------------------------
 class _AdapterShell(nn.Module):
-    """Shared forward of the adapter shells: ``self.block`` carries deltatune's adapter."""
+    """Shared parts of the adapter shells: ``self.block`` (an identity, or the activated dense layer)
+    carries deltatune's adapter; ``param_init_type`` / ``compute_dtype`` are checked first."""
 
-    compute_dtype: torch.dtype
+    def __init__(self, cls: str, param_init_type: Any, compute_dtype: Any,
+                 make_block: Callable[[torch.dtype], nn.Module]) -> None:
+        pit = _dtype(f"{cls}.param_init_type", param_init_type)
+        cdt = _dtype(f"{cls}.compute_dtype", compute_dtype)
+        super().__init__()
+        self.param_init_type, self.compute_dtype = pit, cdt
+        self.block = make_block(pit)
+
+    @property
+    def adapter(self) -> nn.Module:
+        """deltatune's adapter layer (``adapter_*`` / ``low_rank_adapter_*`` ModuleDicts)."""
+        return self.block
+
+    @property
+    def dense(self) -> nn.Linear:
+        """The dense layer of the ``*Dense`` shells."""
+        return self.block.base_layer.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with _Autocast(x, self.compute_dtype):
@@ -334,17 +351,9 @@ class AdapterLayer(_AdapterShell):
         check_positive_int("AdapterLayer.hidden_size", hidden_size)
         check_positive_int("AdapterLayer.bottleneck_size", bottleneck_size)
         nl = _non_linearity("AdapterLayer.non_linearity", non_linearity)
-        self.param_init_type = _dtype("AdapterLayer.param_init_type", param_init_type)
-        self.compute_dtype = _dtype("AdapterLayer.compute_dtype", compute_dtype)
-        super().__init__()
-        self.block = nn.Identity()
+        super().__init__("AdapterLayer", param_init_type, compute_dtype, lambda dtype: nn.Identity())
         _apply_adapter(self, AdapterConfig(bottleneck_size=bottleneck_size, non_linearity=nl, mode="layer",
                                            hidden_size=hidden_size, target_modules=["block"]))
-
-    @property
-    def adapter(self) -> nn.Module:
-        """deltatune's adapter layer (``adapter_down`` / ``adapter_up`` ModuleDicts)."""
-        return self.block
 
 
 class AdapterDense(_AdapterShell):
@@ -367,23 +376,10 @@ class AdapterDense(_AdapterShell):
         check_positive_int("AdapterDense.bottleneck_size", bottleneck_size)
         nl = _non_linearity("AdapterDense.non_linearity", non_linearity)
         act = _activation("AdapterDense.activation", activation)
-        self.param_init_type = _dtype("AdapterDense.param_init_type", param_init_type)
-        self.compute_dtype = _dtype("AdapterDense.compute_dtype", compute_dtype)
-        super().__init__()
-        linear = _dense(in_channels, out_channels, weight_init, bias_init, has_bias, self.param_init_type)
-        self.block = _ActivatedDense(linear, act)
+        super().__init__("AdapterDense", param_init_type, compute_dtype, lambda dtype: _ActivatedDense(
+            _dense(in_channels, out_channels, weight_init, bias_init, has_bias, dtype), act))
         _apply_adapter(self, AdapterConfig(bottleneck_size=bottleneck_size, non_linearity=nl, mode="layer",
                                            hidden_size=out_channels, target_modules=["block"]))
-
-    @property
-    def dense(self) -> nn.Linear:
-        """The dense layer."""
-        return self.block.base_layer.linear
-
-    @property
-    def adapter(self) -> nn.Module:
-        """deltatune's adapter layer."""
-        return self.block
 
 
 def _apply_adapter(shell: nn.Module, config: AdapterConfig) -> None:
@@ -415,16 +411,8 @@ class LowRankAdapterLayer(_AdapterShell):
         check_positive_int("LowRankAdapterLayer.hidden_size", hidden_size)
         config = _low_rank_config("LowRankAdapterLayer", hidden_size, reduction_factor, low_rank_size,
                                   low_rank_w_init, non_linearity)
-        self.param_init_type = _dtype("LowRankAdapterLayer.param_init_type", param_init_type)
-        self.compute_dtype = _dtype("LowRankAdapterLayer.compute_dtype", compute_dtype)
-        super().__init__()
-        self.block = nn.Identity()
+        super().__init__("LowRankAdapterLayer", param_init_type, compute_dtype, lambda dtype: nn.Identity())
         _apply_low_rank(self, config, low_rank_w_init)
-
-    @property
-    def adapter(self) -> nn.Module:
-        """deltatune's low-rank adapter layer."""
-        return self.block
 
 
 class LowRankAdapterDense(_AdapterShell):
@@ -449,22 +437,9 @@ class LowRankAdapterDense(_AdapterShell):
         act = _activation("LowRankAdapterDense.activation", activation)
         config = _low_rank_config("LowRankAdapterDense", out_channels, reduction_factor, low_rank_size,
                                   low_rank_w_init, non_linearity)
-        self.param_init_type = _dtype("LowRankAdapterDense.param_init_type", param_init_type)
-        self.compute_dtype = _dtype("LowRankAdapterDense.compute_dtype", compute_dtype)
-        super().__init__()
-        linear = _dense(in_channels, out_channels, weight_init, bias_init, has_bias, self.param_init_type)
-        self.block = _ActivatedDense(linear, act)
+        super().__init__("LowRankAdapterDense", param_init_type, compute_dtype, lambda dtype: _ActivatedDense(
+            _dense(in_channels, out_channels, weight_init, bias_init, has_bias, dtype), act))
         _apply_low_rank(self, config, low_rank_w_init)
-
-    @property
-    def dense(self) -> nn.Linear:
-        """The dense layer."""
-        return self.block.base_layer.linear
-
-    @property
-    def adapter(self) -> nn.Module:
-        """deltatune's low-rank adapter layer."""
-        return self.block
 
 
 def _low_rank_config(cls: str, hidden: int, reduction_factor: Any, low_rank_size: Any, low_rank_w_init: Any,
