@@ -127,12 +127,20 @@ def _dump(data: dict[str, Any], path: Path) -> str:
 
 
 def config_from_dict(data: Mapping[str, Any]) -> DeltaConfig:
-    """Build the right config class from a dict with a ``method`` key (e.g. ``{"method": "lora", "r": 8}``)."""
+    """Build the right config class from a dict with a ``method`` key (e.g. ``{"method": "lora", "r": 8}``).
+
+    A MindFormers ``pet_config`` (a ``pet_type`` key, a ``pet_config`` mapping or a whole MindFormers model
+    YAML) is accepted too and mapped by :mod:`deltatune.compat.pet_config`.
+    """
     from .methods import get_method, method_names
 
     if not isinstance(data, Mapping):
         raise DeltaConfigTypeError(f"config must be a mapping with a 'method' key, got {type(data).__name__}")
     if "method" not in data:
+        from .compat.pet_config import from_pet_config, is_pet_config
+
+        if is_pet_config(data):  # MindFormers: pet_type / pet_config / model.model_config.pet_config
+            return from_pet_config(data)
         raise DeltaConfigError(f"config needs a 'method' key, one of {method_names()}; got keys {sorted(data)}")
     return get_method(data["method"]).config_cls.from_dict(data)
 
@@ -140,7 +148,9 @@ def config_from_dict(data: Mapping[str, Any]) -> DeltaConfig:
 def load_config(source: str | os.PathLike | Mapping[str, Any]) -> DeltaConfig:
     """Load a method config from a YAML/JSON file path or a dict (its ``method`` key picks the class).
 
-    A recipe file whose method config sits under a ``delta`` (or ``method_config``) key is accepted too.
+    A recipe file whose method config sits under a ``delta`` (or ``method_config``) key is accepted too,
+    and so is a MindFormers ``pet_config`` (or a whole MindFormers model YAML holding one under
+    ``model.model_config.pet_config``; see :mod:`deltatune.compat.pet_config`).
     """
     if isinstance(source, Mapping):
         return config_from_dict(source)

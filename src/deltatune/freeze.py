@@ -88,6 +88,15 @@ def freeze_delta(
                 continue
             train.update(method.extra_trainable(model, rec.config, aname))
             train.update(n for n in params if f".modules_to_save.{aname}." in f".{n}")
+    unapplied = [m for m in modes if get_method(m).delta_prefixes == () and not any(r.method == m for r in records.values())]
+    if unapplied:
+        # e.g. "bitfit" wraps nothing, so without a record it would silently train nothing; MindPet's
+        # freeze_delta(model, "bitfit") instead trains every bias: deltatune.compat.mindpet.freeze_delta does that
+        raise DeltaConfigError(
+            f"mode {unapplied[0]!r}: the model has no {unapplied[0]!r} adapter, so nothing would train; apply a "
+            f"{unapplied[0]!r} config first, or use deltatune.compat.mindpet.freeze_delta to train every bias "
+            f"as MindPet does (adapters on the model: {sorted(records) or 'none'})"
+        )
     if not found_delta and not any(get_method(m).delta_prefixes == () for m in modes):
         raise DeltaConfigError(
             f"the model has no {modes} parameters; apply a {modes[0]!r} config first (adapters on the model: "

@@ -159,6 +159,26 @@ def _closest(names: list[str], patterns: Sequence[str]) -> list[str]:
     return seen[:10]
 
 
+#: layer names of MindFormers / MindSpore model zoos (seed 003's examples) that Hugging Face models never use
+_MINDFORMERS_LAYER_NAMES = ("dense1", "dense2", "dense3", "wq", "wk", "wv", "wo", "w1", "w2", "w3", "w_qkv",
+                            "query_key_value", "dense_h_to_4h", "dense_4h_to_h")
+
+
+def _foreign_names_hint(patterns: Sequence[str], slots: list[ModuleSlot]) -> str:
+    """A note when unmatched patterns use MindFormers layer names, listing the linear layers that exist."""
+    foreign = [n for n in _MINDFORMERS_LAYER_NAMES if any(re.search(rf"(?<![A-Za-z0-9_]){n}(?![A-Za-z0-9_])", p)
+                                                           for p in patterns)]
+    if not foreign:
+        return ""
+    from .methods.base import unwrap
+
+    linear = sorted({s.name.rsplit(".", 1)[-1] for s in slots if is_linear_like(unwrap(s.module))})
+    return (
+        f". {foreign} are MindFormers layer names, which mean nothing in a Hugging Face model; the linear "
+        f"layers of this model are named {linear}; write target_modules with these"
+    )
+
+
 def select_targets(
     model: nn.Module,
     target_modules: str | Sequence[str] | None,
@@ -193,6 +213,7 @@ def select_targets(
         raise TargetNotFoundError(
             f"{what} entr{'y' if len(unmatched) == 1 else 'ies'} {unmatched} matched no module of "
             f"{type(model).__name__}; closest module names: {_closest(names, unmatched)}"
+            + _foreign_names_hint(unmatched, slots)
         )
     bad_ex = [p for p in excludes if not any(match_pattern(s.name, p) for s in slots)]
     if bad_ex:

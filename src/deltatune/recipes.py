@@ -10,7 +10,8 @@ one raises :class:`~deltatune.errors.DeltaConfigError` listing the known ones)::
       name_or_path: smollm2-135m
       dtype: null                   # float32 (null), bfloat16, float16
       chat_template: false          # format the prompt as a chat turn with the tokenizer's template
-    delta:                          # a method config (any registered method) or {method: full}
+    delta:                          # a method config (any registered method), {method: full}, or a
+                                    # MindFormers pet_config (pet_type: lora, lora_rank: 8, ...)
       method: lora
       r: 4
       alpha: 32
@@ -513,6 +514,11 @@ def _check_delta(delta: Any) -> dict[str, Any]:
     from .methods import method_names
 
     method = delta.get("method")
+    if method is None:
+        from .compat.pet_config import from_pet_config, is_pet_config
+
+        if is_pet_config(delta):  # a MindFormers pet_config in the delta section
+            return from_pet_config(delta).to_dict()
     if method == FULL_METHOD:
         extra = sorted(k for k in delta if k != "method")
         if extra:

@@ -247,7 +247,7 @@ def test_merge_refused(tiny):
         ({"bottleneck_size": True}, DeltaConfigTypeError,
          "AdapterConfig.bottleneck_size must be a positive int, got True (bool)"),
         ({"non_linearity": "swish"}, DeltaConfigError,
-         "AdapterConfig.non_linearity must be one of 'gelu', 'relu', 'silu', 'tanh', got 'swish'"),
+         "AdapterConfig.non_linearity must be one of 'gelu', 'gelu_tanh', 'relu', 'silu', 'tanh', got 'swish'"),
         ({"dropout": 1.0}, DeltaConfigError, "AdapterConfig.dropout must be a number in [0, 1), got 1.0"),
         ({"dropout": -0.1}, DeltaConfigError, "AdapterConfig.dropout must be a number in [0, 1), got -0.1"),
         ({"dropout": "0.1"}, DeltaConfigTypeError, "AdapterConfig.dropout must be a number in [0, 1), got '0.1' (str)"),

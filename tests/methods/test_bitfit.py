@@ -83,6 +83,16 @@ def test_freeze_delta_leaves_exactly_the_biases(tiny):
     assert trainable == {f"transformer.h.{i}.attn.{m}.bias" for i in range(2) for m in ("c_attn", "c_proj")}
 
 
+def test_freeze_delta_bitfit_without_bitfit_applied_raises(tiny):
+    """No BitFit record: nothing would train, so freeze_delta refuses (it used to freeze everything silently)."""
+    model = tiny.model("gpt2")
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(DeltaConfigError, match=r"mode 'bitfit': the model has no 'bitfit' adapter, so nothing would "
+                       r"train; apply a 'bitfit' config first, or use deltatune.compat.mindpet.freeze_delta"):
+        freeze_delta(model, "bitfit")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "bert"])
 def test_save_load_round_trip(tiny, arch, tmp_path):
     model = tiny.model(arch)

@@ -152,7 +152,7 @@ def test_merge_refused(tiny):
          "'kaiming_normal', got 'orthogonal'"),
         ({"identity_init": 1}, DeltaConfigTypeError, "LowRankAdapterConfig.identity_init must be a bool, got 1 (int)"),
         ({"non_linearity": "elu"}, DeltaConfigError,
-         "LowRankAdapterConfig.non_linearity must be one of 'gelu', 'relu', 'silu', 'tanh', got 'elu'"),
+         "LowRankAdapterConfig.non_linearity must be one of 'gelu', 'gelu_tanh', 'relu', 'silu', 'tanh', got 'elu'"),
         ({"dropout": 1}, DeltaConfigError, "LowRankAdapterConfig.dropout must be a number in [0, 1), got 1.0"),
         ({"mode": "x"}, DeltaConfigError, "LowRankAdapterConfig.mode must be one of 'dense', 'layer', got 'x'"),
         ({"hidden_size": 16, "reduction_factor": 32}, DeltaConfigError,

@@ -10,8 +10,9 @@ from deltatune.errors import DeltaConfigError, DeltaConfigTypeError
 from deltatune.methods.rdrop import RDropLoss, rdrop_repeat, rdrop_split
 
 
-def reference(z1, z2, y, alpha, ignore_index=-100, reduction="mean"):
-    """CE averaged over both passes + alpha * (KL(P2||P1) + KL(P1||P2)) / 2, over counted positions."""
+def reference(z1, z2, y, alpha, ignore_index=-100, reduction="mean", kl_reduction="sum"):
+    """CE averaged over both passes + the KL term over counted positions: MindPet's
+    ``alpha / 4 * sum(KL(P2||P1) + KL(P1||P2))`` (kl_reduction "sum"), or ``alpha * mean(pair average)``."""
     z1, z2, y = z1.reshape(-1, z1.shape[-1]), z2.reshape(-1, z2.shape[-1]), y.reshape(-1)
     keep = y != ignore_index
     z1, z2, y = z1[keep], z2[keep], y[keep]
@@ -20,22 +21,46 @@ def reference(z1, z2, y, alpha, ignore_index=-100, reduction="mean"):
     lp1, lp2 = F.log_softmax(z1, -1), F.log_softmax(z2, -1)
     kl_21 = F.kl_div(lp1, lp2, reduction="none", log_target=True).sum(-1)  # KL(P2 || P1)
     kl_12 = F.kl_div(lp2, lp1, reduction="none", log_target=True).sum(-1)  # KL(P1 || P2)
+    if kl_reduction == "sum":
+        return ce + alpha / 4 * (kl_21 + kl_12).sum()
     kl = 0.5 * (kl_21 + kl_12)
     return ce + alpha * (kl.sum() if reduction == "sum" else kl.mean())
 
 
+@pytest.mark.parametrize("kl_reduction", ["sum", "mean"])
 @pytest.mark.parametrize("layout", ["interleave", "concat"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_classification_matches_formula(layout, reduction):
+def test_classification_matches_formula(layout, reduction, kl_reduction):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(8, 5, generator=g)
     labels = torch.tensor([0, 3, -100, 1])
     z1, z2 = (logits[0::2], logits[1::2]) if layout == "interleave" else (logits[:4], logits[4:])
-    loss = RDropLoss(alpha=4.0, reduction=reduction, layout=layout)(logits, labels)
-    torch.testing.assert_close(loss, reference(z1, z2, labels, 4.0, reduction=reduction))
+    loss = RDropLoss(alpha=4.0, reduction=reduction, layout=layout, kl_reduction=kl_reduction)(logits, labels)
+    torch.testing.assert_close(loss, reference(z1, z2, labels, 4.0, reduction=reduction, kl_reduction=kl_reduction))
     # duplicated labels give the same value
     dup = labels.repeat_interleave(2) if layout == "interleave" else torch.cat([labels, labels])
-    torch.testing.assert_close(RDropLoss(reduction=reduction, layout=layout)(logits, dup), loss)
+    torch.testing.assert_close(
+        RDropLoss(reduction=reduction, layout=layout, kl_reduction=kl_reduction)(logits, dup), loss
+    )
+
+
+def test_default_is_mindpet_batch_sum_and_mean_form_differs():
+    """The default sums the KL over the batch (MindPet); the mean form equals it only at 2 pairs."""
+    g = torch.Generator().manual_seed(3)
+    for pairs in (2, 4, 8):
+        logits = torch.randn(2 * pairs, 6, generator=g)
+        labels = torch.randint(0, 6, (pairs,), generator=g)
+        z1, z2 = logits[0::2], logits[1::2]
+        lp1, lp2 = F.log_softmax(z1, -1), F.log_softmax(z2, -1)
+        kl = (lp2.exp() * (lp2 - lp1)).sum() + (lp1.exp() * (lp1 - lp2)).sum()
+        want = F.cross_entropy(logits, labels.repeat_interleave(2)) + kl / 4 * 4.0
+        got = RDropLoss(alpha=4.0)(logits, labels)
+        torch.testing.assert_close(got, want)
+        mean_form = RDropLoss(alpha=4.0, kl_reduction="mean")(logits, labels)
+        if pairs == 2:
+            torch.testing.assert_close(mean_form, got)
+        else:
+            assert (got - mean_form).abs() > 1e-3
 
 
 def test_causal_lm_shift_and_ignore_index():
@@ -47,6 +72,8 @@ def test_causal_lm_shift_and_ignore_index():
     loss = RDropLoss(alpha=2.5, ignore_index=-1)(logits, labels)
     z1, z2 = logits[0::2, :-1], logits[1::2, :-1]
     torch.testing.assert_close(loss, reference(z1, z2, labels[:, 1:], 2.5, ignore_index=-1))
+    loss_mean = RDropLoss(alpha=2.5, ignore_index=-1, kl_reduction="mean")(logits, labels)
+    torch.testing.assert_close(loss_mean, reference(z1, z2, labels[:, 1:], 2.5, ignore_index=-1, kl_reduction="mean"))
     # no shift (token classification)
     loss_ns = RDropLoss(alpha=2.5, ignore_index=-1, shift_labels=False)(logits, labels)
     torch.testing.assert_close(loss_ns, reference(logits[0::2], logits[1::2], labels, 2.5, ignore_index=-1))
@@ -60,8 +87,10 @@ def test_reduction_none_and_zero_alpha():
     per = RDropLoss(reduction="none")(logits, labels)
     assert per.shape == (2, 4)
     assert per[1, 1] == 0  # label position 2 after the shift
-    mean = RDropLoss()(logits, labels)
-    torch.testing.assert_close(per.sum() / 7, mean)
+    summed = RDropLoss(reduction="sum")(logits, labels)
+    torch.testing.assert_close(per.sum(), summed)
+    per_mean = RDropLoss(reduction="none", kl_reduction="mean")(logits, labels)
+    torch.testing.assert_close(per_mean.sum() / 7, RDropLoss(kl_reduction="mean")(logits, labels))
     ce_only = RDropLoss(alpha=0.0)(logits, labels)
     z1, z2, y = logits[0::2, :-1].reshape(-1, 9), logits[1::2, :-1].reshape(-1, 9), labels[:, 1:].reshape(-1)
     torch.testing.assert_close(ce_only, 0.5 * (F.cross_entropy(z1, y) + F.cross_entropy(z2, y)))
@@ -132,6 +161,8 @@ def test_end_to_end_with_dropout(tiny):
         ({"ignore_index": 1.5}, DeltaConfigTypeError, "RDropLoss.ignore_index must be an int, got 1.5 (float)"),
         ({"layout": "stack"}, DeltaConfigError, "RDropLoss.layout must be one of 'interleave', 'concat', got 'stack'"),
         ({"shift_labels": 1}, DeltaConfigTypeError, "RDropLoss.shift_labels must be a bool, got 1 (int)"),
+        ({"kl_reduction": "batchmean"}, DeltaConfigError,
+         "RDropLoss.kl_reduction must be one of 'sum', 'mean', got 'batchmean'"),
     ],
 )
 def test_constructor_validation(kwargs, exc, message):

@@ -27,6 +27,8 @@ The module also holds the machinery shared with :mod:`deltatune.methods.low_rank
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -53,9 +55,12 @@ __all__ = [
     "placement_targets",
 ]
 
-#: non-linearities by name (the ``non_linearity`` field's choices).
-ACTIVATIONS: dict[str, type[nn.Module]] = {
+#: non-linearities by name (the ``non_linearity`` field's choices). ``"gelu"`` is the exact (erf)
+#: GELU, our default; ``"gelu_tanh"`` is the tanh approximation, which is what MindSpore's ``gelu``
+#: computes and so what the MindPet shells (:mod:`deltatune.compat.mindpet`) use.
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu": nn.GELU,
+    "gelu_tanh": partial(nn.GELU, approximate="tanh"),
     "relu": nn.ReLU,
     "silu": nn.SiLU,
     "tanh": nn.Tanh,
@@ -119,7 +124,8 @@ class AdapterConfig(DeltaConfig):
 
     Attributes:
         bottleneck_size: width of the bottleneck (positive int).
-        non_linearity: ``"gelu"``, ``"relu"``, ``"silu"`` or ``"tanh"``.
+        non_linearity: ``"gelu"`` (exact, the default), ``"gelu_tanh"`` (tanh approximation, MindSpore's
+            and MindPet's GELU), ``"relu"``, ``"silu"`` or ``"tanh"``.
         dropout: dropout on the bottleneck activation, in [0, 1).
         init_scale: std of the up-projection initialisation (>= 0; 0 gives an exact identity at
             init). The up-projection weights are truncated to ±2·init_scale.

@@ -7,16 +7,28 @@ Usage::
     loss = RDropLoss(alpha=4.0)(logits, batch2["labels"])
 
 The loss for the two passes' logits ``z1, z2`` (rows ``0::2`` and ``1::2`` for the interleaved
-layout, first and second half for ``"concat"``), with ``P_i = softmax(z_i)``::
+layout, first and second half for ``"concat"``), with ``P_i = softmax(z_i)`` and
+``KL_n = KL(P2 ‖ P1) + KL(P1 ‖ P2)`` at counted position ``n`` (summed over classes):
 
-    loss = ½ (CE(z1, y) + CE(z2, y)) + alpha · ½ (KL(P2 ‖ P1) + KL(P1 ‖ P2))
+* ``kl_reduction="sum"`` (default; what MindPet's ``RDropLoss`` and the original R-Drop code
+  compute: the KL is summed over the batch, not averaged)::
 
-where the KL terms are summed over classes per position. For causal-LM logits ``(2B, T, V)``
-labels are shifted as Hugging Face does (position ``t`` predicts label ``t+1``); positions whose
-label is ``ignore_index`` are excluded from both CE and KL. ``reduction="mean"`` averages both
-terms over the counted positions, ``"sum"`` sums them, ``"none"`` returns the per-position loss
-(``(B,)`` or ``(B, T-1)``; ignored positions are 0). A batch with no counted position gives 0
-under ``"mean"`` (where ``F.cross_entropy`` would give NaN).
+      loss = CE + alpha / 4 · Σ_n KL_n
+
+  This is MindPet 1.0.4's scaling exactly (checked against it by ``scripts/mindpet_parity.sh``). The
+  original R-Drop code sums the same terms over the batch but weights them ``alpha / 2`` (it averages
+  the pair, then multiplies by ``alpha``): pass ``alpha = 2·a`` here to reproduce its weight ``a``.
+* ``kl_reduction="mean"`` (deltatune's earlier form, kept as a named option): the KL averaged over
+  the counted positions like the CE, ``loss = CE + alpha / 2 · mean_n KL_n``. It equals ``"sum"`` only
+  for exactly two counted positions.
+
+``CE = ½ (CE(z1, y) + CE(z2, y))`` is reduced by ``reduction``: ``"mean"`` averages it over the
+counted positions, ``"sum"`` sums it (the KL term is then the batch sum under both
+``kl_reduction`` values), ``"none"`` returns the per-position loss ``CE_n + c · KL_n`` (``c`` the
+factor above: ``alpha/4`` or ``alpha/2``) of shape ``(B,)`` or ``(B, T-1)``, ignored positions 0.
+For causal-LM logits ``(2B, T, V)`` labels are shifted as Hugging Face does (position ``t``
+predicts label ``t+1``); positions whose label is ``ignore_index`` are excluded from both CE and KL.
+A batch with no counted position gives 0 under ``"mean"`` (where ``F.cross_entropy`` would give NaN).
 
 This is a loss, not a graph method: it has no registry entry.
 """
@@ -36,6 +48,7 @@ from ..validation import check_bool, check_choice, check_float, check_int, check
 __all__ = ["RDropLoss", "rdrop_repeat", "rdrop_split"]
 
 LAYOUTS = ("interleave", "concat")
+KL_REDUCTIONS = ("sum", "mean")
 
 
 def rdrop_repeat(batch: Mapping[str, Any], layout: str = "interleave") -> dict[str, Any]:
@@ -76,7 +89,13 @@ class RDropLoss(nn.Module):
 
     Args:
         alpha: weight of the KL term (>= 0; 4.0 as MindPet's default).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (of the cross-entropy; see the module docstring).
+        kl_reduction: ``"sum"`` (default, MindPet's and the original R-Drop's: the KL summed over the
+            batch, weighted ``alpha/4``) or ``"mean"`` (averaged over positions, weighted ``alpha/2``).
+        kl_target_grad: let the gradient flow through the target distribution of each KL term (the
+            original R-Drop's PyTorch code, default). ``False`` treats it as a constant, which is what
+            MindPet computes (MindSpore's ``KLDivLoss`` passes no gradient to its target); the value is
+            the same either way.
         ignore_index: label value excluded from CE and KL.
         layout: how the batch was duplicated (``"interleave"`` or ``"concat"``, see :func:`rdrop_repeat`).
         shift_labels: shift labels for causal LM (position t predicts label t+1). None: shift when
@@ -90,6 +109,8 @@ class RDropLoss(nn.Module):
         ignore_index: int = -100,
         layout: str = "interleave",
         shift_labels: bool | None = None,
+        kl_reduction: str = "sum",
+        kl_target_grad: bool = True,
     ) -> None:
         super().__init__()
         self.alpha = check_float("RDropLoss.alpha", alpha, low=0.0)
@@ -99,9 +120,14 @@ class RDropLoss(nn.Module):
         if shift_labels is not None:
             check_bool("RDropLoss.shift_labels", shift_labels)
         self.shift_labels = shift_labels
+        self.kl_reduction = check_choice("RDropLoss.kl_reduction", kl_reduction, KL_REDUCTIONS)
+        self.kl_target_grad = check_bool("RDropLoss.kl_target_grad", kl_target_grad)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, reduction={self.reduction!r}, ignore_index={self.ignore_index}, layout={self.layout!r}"
+        return (
+            f"alpha={self.alpha}, reduction={self.reduction!r}, kl_reduction={self.kl_reduction!r}, "
+            f"ignore_index={self.ignore_index}, layout={self.layout!r}"
+        )
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Loss of ``logits`` ``(2B, C)`` or ``(2B, T, V)`` from a duplicated batch.
@@ -147,11 +173,15 @@ class RDropLoss(nn.Module):
         )
         lp1, lp2 = F.log_softmax(z1, dim=-1), F.log_softmax(z2, dim=-1)
         # KL(P2 || P1) + KL(P1 || P2), summed over classes
-        kl = (lp2.exp() * (lp2 - lp1)).sum(-1) + (lp1.exp() * (lp1 - lp2)).sum(-1)
-        per = torch.where(mask, ce + self.alpha * 0.5 * kl, torch.zeros_like(ce))
+        t1, t2 = (lp1, lp2) if self.kl_target_grad else (lp1.detach(), lp2.detach())
+        kl = (t2.exp() * (t2 - lp1)).sum(-1) + (t1.exp() * (t1 - lp2)).sum(-1)
+        zero = torch.zeros_like(ce)
+        ce, kl = torch.where(mask, ce, zero), torch.where(mask, kl, zero)
+        weight = self.alpha * (0.25 if self.kl_reduction == "sum" else 0.5)
         if self.reduction == "none":
-            return per.view(out_shape)
+            return (ce + weight * kl).view(out_shape)
         if self.reduction == "sum":
-            return per.sum()
-        count = mask.sum()
-        return per.sum() / count.clamp(min=1)
+            return ce.sum() + weight * kl.sum()
+        count = mask.sum().clamp(min=1)
+        kl_term = kl.sum() if self.kl_reduction == "sum" else kl.sum() / count
+        return ce.sum() / count + weight * kl_term
