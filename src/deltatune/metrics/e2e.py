@@ -42,6 +42,7 @@ from ..validation import check_choice, check_path_exists, check_str_list
 __all__ = [
     "E2E_METRICS",
     "JAVA_INSTALL_HINT",
+    "TEXT_METRICS",
     "e2e_scores",
     "mteval_tokenize",
     "read_predictions_file",
@@ -51,6 +52,8 @@ __all__ = [
 
 #: The five metrics of the E2E NLG Challenge, in the order the official scorer prints them.
 E2E_METRICS: tuple[str, ...] = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
+#: Every data-to-text metric :func:`e2e_scores` computes: the E2E five and TER (WebNLG, DART; lower is better).
+TEXT_METRICS: tuple[str, ...] = (*E2E_METRICS, "TER")
 #: How to get Java on Debian/Ubuntu (METEOR, ROUGE_L and CIDEr run Java programs).
 JAVA_INSTALL_HINT = "apt-get install -y default-jre-headless"
 
@@ -156,7 +159,7 @@ def _check_inputs(
     names = check_str_list("metrics", metrics)
     assert names is not None
     for name in names:
-        check_choice("metrics", name, E2E_METRICS)
+        check_choice("metrics", name, TEXT_METRICS)
     if len(set(names)) != len(names):
         raise DeltaConfigError(f"metrics must not repeat a metric, got {metrics!r}")
     return list(predictions), refs, names
@@ -387,11 +390,12 @@ def e2e_scores(
     Args:
         predictions: one system output per instance (an empty string is allowed).
         references: for each instance, a non-empty list of non-empty references.
-        metrics: any of ``"BLEU"``, ``"NIST"``, ``"METEOR"``, ``"ROUGE_L"``, ``"CIDEr"``.
+        metrics: any of ``"BLEU"``, ``"NIST"``, ``"METEOR"``, ``"ROUGE_L"``, ``"CIDEr"`` and ``"TER"``
+            (tercom's corpus TER, see :mod:`deltatune.metrics.ter`; not an E2E Challenge metric).
 
     Returns:
-        ``{metric: score}`` in the order of :data:`E2E_METRICS`; BLEU, METEOR and ROUGE_L are in
-        ``[0, 1]`` (the official scorer prints them unscaled), NIST and CIDEr are unbounded.
+        ``{metric: score}`` in the order of :data:`TEXT_METRICS`; BLEU, METEOR, ROUGE_L and TER are
+        fractions (the official scorers print them unscaled), NIST and CIDEr are unbounded.
 
     Raises:
         DeltaConfigError: lengths differ, a reference group or reference is empty, or an unknown
@@ -411,7 +415,11 @@ def e2e_scores(
     if coco_names:
         assert java is not None
         scores.update(_coco_scores(preds, refs, coco_names, java))
-    return {m: scores[m] for m in E2E_METRICS if m in scores}
+    if "TER" in names:
+        from .ter import ter
+
+        scores["TER"] = ter(preds, refs)
+    return {m: scores[m] for m in TEXT_METRICS if m in scores}
 
 
 def score_files(
