@@ -1220,20 +1220,14 @@ def evaluate_run(
 def _webnlg_splits(ref: Path, pred: Path, categories: Path, names: Sequence[str]) -> dict[str, Any]:
     """WebNLG scores on the seen / unseen / all inputs (categories: one per line, next to the predictions)."""
     from .data import WEBNLG_SEEN_CATEGORIES
-    from .metrics import read_predictions_file, read_references_file, seen_unseen_labels, split_scores
+    from .metrics import read_scored_files, seen_unseen_labels, split_scores
 
     if not categories.is_file():
         raise DeltaConfigError(
             f"WebNLG runs are scored per seen/unseen category split, which needs {os.fspath(categories)!r} (one "
             f"category per input, written by `deltatune generate`); it does not exist"
         )
-    preds = read_predictions_file(pred)
-    refs = read_references_file(ref)
-    if len(refs) != len(preds):
-        raise DeltaConfigError(
-            f"{os.fspath(pred)} holds {len(preds)} predictions but {os.fspath(ref)} holds {len(refs)} reference "
-            f"groups; they must be equal"
-        )
+    preds, refs = read_scored_files(ref, pred)
     cats = categories.read_text(encoding="utf-8").splitlines()
     if len(cats) != len(preds):
         raise DeltaConfigError(

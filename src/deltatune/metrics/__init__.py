@@ -8,6 +8,7 @@ from .e2e import (
     mteval_tokenize,
     read_predictions_file,
     read_references_file,
+    read_scored_files,
     score_files,
 )
 from .glue import (
@@ -39,6 +40,7 @@ __all__ = [
     "perplexity",
     "read_predictions_file",
     "read_references_file",
+    "read_scored_files",
     "score_files",
     "seen_unseen_labels",
     "sliding_windows",

@@ -47,6 +47,7 @@ __all__ = [
     "mteval_tokenize",
     "read_predictions_file",
     "read_references_file",
+    "read_scored_files",
     "score_files",
 ]
 
@@ -432,6 +433,15 @@ def score_files(
     Equivalent to ``measure_scores.py REF_FILE PRED_FILE`` of the E2E NLG Challenge; a count
     mismatch raises :class:`~deltatune.errors.DeltaConfigError` naming both files and counts.
     """
+    preds, refs = read_scored_files(ref_path, pred_path)
+    return e2e_scores(preds, refs, metrics)
+
+
+def read_scored_files(
+    ref_path: str | os.PathLike[str], pred_path: str | os.PathLike[str]
+) -> tuple[list[str], list[list[str]]]:
+    """``(predictions, references)`` of a predictions file and its references file; a count mismatch
+    raises :class:`~deltatune.errors.DeltaConfigError` naming both files and counts."""
     refs = read_references_file(ref_path)
     preds = read_predictions_file(pred_path)
     if len(refs) != len(preds):
@@ -439,4 +449,4 @@ def score_files(
             f"{os.fspath(pred_path)} holds {len(preds)} predictions but {os.fspath(ref_path)} holds "
             f"{len(refs)} reference groups; they must be equal"
         )
-    return e2e_scores(preds, refs, metrics)
+    return preds, refs
