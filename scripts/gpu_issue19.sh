@@ -15,7 +15,7 @@
 #                 calls and a later call resumes from their checkpoints)
 #   TRAIN_BUDGET_S  seconds one train phase may run before it stops at its last checkpoint (default 480)
 #   GEN_BATCH     prompts per decoding batch (default 50; beam 10 -> 500 rows)
-#   CUDA_GRAPH    train.cuda_graph (default true; false for a CPU dry run)
+#   CUDA_GRAPH    train.cuda_graph (default true; false for a CPU dry run, or if capturing a run's step fails)
 #   EXTRA_SETS    more recipe overrides for every run command, space-separated KEY=VALUE (e.g. for a dry run:
 #                 "train.device=cpu train.mixed_precision=no")
 #
