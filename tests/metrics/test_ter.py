@@ -134,3 +134,13 @@ def test_errors():
         ter("abc", [["a"]])
     with pytest.raises(DeltaConfigError, match="metrics must be one of .*'TER'.*got 'TERR'"):
         e2e_scores(["a"], [["a"]], ["TERR"])
+
+
+def test_missing_sacrebleu_is_named(monkeypatch):
+    import sys
+
+    from deltatune.errors import MissingPackageError
+
+    monkeypatch.setitem(sys.modules, "sacrebleu.metrics", None)  # import fails as if not installed
+    with pytest.raises(MissingPackageError, match=r"TER needs the package sacrebleu: `pip install sacrebleu`"):
+        ter(["a"], [["a"]])

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import DeltaConfigError, DeltaConfigTypeError
+from ..errors import DeltaConfigError, DeltaConfigTypeError, MissingPackageError
 from ..validation import check_bool
 
 __all__ = ["TerStatistics", "ter", "ter_statistics"]
@@ -71,10 +71,14 @@ def ter_statistics(
     Raises:
         DeltaConfigError: lengths differ, no input, or an input without references.
         DeltaConfigTypeError: a prediction or reference that is not a str.
+        MissingPackageError: ``sacrebleu`` is not installed.
     """
     _check(predictions, references)
     check_bool("case_sensitive", case_sensitive)
-    from sacrebleu.metrics import TER
+    try:
+        from sacrebleu.metrics import TER
+    except ImportError as exc:
+        raise MissingPackageError("TER needs the package sacrebleu: `pip install sacrebleu`") from exc
 
     most = max(len(g) for g in references)
     # sacrebleu takes reference *streams*; None pads the inputs that have fewer references
