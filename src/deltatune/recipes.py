@@ -41,8 +41,8 @@ A run directory ends up holding: ``config.yaml`` (the resolved recipe), ``train_
 TensorBoard events), ``checkpoint-<step>/`` directories, ``delta/`` (the final delta checkpoint;
 ``model/`` for full fine-tuning), ``train_summary.json``, ``predictions.txt`` (one output per line),
 ``references.txt`` (the references of each input, groups separated by a blank line: the official E2E
-scorer's formats), ``sources.txt``, ``generation_info.json``, ``metrics.json``, ``report.md`` and the
-PNG plots.
+scorer's formats), ``sources.txt``, ``categories.txt`` (each input's category),
+``generation_info.json``, ``metrics.json``, ``report.md`` and the PNG plots.
 """
 
 from __future__ import annotations
@@ -105,6 +105,8 @@ FULL_METHOD = "full"
 SECTIONS = ("name", "output_dir", "num_threads", "model", "delta", "data", "train", "generate", "eval")
 _MAPPING_SECTIONS = ("model", "delta", "data", "train", "generate", "eval")
 E2E_METRIC_NAMES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
+#: what eval.metrics may list: the E2E five and TER (WebNLG/DART)
+METRIC_CHOICES = (*E2E_METRIC_NAMES, "TER")
 _JAVA_METRICS = ("METEOR", "ROUGE_L", "CIDEr")
 
 # run-directory file names
@@ -112,6 +114,7 @@ CONFIG_FILE = "config.yaml"
 PREDICTIONS_FILE = "predictions.txt"
 REFERENCES_FILE = "references.txt"
 SOURCES_FILE = "sources.txt"
+CATEGORIES_FILE = "categories.txt"
 GENERATION_INFO_FILE = "generation_info.json"
 TRAIN_SUMMARY_FILE = "train_summary.json"
 RUN_INFO_FILE = "run_info.json"
@@ -264,7 +267,8 @@ class EvalSpec:
         sample_fraction: stratified share (by category) of that split's inputs decoded, in (0, 1].
         max_examples: decode at most this many inputs (taken from the stratified sample in file order).
         batch_size: prompts per generation batch (beam search runs ``batch_size * num_beams`` rows).
-        metrics: which E2E metrics to compute (METEOR, ROUGE_L and CIDEr need Java).
+        metrics: which metrics to compute: BLEU, NIST, METEOR, ROUGE_L, CIDEr (the last three need
+            Java) and TER. WebNLG runs are also scored on the seen / unseen / all split.
         merge: fold a mergeable delta (LoRA, IA3) into the weights before decoding (faster, same outputs
             up to rounding).
         seed: seed of the sampling (default: ``data.seed``).
@@ -286,7 +290,7 @@ class EvalSpec:
         check_int("eval.batch_size", self.batch_size, minimum=1)
         self.metrics = check_str_list("eval.metrics", self.metrics)
         for i, m in enumerate(self.metrics):
-            check_choice(f"eval.metrics[{i}]", m, E2E_METRIC_NAMES)
+            check_choice(f"eval.metrics[{i}]", m, METRIC_CHOICES)
         check_bool("eval.merge", self.merge)
         if self.seed is not None:
             check_int("eval.seed", self.seed, minimum=0)
@@ -783,6 +787,7 @@ _ARTEFACTS = (
     PREDICTIONS_FILE,
     REFERENCES_FILE,
     SOURCES_FILE,
+    CATEGORIES_FILE,
     GENERATION_INFO_FILE,
     "metrics.json",
     "report.md",
@@ -1067,6 +1072,7 @@ def _generate(recipe: Recipe, model: Any, tokenizer: Any, examples: list[Any], r
     _write_lines(run_dir / PREDICTIONS_FILE, preds)
     write_references(run_dir / REFERENCES_FILE, [p["references"] for p in prompts])
     _write_lines(run_dir / SOURCES_FILE, [p["source"] for p in prompts])
+    _write_lines(run_dir / CATEGORIES_FILE, [str(examples[p["example_index"]].category) for p in prompts])
     info = {
         "split": recipe.eval.split,
         "num_inputs": len(prompts),
@@ -1140,7 +1146,9 @@ def evaluate_run(
     Files default to the run directory's ``predictions.txt`` / ``references.txt``; the run directory
     defaults to the recipe's ``output_dir`` (or the predictions file's folder). The metrics default to
     ``recipe.eval.metrics`` (all five without a recipe). What the run directory holds from the other
-    steps (trainable parameters, peak memory, times, losses) is added to ``metrics.json``.
+    steps (trainable parameters, peak memory, times, losses) is added to ``metrics.json``. WebNLG runs
+    (the recipe's dataset, or ``run_info.json``'s) are also scored on the seen / unseen / all split
+    (``metrics.json``'s ``splits``), from ``categories.txt`` next to the predictions file.
     ``started_at`` (a ``time.perf_counter()`` value) makes ``wall_time_s`` the time since then;
     otherwise it is the sum of the steps' times.
     """
@@ -1166,8 +1174,15 @@ def evaluate_run(
             )
     names = list(metrics) if metrics is not None else (recipe.eval.metrics if recipe is not None else list(E2E_METRIC_NAMES))
     _check_java(names)
+    dataset = recipe.data.dataset if recipe is not None else _read_json(root / RUN_INFO_FILE).get("dataset")
     t0 = time.perf_counter()
-    scores = score_files(ref, pred, names)
+    scores: dict[str, Any]
+    if dataset == "webnlg":  # scored on the seen / unseen / all split; the top-level scores are "all"'s
+        splits = _webnlg_splits(ref, pred, pred.parent / CATEGORIES_FILE, names)
+        scores = {k: v for k, v in splits["all"].items() if k != "num_inputs"}
+        scores["splits"] = splits
+    else:
+        scores = dict(score_files(ref, pred, names))
     score_time = time.perf_counter() - t0
     root.mkdir(parents=True, exist_ok=True)
 
@@ -1226,6 +1241,27 @@ def evaluate_run(
     extra["software"] = format_versions(out["versions"])
     write_report(root, out, extra)
     return out
+
+
+def _webnlg_splits(ref: Path, pred: Path, categories: Path, names: Sequence[str]) -> dict[str, Any]:
+    """WebNLG scores on the seen / unseen / all inputs (categories: one per line, next to the predictions)."""
+    from .data import WEBNLG_SEEN_CATEGORIES
+    from .metrics import read_scored_files, seen_unseen_labels, split_scores
+
+    if not categories.is_file():
+        raise DeltaConfigError(
+            f"WebNLG runs are scored per seen/unseen category split, which needs {os.fspath(categories)!r} (one "
+            f"category per input, written by `deltatune generate`); it does not exist"
+        )
+    preds, refs = read_scored_files(ref, pred)
+    cats = categories.read_text(encoding="utf-8").splitlines()
+    if len(cats) != len(preds):
+        raise DeltaConfigError(
+            f"{os.fspath(categories)} holds {len(cats)} categories but {os.fspath(pred)} holds {len(preds)} "
+            f"predictions; they must be equal"
+        )
+    labels = seen_unseen_labels([c.strip() for c in cats], WEBNLG_SEEN_CATEGORIES)
+    return split_scores(preds, refs, labels, names, order=("seen", "unseen"))
 
 
 def _count_lines(path: Path) -> int:

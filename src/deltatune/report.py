@@ -53,6 +53,7 @@ SCORE_ROWS: tuple[tuple[str, str], ...] = (
     ("METEOR", "METEOR"),
     ("ROUGE_L", "ROUGE-L"),
     ("CIDEr", "CIDEr"),
+    ("TER", "TER (lower is better)"),
     ("trainable_params", "trainable params"),
     ("trainable_percent", "trainable %"),
     ("peak_memory_mb", "peak memory (MiB)"),
@@ -265,6 +266,22 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _split_table(splits: Mapping[str, Any]) -> str:
+    """Markdown table of per-split scores (``{split: {"num_inputs": n, metric: score}}``): one row per
+    metric, one column per split."""
+    names = [str(k) for k in splits]
+    keys = ["num_inputs"] + [k for k, _ in SCORE_ROWS if any(isinstance(v, Mapping) and k in v for v in splits.values())]
+    labels = dict(SCORE_ROWS) | {"num_inputs": "inputs"}
+    rows = []
+    for key in keys:
+        cells = []
+        for name in names:
+            v = splits[name]
+            cells.append(format_value(key, v[key]) if isinstance(v, Mapping) and key in v else "-")
+        rows.append([labels[key], *cells])
+    return _md_table(["metric", *names], rows)
+
+
 def write_report(
     run_dir: str | os.PathLike, metrics: Mapping[str, Any], extra: Mapping[str, Any] | None = None
 ) -> Path:
@@ -302,6 +319,9 @@ def write_report(
         ]
     else:
         parts += ["(no scores)", ""]
+    splits = metrics.get("splits")
+    if isinstance(splits, Mapping) and splits:
+        parts += ["## Scores by split", "", _split_table(splits), ""]
     shown = {k for k, _ in SCORE_ROWS}
     others = [(str(k), format_value(str(k), v)) for k, v in metrics.items() if k not in shown and not isinstance(v, (dict, list))]
     if others:

@@ -43,15 +43,19 @@ from ..validation import check_choice, check_path_exists, check_str_list
 __all__ = [
     "E2E_METRICS",
     "JAVA_INSTALL_HINT",
+    "TEXT_METRICS",
     "e2e_scores",
     "mteval_tokenize",
     "read_predictions_file",
     "read_references_file",
+    "read_scored_files",
     "score_files",
 ]
 
 #: The five metrics of the E2E NLG Challenge, in the order the official scorer prints them.
 E2E_METRICS: tuple[str, ...] = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
+#: Every data-to-text metric :func:`e2e_scores` computes: the E2E five and TER (WebNLG, DART; lower is better).
+TEXT_METRICS: tuple[str, ...] = (*E2E_METRICS, "TER")
 #: How to get Java on Debian/Ubuntu (METEOR, ROUGE_L and CIDEr run Java programs).
 JAVA_INSTALL_HINT = "apt-get install -y default-jre-headless"
 
@@ -158,7 +162,7 @@ def _check_inputs(
     names = check_str_list("metrics", metrics)
     assert names is not None
     for name in names:
-        check_choice("metrics", name, E2E_METRICS)
+        check_choice("metrics", name, TEXT_METRICS)
     if len(set(names)) != len(names):
         raise DeltaConfigError(f"metrics must not repeat a metric, got {metrics!r}")
     return list(predictions), refs, names
@@ -379,11 +383,12 @@ def e2e_scores(
     Args:
         predictions: one system output per instance (an empty string is allowed).
         references: for each instance, a non-empty list of non-empty references.
-        metrics: any of ``"BLEU"``, ``"NIST"``, ``"METEOR"``, ``"ROUGE_L"``, ``"CIDEr"``.
+        metrics: any of ``"BLEU"``, ``"NIST"``, ``"METEOR"``, ``"ROUGE_L"``, ``"CIDEr"`` and ``"TER"``
+            (tercom's corpus TER, see :mod:`deltatune.metrics.ter`; not an E2E Challenge metric).
 
     Returns:
-        ``{metric: score}`` in the order of :data:`E2E_METRICS`; BLEU, METEOR and ROUGE_L are in
-        ``[0, 1]`` (the official scorer prints them unscaled), NIST and CIDEr are unbounded.
+        ``{metric: score}`` in the order of :data:`TEXT_METRICS`; BLEU, METEOR, ROUGE_L and TER are
+        fractions (the official scorers print them unscaled), NIST and CIDEr are unbounded.
 
     Raises:
         DeltaConfigError: lengths differ, a reference group or reference is empty, or an unknown
@@ -403,7 +408,11 @@ def e2e_scores(
     if coco_names:
         assert java is not None
         scores.update(_coco_scores(preds, refs, coco_names, java))
-    return {m: scores[m] for m in E2E_METRICS if m in scores}
+    if "TER" in names:
+        from .ter import ter
+
+        scores["TER"] = ter(preds, refs)
+    return {m: scores[m] for m in TEXT_METRICS if m in scores}
 
 
 def score_files(
@@ -416,6 +425,15 @@ def score_files(
     Equivalent to ``measure_scores.py REF_FILE PRED_FILE`` of the E2E NLG Challenge; a count
     mismatch raises :class:`~deltatune.errors.DeltaConfigError` naming both files and counts.
     """
+    preds, refs = read_scored_files(ref_path, pred_path)
+    return e2e_scores(preds, refs, metrics)
+
+
+def read_scored_files(
+    ref_path: str | os.PathLike[str], pred_path: str | os.PathLike[str]
+) -> tuple[list[str], list[list[str]]]:
+    """``(predictions, references)`` of a predictions file and its references file; a count mismatch
+    raises :class:`~deltatune.errors.DeltaConfigError` naming both files and counts."""
     refs = read_references_file(ref_path)
     preds = read_predictions_file(pred_path)
     if len(refs) != len(preds):
@@ -423,4 +441,4 @@ def score_files(
             f"{os.fspath(pred_path)} holds {len(preds)} predictions but {os.fspath(ref_path)} holds "
             f"{len(refs)} reference groups; they must be equal"
         )
-    return e2e_scores(preds, refs, metrics)
+    return preds, refs
