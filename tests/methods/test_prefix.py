@@ -11,6 +11,7 @@ import copy
 import inspect
 import re
 import types
+import warnings
 
 import pytest
 import torch
@@ -609,6 +610,30 @@ def test_reserved_adapter_name() -> None:
     )):
         api.apply(model, PrefixConfig(), name="base_layer")
     assert not api.adapter_names(model) and "prefix_encoder" not in model._modules
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_cache_accepted_under_either_name(arch: str) -> None:
+    """The hook takes the cache as ``cache`` or ``past_key_values`` and hands it to the model under the
+    model's own name (no FutureWarning on transformers >= 5.24, which renamed it); both at once is refused."""
+    model = build(arch)
+    api.apply(model, PrefixConfig(prefix_token_num=3, mid_dim=16))
+    batch = inputs(make_batch(arch))
+    nxt = {"input_ids": batch["input_ids"][:, :1], "attention_mask": torch.ones(2, 8, dtype=torch.long),
+           "position_ids": positions(torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1))[:, -1:]}
+    steps = {}
+    for name in ("cache", "past_key_values"):
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            cache = output_cache(model(**batch, use_cache=True))
+            out = model(**nxt, **{name: cache})
+        steps[name] = out.logits
+        assert output_cache(out) is cache and cache.get_seq_length() == 3 + 7 + 1
+    torch.testing.assert_close(steps["cache"], steps["past_key_values"], rtol=0, atol=0)
+    with torch.no_grad():
+        cache = output_cache(model(**batch, use_cache=True))
+    with pytest.raises(DeltaConfigError, match=re.escape("got a cache under both 'cache' and 'past_key_values'")):
+        model(**nxt, cache=cache, past_key_values=cache)
 
 
 def test_runtime_errors() -> None:
