@@ -9,7 +9,10 @@ renamed ``cache`` in transformers 5.24; passing the old name is deprecated). A f
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -39,6 +42,31 @@ DECODING = [
 ]
 
 
+@contextlib.contextmanager
+def no_deprecated_cache_name() -> Iterator[None]:
+    """Fail on a ``FutureWarning`` and on transformers' logged "past_key_values ... deprecated" message.
+
+    transformers logs the latter once per process (``warning_once`` is an ``lru_cache``), so its cache
+    is cleared first and a handler on the library's root logger collects what is logged meanwhile.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.warning_once.cache_clear()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    root = logging.getLogger("transformers")
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            yield
+    finally:
+        root.removeHandler(handler)
+    messages = [r.getMessage() for r in records]
+    assert not [m for m in messages if "past_key_values" in m], messages
+
+
 def prefix_model(arch: str, method: str) -> nn.Module:
     """A tiny causal LM with one active prefix adapter that clearly changes its output."""
     model = BUILDERS[arch]()
@@ -52,8 +80,7 @@ def prefix_model(arch: str, method: str) -> nn.Module:
 def hf_generate(model: nn.Module, prompt: list[int], steps: int, **kw) -> list[int]:
     """transformers' generate on one unpadded prompt: the new tokens, no EOS."""
     ids = torch.tensor([prompt])
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)
+    with torch.no_grad(), no_deprecated_cache_name():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps,
                              do_sample=False, pad_token_id=PAD, eos_token_id=None, **kw)
     return out[0, len(prompt):].tolist()
@@ -62,8 +89,7 @@ def hf_generate(model: nn.Module, prompt: list[int], steps: int, **kw) -> list[i
 def ours(model: nn.Module, steps: int, **kw) -> list[list[int]]:
     """deltatune's decoder on all prompts in one left-padded batch."""
     cfg = GenerationConfig(max_new_tokens=steps, eos_token_id=[], pad_token_id=PAD, **kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", FutureWarning)
+    with no_deprecated_cache_name():
         return generate(model, None, PROMPTS, cfg, batch_size=len(PROMPTS), progress=False)
 
 
