@@ -497,12 +497,22 @@ def test_two_named_prefixes(arch: str) -> None:
         ref.prefix_encoder.default.embedding.weight.copy_(joined)
     torch.testing.assert_close(both, logits(ref, batch), rtol=0, atol=1e-6)
 
+    # where the hook sits: on the model, or (a 4.x task head whose forward takes no cache) its backbone
+    declares = any(n in inspect.signature(model.forward).parameters for n in ("cache", "past_key_values"))
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+    hooked = model if declares or takes_kwargs else model.base_model
+    assert arch == "bert" or hooked is model
+    assert len(hooked._forward_pre_hooks) == 1 and len(hooked._forward_hooks) == 1
+    assert hooked is model or not (model._forward_pre_hooks or model._forward_hooks)
+
     api.delete_adapter(model, "a")
     assert api.active_adapters(model) == ["b"]
     assert torch.equal(logits(model, batch), out_b)
     api.delete_adapter(model, "b")
     assert "prefix_encoder" not in model._modules
-    assert not model._forward_pre_hooks and not model._forward_hooks
+    for module in (model, model.base_model):
+        assert not module._forward_pre_hooks and not module._forward_hooks
+        assert not [k for k in module.__dict__ if k.startswith("_deltatune_prefix")]
     assert torch.equal(logits(model, batch), base)
 
 

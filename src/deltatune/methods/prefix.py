@@ -70,6 +70,7 @@ __all__ = [
     "PrefixTuningHolder",
     "fold",
     "fold_prefix",
+    "hook_target",
     "prefix_geometry",
     "reject_module_fields",
 ]
