@@ -531,9 +531,9 @@ def generate(
     """Generate continuations of ``prompts`` with ``model``, in batches, reusing the KV cache.
 
     Args:
-        model: a Hugging Face causal LM (``logits`` and ``past_key_values`` outputs), possibly with
-            delta methods attached or merged. It is put in eval mode for the call and its previous
-            training mode is restored afterwards; it is not moved.
+        model: a Hugging Face causal LM (``logits`` and ``cache`` / ``past_key_values`` outputs),
+            possibly with delta methods attached or merged. It is put in eval mode for the call and its
+            previous training mode is restored afterwards; it is not moved.
         tokenizer: needed only when ``prompts`` are strings (encoded with ``add_special_tokens``) and
             to look up EOS/pad ids that ``config`` leaves as ``None``; may be ``None``.
         prompts: a list of token-id lists (or 1-D integer tensors), or a list of strings.
