@@ -25,6 +25,7 @@ from deltatune.generate import (
     generate,
     generate_text,
 )
+from deltatune.hf_cache import cache_arg
 from tests.tiny_models import llama_config as tiny_llama_config
 
 NO_SPECIAL = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
@@ -249,16 +250,18 @@ def add_prefix_hook(model: LlamaForCausalLM, n_prefix: int = 3):
     keys = [torch.randn(1, cfg.num_key_value_heads, n_prefix, head_dim, generator=g) for _ in range(2)]
     vals = [torch.randn(1, cfg.num_key_value_heads, n_prefix, head_dim, generator=g) for _ in range(2)]
 
+    arg = cache_arg(model)  # "cache" from transformers 5.24, "past_key_values" before
+
     def hook(module, args, kwargs):
         mask = kwargs["attention_mask"]
         rows = mask.shape[0]
-        if kwargs.get("past_key_values") is None:
+        if kwargs.get(arg) is None:
             cache = DynamicCache(config=cfg)
             for layer in range(cfg.num_hidden_layers):
                 cache.update(
                     keys[layer].expand(rows, -1, -1, -1), vals[layer].expand(rows, -1, -1, -1), layer
                 )
-            kwargs["past_key_values"] = cache
+            kwargs[arg] = cache
         kwargs["attention_mask"] = torch.cat([mask.new_ones(rows, n_prefix), mask], 1)
         return args, kwargs
 

@@ -31,7 +31,9 @@ prepend learned key/values to the cache and extend the attention mask): every ca
 ``attention_mask`` (over all real tokens fed so far, past and current, left padding as zeros) and
 explicit ``position_ids`` computed from that mask (so padding does not shift positions), lets the model
 create its own cache on the first call (``use_cache=True``, no cache object is made here), and reuses
-``outputs.past_key_values`` afterwards, feeding only the new token. The cache length is never assumed
+the returned cache afterwards, feeding only the new token. The cache goes in and comes out under the
+name the model uses (``cache`` from transformers 5.24, ``past_key_values`` before; see
+:mod:`deltatune.hf_cache`), so no deprecated alias is touched. The cache length is never assumed
 to equal the number of tokens fed. Beam search reorders (and, after the prompt pass, expands to
 ``batch * num_beams`` rows) the cache with its own ``reorder_cache`` method (an ``index_select`` along
 the batch dimension of every layer's keys and values); legacy tuple caches are reordered the same way.
@@ -49,6 +51,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import DeltaConfigError, DeltaConfigTypeError
+from .hf_cache import cache_arg, output_cache
 from .validation import (
     check_bool,
     check_float,
@@ -253,12 +256,20 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
         return False
 
 
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """How to call the model: whether it takes ``logits_to_keep``, and its name for the cache."""
+
+    logits_to_keep: bool
+    cache_arg: str
+
+
 def _step(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     past: Any,
-    logits_to_keep: bool,
+    call: _Call,
 ) -> tuple[torch.Tensor, Any]:
     """One forward pass; returns the float32 logits of the last position and the model's cache."""
     if past is None:  # prompt pass: positions count real tokens only (left padding -> 0)
@@ -272,15 +283,15 @@ def _step(
         "use_cache": True,
     }
     if past is not None:
-        kwargs["past_key_values"] = past
-    if logits_to_keep:
+        kwargs[call.cache_arg] = past
+    if call.logits_to_keep:
         kwargs["logits_to_keep"] = 1
     out = model(**kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]
-    past = out.past_key_values if hasattr(out, "past_key_values") else out[1]
+    past = output_cache(out)
     if past is None:
         raise DeltaConfigError(
-            f"model must return past_key_values when called with use_cache=True, got None "
+            f"model must return its cache ({call.cache_arg}) when called with use_cache=True, got None "
             f"({type(model).__name__})"
         )
     return logits[:, -1, :].float(), past
@@ -383,11 +394,11 @@ def _greedy_or_sample(
     eos: torch.Tensor,
     pad: int,
     gen: torch.Generator | None,
-    logits_to_keep: bool,
+    call: _Call,
 ) -> list[list[int]]:
     rows = ids.shape[0]
     history = ids.masked_fill(mask == 0, -1)
-    logits, past = _step(model, ids, mask, None, logits_to_keep)
+    logits, past = _step(model, ids, mask, None, call)
     done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
     out: list[torch.Tensor] = []
     for step in range(cfg.max_new_tokens):
@@ -403,7 +414,7 @@ def _greedy_or_sample(
             break
         history = torch.cat([history, tok[:, None]], 1)
         mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
-        logits, past = _step(model, tok[:, None], mask, past, logits_to_keep)
+        logits, past = _step(model, tok[:, None], mask, past, call)
     return torch.stack(out, 1).tolist()
 
 
@@ -415,7 +426,7 @@ def _beam_search(
     eos: torch.Tensor,
     pad: int,
     gen: torch.Generator | None,
-    logits_to_keep: bool,
+    call: _Call,
 ) -> list[list[int]]:
     batch, nb, steps = ids.shape[0], cfg.num_beams, cfg.max_new_tokens
     lp, es = cfg.length_penalty, cfg.early_stopping
@@ -425,7 +436,7 @@ def _beam_search(
     min_keep = max(2, 1 + n_eos)  # sampling filters keep this many tokens per beam (as transformers)
 
     # Prompt pass on ``batch`` rows, then expand everything to batch * nb rows (beam-major per prompt).
-    logits, past = _step(model, ids, mask, None, logits_to_keep)
+    logits, past = _step(model, ids, mask, None, call)
     expand = torch.arange(batch, device=dev).repeat_interleave(nb)
     past = _reorder_cache(past, expand)
     logits, mask = logits[expand], mask[expand]
@@ -496,7 +507,7 @@ def _beam_search(
         past = _reorder_cache(past, flat)
         history = torch.cat([history[flat], new_tok.view(-1, 1)], 1)
         mask = torch.cat([mask[flat], mask.new_ones(batch * nb, 1)], 1)
-        logits, past = _step(model, new_tok.view(-1, 1), mask, past, logits_to_keep)
+        logits, past = _step(model, new_tok.view(-1, 1), mask, past, call)
 
     return fin_tokens[:, 0, :].tolist()
 
@@ -520,9 +531,9 @@ def generate(
     """Generate continuations of ``prompts`` with ``model``, in batches, reusing the KV cache.
 
     Args:
-        model: a Hugging Face causal LM (``logits`` and ``past_key_values`` outputs), possibly with
-            delta methods attached or merged. It is put in eval mode for the call and its previous
-            training mode is restored afterwards; it is not moved.
+        model: a Hugging Face causal LM (``logits`` and ``cache`` / ``past_key_values`` outputs),
+            possibly with delta methods attached or merged. It is put in eval mode for the call and its
+            previous training mode is restored afterwards; it is not moved.
         tokenizer: needed only when ``prompts`` are strings (encoded with ``add_special_tokens``) and
             to look up EOS/pad ids that ``config`` leaves as ``None``; may be ``None``.
         prompts: a list of token-id lists (or 1-D integer tensors), or a list of strings.
@@ -567,7 +578,7 @@ def generate(
         gen.manual_seed(config.seed)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=dev)
     eos_set = set(eos_ids)
-    keep = _accepts_logits_to_keep(model)
+    call = _Call(_accepts_logits_to_keep(model), cache_arg(model))
     decode = _beam_search if config.num_beams > 1 else _greedy_or_sample
 
     order = sorted(range(len(ids_list)), key=lambda i: -len(ids_list[i]))  # stable: longest first
@@ -586,7 +597,7 @@ def generate(
                     n = len(ids_list[i])
                     ids[r, width - n :] = torch.tensor(ids_list[i], dtype=torch.long)
                     mask[r, width - n :] = 1
-                rows = decode(model, ids.to(dev), mask.to(dev), config, eos, pad, gen, keep)
+                rows = decode(model, ids.to(dev), mask.to(dev), config, eos, pad, gen, call)
                 for r, i in enumerate(chunk):
                     results[i] = _cut_at_eos(rows[r], eos_set)
     finally:

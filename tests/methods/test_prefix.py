@@ -8,8 +8,10 @@ classification) models are built here. The helpers at the top are also used by
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 import types
+import warnings
 
 import pytest
 import torch
@@ -27,6 +29,7 @@ from deltatune.errors import (  # noqa: E402
     UnsupportedModuleError,
 )
 from deltatune.freeze import trainable_summary  # noqa: E402
+from deltatune.hf_cache import cache_arg, output_cache  # noqa: E402
 from deltatune.methods.prefix import PrefixConfig, PrefixEncoder, fold, fold_prefix  # noqa: E402
 
 ARCHS = ("gpt2", "llama", "bert")
@@ -126,7 +129,7 @@ def greedy(
     explicit_positions: bool = True,
 ) -> torch.Tensor:
     """A plain greedy loop: with the cache it feeds one token per step (explicit mask, positions and
-    past_key_values); without it recomputes the whole sequence every step."""
+    its cache); without it recomputes the whole sequence every step."""
     past = None
     cur_ids, cur_mask = ids, mask
     with torch.no_grad():
@@ -135,8 +138,9 @@ def greedy(
             if use_cache:
                 step_ids = cur_ids if past is None else cur_ids[:, -1:]
                 kw = {"position_ids": pos[:, -step_ids.shape[1]:]} if explicit_positions else {}
-                out = model(input_ids=step_ids, attention_mask=cur_mask, past_key_values=past, use_cache=True, **kw)
-                past = out.past_key_values
+                kw[cache_arg(model)] = past
+                out = model(input_ids=step_ids, attention_mask=cur_mask, use_cache=True, **kw)
+                past = output_cache(out)
             else:
                 kw = {"position_ids": pos} if explicit_positions else {}
                 out = model(input_ids=cur_ids, attention_mask=cur_mask, use_cache=False, **kw)
@@ -155,9 +159,34 @@ def prefix_count(n: int, d: int, mid: int, out: int) -> int:
     return n * d + d * mid + mid + mid * out + out
 
 
+def expose_past_key_values(module: nn.Module) -> None:
+    """Let PEFT find ``past_key_values`` in ``module.forward``'s signature when transformers calls it ``cache``.
+
+    peft 0.21.2 decides whether a backbone takes a prefix cache by looking for ``past_key_values`` in
+    its signature, which transformers >= 5.24 renamed to ``cache``. An instance-level forward that
+    declares the old name and passes the value on as ``cache`` (what transformers' own
+    ``deprecate_kwarg(..., expose_in_signature=True)`` does) lets the unmodified PEFT run.
+    """
+    forward = module.forward
+    sig = inspect.signature(forward)
+    if "past_key_values" in sig.parameters or "cache" not in sig.parameters:
+        return
+
+    def shim(*args, past_key_values=None, **kwargs):
+        return forward(*args, cache=past_key_values, **kwargs)
+
+    params = list(sig.parameters.values())
+    old = inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = len(params) - 1 if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD else len(params)
+    shim.__signature__ = sig.replace(parameters=[*params[:at], old, *params[at:]])
+    module.forward = shim
+
+
 def peft_prefix_model(base: nn.Module, arch: str, n: int, projection: bool, mid: int, encoder: PrefixEncoder):
     """PEFT's prefix tuning on ``base`` with the weights of our ``encoder`` copied in."""
     peft = pytest.importorskip("peft")
+    if arch == "bert":  # PEFT calls the backbone of a sequence classifier itself
+        expose_past_key_values(base.bert)
     task = peft.TaskType.SEQ_CLS if arch == "bert" else peft.TaskType.CAUSAL_LM
     cfg = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=n, prefix_projection=projection,
                                   encoder_hidden_size=mid)
@@ -250,8 +279,9 @@ def test_use_cache_flag(arch: str) -> None:
     api.apply(model, PrefixConfig(prefix_token_num=3, mid_dim=16))
     batch = inputs(make_batch(arch))
     with torch.no_grad():
-        assert model(**batch, use_cache=False).past_key_values is None
-        cache = model(**batch, use_cache=True).past_key_values
+        out = model(**batch, use_cache=False)
+        cache = output_cache(model(**batch, use_cache=True))
+    assert output_cache(out) is None and not {"cache", "past_key_values"} & set(out.keys())
     assert cache.get_seq_length() == 3 + 7
 
 
@@ -268,8 +298,8 @@ def test_prefix_layout_in_cache_follows_activation_dtype() -> None:
         want = enc().to(torch.bfloat16).view(n, LAYERS, 2, 2, 8)  # (n, layer, k/v, kv_head, head_dim)
     assert out.logits.dtype == torch.bfloat16
     for layer in range(LAYERS):
-        keys = out.past_key_values.layers[layer].keys
-        values = out.past_key_values.layers[layer].values
+        keys = output_cache(out).layers[layer].keys
+        values = output_cache(out).layers[layer].values
         assert keys.dtype == torch.bfloat16 and keys.shape == (2, 2, n + 7, 8)
         for b in range(2):
             assert torch.equal(keys[b, :, :n], want[:, layer, 0].transpose(0, 1))
@@ -467,12 +497,22 @@ def test_two_named_prefixes(arch: str) -> None:
         ref.prefix_encoder.default.embedding.weight.copy_(joined)
     torch.testing.assert_close(both, logits(ref, batch), rtol=0, atol=1e-6)
 
+    # where the hook sits: on the model, or (a 4.x task head whose forward takes no cache) its backbone
+    declares = any(n in inspect.signature(model.forward).parameters for n in ("cache", "past_key_values"))
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+    hooked = model if declares or takes_kwargs else model.base_model
+    assert arch == "bert" or hooked is model
+    assert len(hooked._forward_pre_hooks) == 1 and len(hooked._forward_hooks) == 1
+    assert hooked is model or not (model._forward_pre_hooks or model._forward_hooks)
+
     api.delete_adapter(model, "a")
     assert api.active_adapters(model) == ["b"]
     assert torch.equal(logits(model, batch), out_b)
     api.delete_adapter(model, "b")
     assert "prefix_encoder" not in model._modules
-    assert not model._forward_pre_hooks and not model._forward_hooks
+    for module in (model, model.base_model):
+        assert not module._forward_pre_hooks and not module._forward_hooks
+        assert not [k for k in module.__dict__ if k.startswith("_deltatune_prefix")]
     assert torch.equal(logits(model, batch), base)
 
 
@@ -582,16 +622,41 @@ def test_reserved_adapter_name() -> None:
     assert not api.adapter_names(model) and "prefix_encoder" not in model._modules
 
 
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_cache_accepted_under_either_name(arch: str) -> None:
+    """The hook takes the cache as ``cache`` or ``past_key_values`` and hands it to the model under the
+    model's own name (no FutureWarning on transformers >= 5.24, which renamed it); both at once is refused."""
+    model = build(arch)
+    api.apply(model, PrefixConfig(prefix_token_num=3, mid_dim=16))
+    batch = inputs(make_batch(arch))
+    nxt = {"input_ids": batch["input_ids"][:, :1], "attention_mask": torch.ones(2, 8, dtype=torch.long),
+           "position_ids": positions(torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1))[:, -1:]}
+    steps = {}
+    for name in ("cache", "past_key_values"):
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            cache = output_cache(model(**batch, use_cache=True))
+            out = model(**nxt, **{name: cache})
+        steps[name] = out.logits
+        assert output_cache(out) is cache and cache.get_seq_length() == 3 + 7 + 1
+    torch.testing.assert_close(steps["cache"], steps["past_key_values"], rtol=0, atol=0)
+    with torch.no_grad():
+        cache = output_cache(model(**batch, use_cache=True))
+    with pytest.raises(DeltaConfigError, match=re.escape("got a cache under both 'cache' and 'past_key_values'")):
+        model(**nxt, cache=cache, past_key_values=cache)
+
+
 def test_runtime_errors() -> None:
     model = build("llama")
     api.apply(model, PrefixConfig(prefix_token_num=3, mid_dim=16))
     batch = inputs(make_batch("llama"))
     # a cache computed without the prefix cannot be continued with it
     with api.disable_adapters(model), torch.no_grad():
-        plain = model(**batch, use_cache=True).past_key_values
+        plain = output_cache(model(**batch, use_cache=True))
+    arg = cache_arg(model)  # "cache" from transformers 5.24, "past_key_values" before
     nxt = {"input_ids": batch["input_ids"][:, :1], "attention_mask": torch.ones(2, 8, dtype=torch.long)}
-    with pytest.raises(DeltaConfigError, match=re.escape("past_key_values holds 7 tokens but no prefix")):
-        model(**nxt, past_key_values=plain)
+    with pytest.raises(DeltaConfigError, match=re.escape(f"{arg} holds 7 tokens but no prefix")):
+        model(**nxt, **{arg: plain})
     # attention_mask must cover the cached and the new tokens, not the prefix
     with pytest.raises(DeltaConfigError, match=re.escape(
         "attention_mask has 5 columns, expected 7 (0 cached tokens + 7 new ones; the prefix is added by deltatune)"
@@ -599,17 +664,22 @@ def test_runtime_errors() -> None:
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"][:, :5])
     # switching adapters in the middle of a generation is refused
     with torch.no_grad():
-        cache = model(**batch, use_cache=True).past_key_values
+        cache = output_cache(model(**batch, use_cache=True))
     api.apply(model, PrefixConfig(prefix_token_num=2, mid_dim=8), name="other")
     with pytest.raises(DeltaConfigError, match=re.escape(
-        "past_key_values holds the prefix of [('prefix', 'default')], but the active prefix adapters are "
+        f"{arg} holds the prefix of [('prefix', 'default')], but the active prefix adapters are "
         "[('prefix', 'other')]"
     )):
-        model(**nxt, past_key_values=cache)
+        model(**nxt, **{arg: cache})
     # gradient checkpointing would drop the cache (and the prefix) in training
-    model.gradient_checkpointing_enable()
+    renamed = hasattr(model, "activation_checkpointing_enable")  # transformers 5 renamed the methods
+    (model.activation_checkpointing_enable if renamed else model.gradient_checkpointing_enable)()
     model.train()
-    with pytest.raises(DeltaConfigError, match="cannot train with gradient checkpointing"):
+    disable = "activation_checkpointing_disable" if renamed else "gradient_checkpointing_disable"
+    with pytest.raises(DeltaConfigError, match=re.escape(
+        "prefix methods cannot train with gradient checkpointing: transformers drops the cache in checkpointed "
+        f"layers, which would silently drop the prefix; call model.{disable}()"
+    )):
         model(**batch)
     with pytest.raises(AdapterNotFoundError, match=re.escape("adapter 'nope' not found on the model")):
         fold_prefix(model, "nope")

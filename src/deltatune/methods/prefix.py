@@ -7,12 +7,13 @@ MLP (``Linear(hidden, mid_dim) -> tanh -> Linear(mid_dim, L * 2 * kv)``), as in 
 training :func:`fold_prefix` / :func:`fold` replace the MLP by the tensor it computes, so inference
 stores only the prefixes (outputs are bit for bit the same).
 
-Mechanism (transformers 5.x): the encoders live in one :class:`PrefixHolder` attached to the model
+Mechanism: the encoders live in one :class:`PrefixHolder` attached to the model
 (``model.prefix_encoder``; its parameters are ``prefix_encoder.<adapter>.embedding.weight`` and so
-on). A forward pre-hook on the model, while an adapter of the holder is active and adapters are not
-disabled,
+on). A forward pre-hook, while an adapter of the holder is active and adapters are not disabled,
 
-1. prepends the prefix key/values into ``past_key_values``: with no cache (training, first decoding
+1. prepends the prefix key/values into the cache, the forward argument ``cache`` (transformers >= 5.24)
+   or ``past_key_values`` (older; see :mod:`deltatune.hf_cache`; either name is accepted from the
+   caller and passed on under the one the model takes): with no cache (training, first decoding
    step) a :class:`~transformers.DynamicCache` pre-filled with the prefix is created; an empty cache
    (the one ``generate`` creates) is filled; a cache that already holds the prefix (later decoding
    steps, beam search) is left alone. The cache is marked with the adapters it holds, and a cache
@@ -23,6 +24,10 @@ disabled,
    encoders (BERT) the model's own default ``0 .. T-1``; explicit ``position_ids`` are kept;
 4. leaves labels and the loss alone (the prefix lives in the cache, so it produces no logits) and
    drops the returned cache again when the caller did not ask for one (``use_cache=False``).
+
+The hook sits on the model itself when its forward takes the cache (causal LMs, and task heads that
+pass ``**kwargs`` on to their backbone); otherwise (task heads of transformers 4.x such as
+``BertForSequenceClassification``) on its backbone ``model.base_model``, which does.
 
 Several active adapters (also of P-Tuning v2, which shares this machinery) contribute their prefixes
 one after the other. Gradient checkpointing is refused in training: transformers drops the cache in
@@ -42,6 +47,15 @@ import torch.nn.functional as F
 
 from ..config import DeltaConfig
 from ..errors import AdapterNotFoundError, DeltaConfigError, DeltaConfigTypeError, UnsupportedModuleError
+from ..hf_cache import (
+    CACHE_NAMES,
+    cache_arg,
+    declared_cache_arg,
+    output_field,
+    take_cache,
+    takes_var_kwargs,
+    without_cache,
+)
 from ..validation import check_bool, check_float, check_positive_int
 from .base import DeltaLayer, DeltaMethod, get_records
 
@@ -56,12 +70,15 @@ __all__ = [
     "PrefixTuningHolder",
     "fold",
     "fold_prefix",
+    "hook_target",
     "prefix_geometry",
     "reject_module_fields",
 ]
 
 CALLS_ATTR = "_deltatune_prefix_calls"
 CACHE_MARK = "_deltatune_prefix"
+OWNER_ATTR = "_deltatune_prefix_owner"  # on a hooked backbone: the model that holds the prefixes
+ARG_ATTR = "_deltatune_prefix_cache_arg"  # on the hooked module: the name its forward takes the cache by
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,13 +181,11 @@ def prefix_geometry(model: nn.Module, method: str = "prefix-tuning") -> PrefixGe
         raise UnsupportedModuleError(
             f"{method} does not support encoder-decoder {where}; supported: decoder-only and encoder-only models"
         )
-    if hasattr(model, "forward"):
-        params = inspect.signature(model.forward).parameters
-        accepts = "past_key_values" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-        if not accepts:
-            raise UnsupportedModuleError(
-                f"{method} does not support {where}: its forward takes no past_key_values"
-            )
+    if hook_target(model) is None:
+        raise UnsupportedModuleError(
+            f"{method} does not support {where}: neither its forward nor its base model's takes a cache "
+            f"({' / '.join(CACHE_NAMES)})"
+        )
     try:
         from transformers import DynamicCache
 
@@ -188,6 +203,20 @@ def prefix_geometry(model: nn.Module, method: str = "prefix-tuning") -> PrefixGe
     head_dim = _int_attr(cfg, "head_dim") or cfg.hidden_size // heads
     causal = any(getattr(m, "is_causal", None) is True for m in model.modules())
     return PrefixGeometry(model_type, cfg.num_hidden_layers, kv_heads, head_dim, cfg.hidden_size, causal)
+
+
+def hook_target(model: nn.Module) -> nn.Module | None:
+    """The module whose forward receives the prefix cache: ``model`` when its forward takes the cache
+    (declared, or passed on through ``**kwargs``), else ``model.base_model`` when that one declares it;
+    None when neither does."""
+    if not hasattr(model, "forward"):
+        return None
+    if declared_cache_arg(model) is not None or takes_var_kwargs(model):
+        return model
+    base = getattr(model, "base_model", None)
+    if isinstance(base, nn.Module) and base is not model and declared_cache_arg(base) is not None:
+        return base
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,20 +435,25 @@ class _CallState:
     drop_cache: bool
 
 
-def _pre_hook(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
-    stack = model.__dict__.setdefault(CALLS_ATTR, [])
+def _pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+    stack = module.__dict__.setdefault(CALLS_ATTR, [])
     stack.append(None)  # always popped by the post hook (registered with always_call=True)
+    model = module.__dict__.get(OWNER_ATTR, module)  # the model holding the prefixes
     sources = _active_sources(model)
     if not sources:
         return None
-    kwargs = _bind(model, args, kwargs)
+    kwargs = _bind(module, args, kwargs)
+    arg = module.__dict__.get(ARG_ATTR) or cache_arg(module)
     checkpointing = getattr(model, "is_activation_checkpointing", None)
     if checkpointing is None:
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
     if model.training and checkpointing:
+        # transformers 5 renamed gradient_checkpointing_disable (now a deprecated alias)
+        disable = next(n for n in ("activation_checkpointing_disable", "gradient_checkpointing_disable")
+                       if hasattr(model, n))
         raise DeltaConfigError(
-            "prefix methods cannot train with gradient checkpointing: transformers drops past_key_values in "
-            "checkpointed layers, which would silently drop the prefix; call model.gradient_checkpointing_disable()"
+            "prefix methods cannot train with gradient checkpointing: transformers drops the cache in "
+            f"checkpointed layers, which would silently drop the prefix; call model.{disable}()"
         )
     from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 
@@ -437,10 +471,10 @@ def _pre_hook(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tu
     n_prefix = sum(s[2] for s in signature)
     geometry = sources[0][0].geometry
 
-    past = kwargs.get("past_key_values")
+    past = take_cache(kwargs)
     if past is not None and not isinstance(past, Cache):
         raise DeltaConfigTypeError(
-            f"past_key_values must be a transformers Cache (e.g. DynamicCache) with prefix methods, "
+            f"{arg} must be a transformers Cache (e.g. DynamicCache) with prefix methods, "
             f"got {type(past).__name__}"
         )
     cache = past.self_attention_cache if isinstance(past, EncoderDecoderCache) else past
@@ -455,13 +489,13 @@ def _pre_hook(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tu
         if mark is None:
             if length:
                 raise DeltaConfigError(
-                    f"past_key_values holds {length} tokens but no prefix; with a prefix adapter active, pass a "
+                    f"{arg} holds {length} tokens but no prefix; with a prefix adapter active, pass a "
                     f"cache produced by this model with the same active adapter(s), or none"
                 )
             fill = True
         elif mark != signature:
             raise DeltaConfigError(
-                f"past_key_values holds the prefix of {[m[:2] for m in mark]}, but the active prefix adapters are "
+                f"{arg} holds the prefix of {[m[:2] for m in mark]}, but the active prefix adapters are "
                 f"{[s[:2] for s in signature]}; start generation again after switching adapters"
             )
         else:
@@ -508,50 +542,54 @@ def _pre_hook(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tu
 
     use_cache = kwargs.get("use_cache")
     wants_cache = use_cache if use_cache is not None else bool(getattr(model.config, "use_cache", True))
-    kwargs["past_key_values"] = past
+    kwargs[arg] = past
     stack[-1] = _CallState(cache=past, drop_cache=created and not wants_cache)
     return (), kwargs
 
 
-def _post_hook(model: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-    stack = model.__dict__.get(CALLS_ATTR)
+def _post_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+    stack = module.__dict__.get(CALLS_ATTR)
     if not stack:
         return None
     state = stack.pop()
     if state is None or not state.drop_cache:
         return None
-    if getattr(output, "past_key_values", None) is not state.cache:
+    field = output_field(output)
+    if field is None or getattr(output, field) is not state.cache:
         return None
-    try:
-        from transformers.utils import ModelOutput
-    except ImportError:  # pragma: no cover
-        return None
-    if isinstance(output, ModelOutput):
-        # a fresh output without the key (ModelOutput keeps a key set to None, and generate looks at keys)
-        return type(output)(**{k: v for k, v in output.items() if k != "past_key_values"})
-    return None
+    return without_cache(output)
 
 
 def _install_hooks(model: nn.Module) -> None:
-    """Register the pre/post forward hooks once per model (found by identity, so deep copies work)."""
-    if any(h is _pre_hook for h in model._forward_pre_hooks.values()):
+    """Register the pre/post forward hooks once, on :func:`hook_target` (found by identity, so deep
+    copies work; a hooked backbone keeps a plain reference to its model, which deep copies remap)."""
+    target = hook_target(model)
+    assert target is not None  # prefix_geometry refused the model otherwise
+    if any(h is _pre_hook for h in target._forward_pre_hooks.values()):
         return
-    model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
-    model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True)
+    target.__dict__[ARG_ATTR] = cache_arg(target)
+    if target is not model:
+        target.__dict__[OWNER_ATTR] = model
+    target.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+    target.register_forward_hook(_post_hook, with_kwargs=True, always_call=True)
 
 
 def _remove_hooks(model: nn.Module) -> None:
-    """Remove this model's prefix hooks (by identity: handles would point into the original of a copy)."""
-    for hook_id, hook in list(model._forward_pre_hooks.items()):
-        if hook is _pre_hook:
-            del model._forward_pre_hooks[hook_id]
-            model._forward_pre_hooks_with_kwargs.pop(hook_id, None)
-    for hook_id, hook in list(model._forward_hooks.items()):
-        if hook is _post_hook:
-            del model._forward_hooks[hook_id]
-            model._forward_hooks_with_kwargs.pop(hook_id, None)
-            model._forward_hooks_always_called.pop(hook_id, None)
-    model.__dict__.pop(CALLS_ATTR, None)
+    """Remove the prefix hooks of the model and its backbone (by identity: handles would point into
+    the original of a copy)."""
+    base = getattr(model, "base_model", None)
+    for module in (model, base) if isinstance(base, nn.Module) and base is not model else (model,):
+        for hook_id, hook in list(module._forward_pre_hooks.items()):
+            if hook is _pre_hook:
+                del module._forward_pre_hooks[hook_id]
+                module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+        for hook_id, hook in list(module._forward_hooks.items()):
+            if hook is _post_hook:
+                del module._forward_hooks[hook_id]
+                module._forward_hooks_with_kwargs.pop(hook_id, None)
+                module._forward_hooks_always_called.pop(hook_id, None)
+        for attr in (CALLS_ATTR, OWNER_ATTR, ARG_ATTR):
+            module.__dict__.pop(attr, None)
 
 
 # ---------------------------------------------------------------------------------------------
