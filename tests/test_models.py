@@ -775,3 +775,17 @@ def test_minilm_base_embedding():
     assert emb.shape == (3, 384)
     sim = emb @ emb.T
     assert sim[0, 1] > sim[0, 2] + 0.3
+
+
+def test_gguf_tokenizer_follows_config_special_tokens():
+    """transformers 4.56/4.57 give SmolLM2's GGUF tokenizer the wrong EOS/pad: the GGUF model config wins."""
+    tok = make_tokenizer(pad=True)  # eos "</s>" = 2, pad "[PAD]" = 3
+    cfg = llama_config(eos_token_id=1, pad_token_id=1)
+    assert dm._follow_config_special_tokens(cfg, tok) == ["eos_token", "pad_token"]
+    assert (tok.eos_token, tok.eos_token_id, tok.pad_token, tok.pad_token_id) == ("<s>", 1, "<s>", 1)
+    # agreeing ids, a missing pad id, a list of EOS ids and an id outside the vocabulary change nothing
+    tok = make_tokenizer(pad=True)
+    assert dm._follow_config_special_tokens(llama_config(eos_token_id=2, pad_token_id=None), tok) == []
+    assert dm._follow_config_special_tokens(llama_config(eos_token_id=[1, 2]), tok) == []
+    assert dm._follow_config_special_tokens(llama_config(eos_token_id=10**6), tok) == []
+    assert (tok.eos_token_id, tok.pad_token_id) == (2, 3)

@@ -611,6 +611,7 @@ def _ensure_gguf_cache(path: Path, root: Path, name: str, *, force: bool = False
             bar.update()
             bar.set_postfix_str("dequantising")
             model = _load_gguf_model(path)
+            _follow_config_special_tokens(model.config, tokenizer)
             bar.update()
             bar.set_postfix_str("writing")
             _write_hf_dir(model, tokenizer, tmp)
@@ -644,6 +645,28 @@ def _ensure_gguf_cache(path: Path, root: Path, name: str, *, force: bool = False
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
+
+
+def _follow_config_special_tokens(config: Any, tokenizer: Any) -> list[str]:
+    """Make a GGUF-built tokenizer's EOS and pad tokens the ones the GGUF model config names.
+
+    transformers 4.56/4.57 build SmolLM2's tokenizer from GGUF metadata with ``<|im_start|>`` (id 1) as
+    EOS and pad while the config (and transformers 5.25) say id 2 (``<|im_end|>``); generation would
+    then never stop at the right token and padding would use the wrong id. The model config is what
+    the GGUF file states, so it wins. Returns the fields changed, e.g. ``["eos_token"]``.
+    """
+    changed = []
+    vocab = len(tokenizer)
+    for field in ("eos", "pad"):
+        want = getattr(config, f"{field}_token_id", None)
+        if not isinstance(want, int) or not 0 <= want < vocab:  # none, a list, or out of range: leave it
+            continue
+        if getattr(tokenizer, f"{field}_token_id", None) != want:
+            setattr(tokenizer, f"{field}_token", tokenizer.convert_ids_to_tokens(want))
+            changed.append(f"{field}_token")
+    if changed:
+        logger.info("GGUF tokenizer: %s set from the model config", ", ".join(changed))
+    return changed
 
 
 def _ensure_pad_token(tokenizer: Any) -> bool:

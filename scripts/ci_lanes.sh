@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# CI's heavy lanes (run by .ci/run inside the main job's venv, after the main suite). Each lane
+# caches what it builds under $DELTATUNE_CI_CACHE (default ~/.cache/deltatune-ci) and pip's cache, so a
+# warm run is short. Exit status: non-zero if any lane failed; every lane runs either way.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export DELTATUNE_CI_CACHE=${DELTATUNE_CI_CACHE:-$HOME/.cache/deltatune-ci}
+rc=0
+lane() {  # lane NAME COMMAND...
+  local name=$1; shift
+  local t0=$SECONDS
+  echo "--- lane $name: $*"
+  if "$@"; then echo "--- lane $name: ok, $((SECONDS - t0)) s"
+  else echo "--- lane $name: FAILED, $((SECONDS - t0)) s"; rc=1; fi
+}
+# deltatune's MindPet shells against the real MindPet 1.0.4 on MindSpore 2.10, in a venv of its own
+lane mindpet env PYTHON=python3 bash scripts/mindpet_parity.sh
+exit $rc
