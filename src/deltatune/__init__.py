@@ -55,6 +55,39 @@ from .methods.rdrop import RDropLoss, rdrop_repeat
 from .peft_io import export_peft, import_peft
 from .train import CapturedStep, TrainConfig, Trainer, TrainerCallback, read_log
 
+#: the pipeline layer (recipes, tasks, sweeps, reports) is imported on first use, so that
+#: ``import deltatune`` stays light; ``from deltatune import *`` and attribute access bind these names.
+_LAZY = {
+    "ClassificationConfig": "tasks.classification",
+    "run_classification": "tasks.classification",
+    "PerplexityConfig": "tasks.lm",
+    "run_perplexity": "tasks.lm",
+    "Recipe": "recipes",
+    "load_recipe": "recipes",
+    "run_recipe": "recipes",
+    "load_sweep": "sweep",
+    "run_sweep": "sweep",
+    "compare_runs": "report",
+    "plot_run": "report",
+    "write_report": "report",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Bind a pipeline-layer name of ``__all__`` on first use (PEP 562)."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'deltatune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "CapturedStep",
     "ClassificationConfig",
