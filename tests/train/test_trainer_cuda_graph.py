@@ -19,7 +19,8 @@ def _cfg(**kw):
 
 
 def test_custom_loss_is_refused_before_any_work():
-    with pytest.raises(DeltaConfigError, match=r"cuda_graph=True needs the default causal-LM loss .*loss_fn"):
+    with pytest.raises(DeltaConfigError, match=r"cuda_graph=True needs the default causal-LM loss or a loss_fn with a "
+                                                r"unit_count\(batch\) method"):
         Trainer(tiny_lm(), _cfg(), lm_examples(2), loss_fn=lambda m, b: (torch.zeros(()), 1))
 
 
@@ -61,3 +62,37 @@ def test_config_device_check():
     TrainConfig(cuda_graph=False, device="cpu").check_cuda_graph_device()  # off: nothing to check
     with pytest.raises(DeltaConfigError, match=r"cuda_graph=True needs a CUDA device, got device 'cpu'"):
         TrainConfig(cuda_graph=True, device="cpu").check_cuda_graph_device()
+
+
+def _run_classifier(cuda_graph: bool):
+    from deltatune.tasks import classification_loss
+
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Dropout(0.0), torch.nn.Linear(16, 3))
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return type("O", (), {"logits": self.net(x)})()
+
+    g = torch.Generator().manual_seed(1)
+    data = [{"x": torch.randn(8, generator=g), "labels": int(torch.randint(0, 3, (1,), generator=g))} for _ in range(16)]
+    cfg = _cfg(cuda_graph=cuda_graph, lr=1e-2, batch_size=4, max_steps=6, log_every=1, device="cuda", shuffle=False)
+    wrapped = Wrap()
+    tr = Trainer(wrapped, cfg, data, loss_fn=classification_loss(False))
+    tr.train()
+    return [r["loss"] for r in tr.log_history if r["split"] == "train"], trainable_state(wrapped), tr
+
+
+@cuda
+@pytest.mark.gpu
+def test_captured_classification_equals_eager():
+    eager, eager_state, _ = _run_classifier(False)
+    losses, state, tr = _run_classifier(True)
+    assert tr.capture and len(tr._graphs) == 1
+    assert losses == pytest.approx(eager, rel=1e-4)
+    for name, value in eager_state.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=name)
