@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -76,6 +77,10 @@ def test_fused_torch_model_equals_unfused_outputs_and_gradients(monkeypatch):
     model(input_ids=ids)
     assert calls["rope"] == 2
     assert fuse_llama(fused, "torch") == {"rms_norm": 5, "swiglu": 2, "rope": 2}  # already fused: unchanged
+    # an unfused model still pickles with the RoPE stand-in in place (and computes the same)
+    clone = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(clone(input_ids=ids).logits, ref)
+    assert calls["rope"] == 2
 
 
 def test_trainer_with_fused_torch_trains_as_unfused():

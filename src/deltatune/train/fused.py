@@ -144,23 +144,49 @@ _ROPE = threading.local()
 _PATCHED_MODULES: set[str] = set()
 
 
-def _install_rope_dispatch(modeling: types.ModuleType) -> None:
-    """Replace ``modeling.apply_rotary_pos_emb`` once by a function that calls the fused RoPE while a fused
-    attention module's forward runs on this thread, and the original otherwise."""
-    if modeling.__name__ in _PATCHED_MODULES:
-        return
-    original = modeling.apply_rotary_pos_emb
+def _unsqueeze_dim(args: tuple, kwargs: dict[str, Any]) -> int:
+    # transformers 4.x passed (position_ids, unsqueeze_dim); 5.x passes unsqueeze_dim alone
+    return int(kwargs.get("unsqueeze_dim", args[-1] if args else 1))
+
+
+def _rope_dispatch(original: Any) -> Any:
+    """A stand-in for ``original`` (``apply_rotary_pos_emb``) that calls the fused RoPE while a fused attention
+    module's forward runs on this thread, and ``original`` otherwise.
+
+    Where the ``kernels`` package is installed, transformers makes ``apply_rotary_pos_emb`` an instance of
+    a small ``nn.Module`` class that pickling rebuilds with ``type(global)()``; the stand-in is then an
+    instance of a subclass of that class (same state), so models still pickle."""
+    if isinstance(original, nn.Module):
+        base = type(original)
+
+        class Dispatch(base):  # type: ignore[misc, valid-type]
+            def forward(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *args: Any, **kwargs: Any) -> Any:
+                fused = getattr(_ROPE, "fn", None)
+                if fused is None:
+                    return super().forward(q, k, cos, sin, *args, **kwargs)
+                return fused(q, k, cos, sin, _unsqueeze_dim(args, kwargs))
+
+        for attr in ("__name__", "__qualname__", "__module__"):
+            setattr(Dispatch, attr, getattr(base, attr))
+        stand_in = Dispatch()
+        stand_in.__dict__.update({k: v for k, v in original.__dict__.items() if k != "forward"})
+        return stand_in
 
     def apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *args: Any, **kwargs: Any) -> Any:
         fused = getattr(_ROPE, "fn", None)
         if fused is None:
             return original(q, k, cos, sin, *args, **kwargs)
-        # transformers 4.x passed (position_ids, unsqueeze_dim); 5.x passes unsqueeze_dim alone
-        unsqueeze_dim = kwargs.get("unsqueeze_dim", args[-1] if args else 1)
-        return fused(q, k, cos, sin, unsqueeze_dim)
+        return fused(q, k, cos, sin, _unsqueeze_dim(args, kwargs))
 
     apply_rotary_pos_emb.__wrapped__ = original  # type: ignore[attr-defined]
-    modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
+    return apply_rotary_pos_emb
+
+
+def _install_rope_dispatch(modeling: types.ModuleType) -> None:
+    """Replace ``modeling.apply_rotary_pos_emb`` once by :func:`_rope_dispatch`'s stand-in."""
+    if modeling.__name__ in _PATCHED_MODULES:
+        return
+    modeling.apply_rotary_pos_emb = _rope_dispatch(modeling.apply_rotary_pos_emb)
     _PATCHED_MODULES.add(modeling.__name__)
 
 
