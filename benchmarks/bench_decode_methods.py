@@ -17,14 +17,15 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from bench_generate_merged import _time, add_decode_args  # _time: median seconds of `generate`
+from bench_trainers import save_figure
 
 import deltatune as dt
-from deltatune.generate import GenerationConfig, generate
+from deltatune.generate import GenerationConfig
 
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -40,19 +41,6 @@ METHODS: dict[str, tuple[Any, str]] = {
 }
 #: methods whose decoding may cost at most this much of the base model's time (issue 18)
 NON_MERGEABLE_BUDGET = 1.3
-
-
-def _time(model: torch.nn.Module, prompts: list[list[int]], cfg: GenerationConfig, device: str, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        generate(model, None, prompts, cfg, batch_size=len(prompts), device=device, progress=False)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def deploy(base: torch.nn.Module, config: Any, how: str) -> torch.nn.Module:
@@ -79,23 +67,15 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("decoded tokens/s")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
     from bench_lora_vs_peft import build_model  # same model shapes as the training benchmark
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="smollm2")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    add_decode_args(ap, repeats=3)
     ap.add_argument("--methods", nargs="*", default=list(METHODS), help=f"subset of {list(METHODS)}")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--out", default=None, help="directory for decode_methods.json and decode_methods.png")
     args = ap.parse_args()

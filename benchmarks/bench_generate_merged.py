@@ -35,17 +35,22 @@ def _time(model, prompts, cfg, device, repeats) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    from bench_lora_vs_peft import build_model  # same model shapes as the training benchmark
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_decode_args(ap: argparse.ArgumentParser, repeats: int) -> None:
+    """The options shared by the decoding benchmarks (model shape, batch, lengths, repeats, device, dtype)."""
     ap.add_argument("--shape", default="smollm2")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+
+
+def main() -> None:
+    from bench_lora_vs_peft import build_model  # same model shapes as the training benchmark
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_decode_args(ap, repeats=5)
     ap.add_argument("--json")
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]

@@ -121,6 +121,7 @@ def lm_loss_sum(
     shift: bool = True,
     chunked: bool = True,
     check_labels: bool = True,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The default causal-LM loss of ``model`` on ``batch``: (summed token cross-entropy in fp32, counted
     tokens). The one loss entry point of the Trainer, the recipes and the benchmarks.
@@ -130,7 +131,8 @@ def lm_loss_sum(
     the backbone is called and :func:`deltatune.kernels.linear_cross_entropy` applies the head in chunks
     (the fp32 logits are never materialised); otherwise the model is called and its ``.logits`` go
     through :func:`logits_loss_sum`. ``check_labels=False`` skips the chunked path's label range check
-    (a read of device labels; the Trainer checks the CPU copies with :func:`check_label_range`). Both equal ``F.cross_entropy(logits.float(), ...)`` with
+    (a read of device labels; the Trainer checks the CPU copies with :func:`check_label_range`);
+    ``chunk_size``: rows per chunk (default :func:`deltatune.kernels.default_chunk_size`). Both equal ``F.cross_entropy(logits.float(), ...)`` with
     ``reduction="sum"`` (values and gradients, within float rounding).
     """
     labels = batch["labels"]
@@ -152,6 +154,7 @@ def lm_loss_sum(
         ignore_index=IGNORE_INDEX,
         label_smoothing=label_smoothing,
         reduction="sum",
+        chunk_size=chunk_size,
         check_labels=check_labels,
     )
     return total, (labels != IGNORE_INDEX).sum()
