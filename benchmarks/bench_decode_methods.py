@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_generate_merged import _time, add_decode_args  # _time: median seconds of `generate`
+from bench_generate_merged import _time, add_decode_args, decode_setup  # _time: median s of `generate`
 from bench_trainers import save_figure
 
 import deltatune as dt
-from deltatune.generate import GenerationConfig
 
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -71,8 +70,6 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def main() -> None:
-    from bench_lora_vs_peft import build_model  # same model shapes as the training benchmark
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_decode_args(ap, repeats=3)
     ap.add_argument("--methods", nargs="*", default=list(METHODS), help=f"subset of {list(METHODS)}")
@@ -84,12 +81,7 @@ def main() -> None:
         ap.error(f"unknown --methods {unknown}; known: {list(METHODS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    base = build_model(args.shape, dtype, args.device).eval()
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, base.config.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
-    cfg = GenerationConfig(max_new_tokens=args.new_tokens, eos_token_id=[])  # fixed length: same work
-    _time(base, prompts[:1], cfg, args.device, 1)  # warm-up
+    base, prompts, cfg = decode_setup(args)
     seconds = {"base": _time(base, prompts, cfg, args.device, args.repeats)}
     for name in args.methods:
         config, how = METHODS[name]

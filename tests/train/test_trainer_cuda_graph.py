@@ -96,3 +96,49 @@ def test_captured_classification_equals_eager():
     assert losses == pytest.approx(eager, rel=1e-4)
     for name, value in eager_state.items():
         torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@cuda
+@pytest.mark.gpu
+def test_auto_captures_on_cuda_and_equals_eager():
+    data = lm_examples(8, seed=5, min_len=3, max_len=20)
+
+    def run(cuda_graph):
+        cfg = TrainConfig(progress_bar=False, tensorboard=False, cuda_graph=cuda_graph, batch_size=4, max_steps=3,
+                          log_every=1, device="cuda", shuffle=False, lr=5e-3)
+        tr = Trainer(tiny_llama(), cfg, data, collate_fn=PadCollator(pad_to_multiple_of=8))
+        tr.train()
+        return tr, [r["loss"] for r in tr.log_history if r["split"] == "train"]
+
+    auto, losses = run("auto")
+    assert auto.capture and auto.eager_reason == "" and len(auto._graphs) >= 1
+    eager, ref = run(False)
+    assert not eager.capture and losses == pytest.approx(ref, rel=1e-4)
+
+
+@cuda
+@pytest.mark.gpu
+def test_auto_falls_back_to_eager_when_the_capture_fails():
+    class HostReadingLoss:  # reads a device value on every call: cannot be captured
+        def unit_count(self, batch):
+            return int(batch["label"].shape[0])
+
+        def __call__(self, model, batch):
+            logits = model(input_ids=batch["input_ids"]).logits[:, -1]
+            loss = torch.nn.functional.cross_entropy(logits.float(), batch["label"])
+            float(loss)  # host read
+            return loss, batch["label"].shape[0]
+
+    data = [{"input_ids": [3, 4, 5, 6], "label": i % 5} for i in range(12)]
+
+    def run(cuda_graph):
+        cfg = TrainConfig(progress_bar=False, tensorboard=False, cuda_graph=cuda_graph, batch_size=4, max_steps=5,
+                          log_every=1, device="cuda", shuffle=False, lr=5e-3, fused_kernels="none")
+        tr = Trainer(tiny_llama(), cfg, data, loss_fn=HostReadingLoss())
+        tr.train()
+        return tr, [r["loss"] for r in tr.log_history if r["split"] == "train"]
+
+    auto, losses = run("auto")
+    assert not auto.capture and auto.eager_reason.startswith("capturing the step failed (")
+    _, ref = run(False)
+    assert losses == pytest.approx(ref, rel=1e-4)

@@ -609,7 +609,8 @@ class Trainer:
 
     def _graphed_train_step(self, micro: list[Any]) -> dict[str, Any] | None:
         """:meth:`_train_step` as a replayed CUDA graph (``cuda_graph=True``); None when this batch-shape
-        signature is beyond :attr:`MAX_CUDA_GRAPHS` (the step then runs eagerly).
+        signature is beyond :attr:`MAX_CUDA_GRAPHS` (the step then runs eagerly), or when the capture
+        failed under ``cuda_graph="auto"`` (then every later step runs eagerly, and the Trainer says why).
 
         The loss normalisation ``1 / tokens`` (counted on the host) and the learning rate reach the graph
         through device tensors; everything else in the step is fixed by the shapes."""
@@ -638,7 +639,19 @@ class Trainer:
             flat["__n"] = torch.tensor(counts, dtype=torch.float32).to(self.device, non_blocking=True)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.sync_lr()
-        out = captured(flat)
+        captures_now = captured.graph is None and captured.calls >= captured.warmup
+        try:
+            out = captured(flat)
+        except Exception as err:  # noqa: BLE001 - re-raised unless "auto" can fall back
+            if not (captures_now and self.config.cuda_graph == "auto"):
+                raise
+            # nothing of the captured step ran: train this step (and the rest) eagerly
+            self._graphs.clear()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.capture = False
+            self.eager_reason = f"capturing the step failed ({type(err).__name__}: {str(err).splitlines()[0]})"
+            _say_once(f"Trainer: steps run eagerly (not captured as CUDA graphs): {self.eager_reason}")
+            return None
         self.scheduler.step()
         return {"loss_sum": out[0], "n": n_units, "tokens": in_tokens, "grad_norm": out[1], "lr": lr}
 
