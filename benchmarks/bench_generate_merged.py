@@ -35,25 +35,37 @@ def _time(model, prompts, cfg, device, repeats) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    from bench_lora_vs_peft import build_model  # same model shapes as the training benchmark
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_decode_args(ap: argparse.ArgumentParser, repeats: int) -> None:
+    """The options shared by the decoding benchmarks (model shape, batch, lengths, repeats, device, dtype)."""
     ap.add_argument("--shape", default="smollm2")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    ap.add_argument("--json")
-    args = ap.parse_args()
+
+
+def decode_setup(args: argparse.Namespace) -> tuple[torch.nn.Module, list[list[int]], GenerationConfig]:
+    """The base model (eval mode), the random prompts and the fixed-length greedy decoding settings of
+    ``args`` (:func:`add_decode_args`); one warm-up call has run."""
+    from bench_lora_vs_peft import build_model  # same model shapes as the training benchmark
+
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     model = build_model(args.shape, dtype, args.device).eval()
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
+    prompts = torch.randint(3, model.config.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
     cfg = GenerationConfig(max_new_tokens=args.new_tokens, eos_token_id=[])  # fixed length: same work
     _time(model, prompts[:1], cfg, args.device, 1)  # warm-up
+    return model, prompts, cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_decode_args(ap, repeats=5)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    model, prompts, cfg = decode_setup(args)
     res = {"base": _time(model, prompts, cfg, args.device, args.repeats)}
     dt.apply(model, dt.LoraConfig(r=16, alpha=32, target_modules=TARGETS, init="random"))
     res["lora_unmerged"] = _time(model, prompts, cfg, args.device, args.repeats)

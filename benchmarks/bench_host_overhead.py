@@ -47,10 +47,11 @@ def step_time(mode: str, steps: int, fused_ce: bool) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
     if mode.startswith("deltatune") and fused_ce:
-        from deltatune.kernels.cross_entropy import causal_lm_loss
+        from deltatune.train import lm_loss_sum  # the Trainer's default loss (chunked head)
 
         def loss_fn():
-            return causal_lm_loss(model.model(input_ids=ids).last_hidden_state, model.lm_head.weight, ids)
+            total, n = lm_loss_sum(model, {"input_ids": ids, "labels": ids}, check_labels=False)
+            return total / n
     else:
 
         def loss_fn():

@@ -162,14 +162,25 @@ def run_mode(mode: str, args) -> dict:
         from deltatune.train import compile_blocks
 
         compile_blocks(model)
-    if mode.startswith("deltatune") and not args.no_fused_ce:
+    if mode.startswith("deltatune") and args.fused != "none":
+        from deltatune.train import fuse_llama
+
+        fuse_llama(model, args.fused)
+    if mode.startswith("deltatune") and not args.no_fused_ce and compiled:
         from deltatune.kernels.cross_entropy import causal_lm_loss
 
-        ce = torch.compile(causal_lm_loss, dynamic=False) if compiled else causal_lm_loss
+        ce = torch.compile(causal_lm_loss, dynamic=False)
 
         def loss_fn(b):
             hidden = model.model(input_ids=b["ids"]).last_hidden_state
             return ce(hidden, model.lm_head.weight, b["labels"], chunk_size=args.ce_chunk)
+    elif mode.startswith("deltatune") and not args.no_fused_ce:
+        from deltatune.train import lm_loss_sum  # the Trainer's default loss (chunked head)
+
+        def loss_fn(b):
+            total, n = lm_loss_sum(model, {"input_ids": b["ids"], "labels": b["labels"]}, check_labels=False,
+                                   chunk_size=args.ce_chunk)
+            return total / n
     else:
 
         def loss_fn(b):
@@ -242,6 +253,7 @@ def run_mode(mode: str, args) -> dict:
         "warmup_s": warmup_s,
         "cuda_graph": graphed,
         "compiled": compiled,
+        "fused": args.fused if mode.startswith("deltatune") else "none",
     }
 
 
@@ -284,6 +296,8 @@ def main() -> None:
     ap.add_argument("--ce-chunk", type=int, default=None, help="rows per chunk of the fused loss")
     ap.add_argument("--compile", action="store_true",
                     help="deltatune modes: torch.compile each transformer block and the loss (compile_blocks)")
+    ap.add_argument("--fused", choices=["none", "liger", "torch"], default="none",
+                    help="deltatune modes: fuse RMSNorm/RoPE/SwiGLU with deltatune.train.fuse_llama")
     ap.add_argument("--profile", help="write per-mode operator profiles (eager modes) to this directory")
     ap.add_argument("--isolate", action="store_true", help="each mode in a fresh subprocess (default on CPU)")
     ap.add_argument("--one", help=argparse.SUPPRESS)

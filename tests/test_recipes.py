@@ -321,8 +321,9 @@ def test_train_collator_pads_to_few_shapes_only_when_steps_are_captured():
     from deltatune.train import TrainConfig
 
     feats = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}]
-    eager = train_collator(2, TrainConfig(progress_bar=False))(feats)
+    eager = train_collator(2, TrainConfig(progress_bar=False, cuda_graph=False))(feats)
     assert eager["input_ids"].shape == (2, 3)
+    assert train_collator(2, TrainConfig(progress_bar=False, device="cpu"))(feats)["input_ids"].shape == (2, 3)
     graphed = train_collator(2, TrainConfig(progress_bar=False, cuda_graph=True))(feats)
     assert graphed["input_ids"].shape == (2, CUDA_GRAPH_PAD_MULTIPLE)
     assert graphed["labels"][0].tolist() == [5, 6, 7] + [-100] * (CUDA_GRAPH_PAD_MULTIPLE - 3)

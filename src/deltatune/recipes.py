@@ -956,11 +956,12 @@ CUDA_GRAPH_PAD_MULTIPLE = 16
 def train_collator(pad_token_id: int, train: Any) -> Any:
     """The collate function of a recipe's training batches (``train``: its
     :class:`~deltatune.train.TrainConfig`): dynamic padding, rounded up to :data:`CUDA_GRAPH_PAD_MULTIPLE`
-    when ``train.cuda_graph`` captures the steps (few batch shapes)."""
+    when the steps may be captured as CUDA graphs (``train.may_capture()``: ``cuda_graph`` true, or ``"auto"``
+    on a CUDA device; few batch shapes)."""
     from .data import CausalLMCollator
 
     return CausalLMCollator(
-        pad_token_id=pad_token_id, pad_to_multiple_of=CUDA_GRAPH_PAD_MULTIPLE if train.cuda_graph else None
+        pad_token_id=pad_token_id, pad_to_multiple_of=CUDA_GRAPH_PAD_MULTIPLE if train.may_capture() else None
     )
 
 

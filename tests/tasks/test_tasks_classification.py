@@ -155,5 +155,25 @@ def test_config_errors(tmp_path):
         ClassificationConfig(task="sst2", method="lora", method_config={"r": 0}, data_dir=str(data))
     with pytest.raises(DeltaConfigError, match=r"^ClassificationConfig.train must not set 'seed'"):
         ClassificationConfig(task="sst2", train={"seed": 1}, data_dir=str(data))
-    with pytest.raises(DeltaConfigError, match=r"^ClassificationConfig.train.cuda_graph must be false: classification"):
-        ClassificationConfig(task="sst2", train={"cuda_graph": True}, data_dir=str(data))
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
+def test_cuda_graph_is_accepted_and_refused_on_cpu_before_loading(tmp_path):
+    data = write_glue(tmp_path / "data", "sst2")
+    cfg = ClassificationConfig(task="sst2", train={"cuda_graph": True}, data_dir=str(data), device="cpu",
+                               model=str(tmp_path / "no-such-model"))
+    with pytest.raises(DeltaConfigError, match=r"^cuda_graph=True needs a CUDA device, got device 'cpu'"):
+        run_classification(cfg)  # the model path does not exist: nothing was loaded before the error
+
+
+def test_classification_loss_can_be_captured():
+    from deltatune.train import TrainConfig, Trainer
+
+    loss = classification_loss(False)
+    assert loss.unit_count({"x": torch.zeros(5, 4), "labels": torch.zeros(5)}) == 5
+    lin = torch.nn.Linear(4, 3)
+    tr = Trainer(lin, TrainConfig(progress_bar=False, device="cpu"), [{"x": torch.zeros(4), "labels": 0}],
+                 loss_fn=loss)
+    tr.device = torch.device("cuda", 0)  # the checks after the device one, without a GPU
+    assert tr._eager_reason(tr.config, loss) == ""
+    assert tr._eager_reason(tr.config, lambda m, b: (torch.zeros(()), 1)) == (
+        "a custom loss_fn without a unit_count(batch) method")

@@ -64,7 +64,7 @@ def test_from_dict_needs_mapping():
         ({"resume_from": "latest"}, DeltaConfigError, r"resume_from='latest' needs output_dir"),
         ({"output_dir": ""}, DeltaConfigError, r"output_dir must be None or a non-empty directory path"),
         ({"seed": True}, DeltaConfigTypeError, r"seed must be an int >= 0, got True \(bool\)"),
-        ({"cuda_graph": "yes"}, DeltaConfigTypeError, r"cuda_graph must be a bool, got 'yes'"),
+        ({"cuda_graph": "yes"}, DeltaConfigTypeError, r"cuda_graph must be a bool or 'auto', got 'yes'"),
         ({"cuda_graph": True, "distributed": "ddp"}, DeltaConfigError,
          r"cuda_graph=True runs in one process; got distributed='ddp' \(use 'none'\)"),
         ({"cuda_graph": True, "mixed_precision": "fp16"}, DeltaConfigError,

@@ -10,18 +10,18 @@ from _train_utils import single_thread as _single_thread  # noqa: F401
 from torch import nn
 
 from deltatune.errors import DeltaConfigError
-from deltatune.train import PadCollator, TrainConfig, Trainer, causal_lm_loss
+from deltatune.train import PadCollator, TrainConfig, Trainer, logits_loss_sum
 from deltatune.train.losses import count_loss_tokens
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
-def test_causal_lm_loss_equals_cross_entropy(smoothing):
+def test_logits_loss_sum_equals_cross_entropy(smoothing):
     torch.manual_seed(0)
     logits = torch.randn(3, 6, 11)
     labels = torch.randint(0, 11, (3, 6))
     labels[0, 4:] = -100
     labels[2, 1] = -100
-    total, n = causal_lm_loss(logits, labels, label_smoothing=smoothing)
+    total, n = logits_loss_sum(logits, labels, label_smoothing=smoothing)
     ref = F.cross_entropy(
         logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100, label_smoothing=smoothing
     )
@@ -29,11 +29,11 @@ def test_causal_lm_loss_equals_cross_entropy(smoothing):
     torch.testing.assert_close(total / n, ref)
 
 
-def test_causal_lm_loss_without_shift():
+def test_logits_loss_sum_without_shift():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7)
     labels = torch.randint(0, 7, (2, 5))
-    total, n = causal_lm_loss(logits, labels, shift=False)
+    total, n = logits_loss_sum(logits, labels, shift=False)
     torch.testing.assert_close(total / n, F.cross_entropy(logits.reshape(-1, 7), labels.reshape(-1)))
     assert int(n) == 10 == count_loss_tokens(labels, shift=False)
 

@@ -19,7 +19,8 @@ def _cfg(**kw):
 
 
 def test_custom_loss_is_refused_before_any_work():
-    with pytest.raises(DeltaConfigError, match=r"cuda_graph=True needs the default causal-LM loss .*loss_fn"):
+    with pytest.raises(DeltaConfigError, match=r"cuda_graph=True needs the default causal-LM loss or a loss_fn with a "
+                                                r"unit_count\(batch\) method"):
         Trainer(tiny_lm(), _cfg(), lm_examples(2), loss_fn=lambda m, b: (torch.zeros(()), 1))
 
 
@@ -61,3 +62,83 @@ def test_config_device_check():
     TrainConfig(cuda_graph=False, device="cpu").check_cuda_graph_device()  # off: nothing to check
     with pytest.raises(DeltaConfigError, match=r"cuda_graph=True needs a CUDA device, got device 'cpu'"):
         TrainConfig(cuda_graph=True, device="cpu").check_cuda_graph_device()
+
+
+def _run_classifier(cuda_graph: bool):
+    from deltatune.tasks import classification_loss
+
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Dropout(0.0), torch.nn.Linear(16, 3))
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x):
+            return type("O", (), {"logits": self.net(x)})()
+
+    g = torch.Generator().manual_seed(1)
+    data = [{"x": torch.randn(8, generator=g), "labels": int(torch.randint(0, 3, (1,), generator=g))} for _ in range(16)]
+    cfg = _cfg(cuda_graph=cuda_graph, lr=1e-2, batch_size=4, max_steps=6, log_every=1, device="cuda", shuffle=False)
+    wrapped = Wrap()
+    tr = Trainer(wrapped, cfg, data, loss_fn=classification_loss(False))
+    tr.train()
+    return [r["loss"] for r in tr.log_history if r["split"] == "train"], trainable_state(wrapped), tr
+
+
+@cuda
+@pytest.mark.gpu
+def test_captured_classification_equals_eager():
+    eager, eager_state, _ = _run_classifier(False)
+    losses, state, tr = _run_classifier(True)
+    assert tr.capture and len(tr._graphs) == 1
+    assert losses == pytest.approx(eager, rel=1e-4)
+    for name, value in eager_state.items():
+        torch.testing.assert_close(state[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@cuda
+@pytest.mark.gpu
+def test_auto_captures_on_cuda_and_equals_eager():
+    data = lm_examples(8, seed=5, min_len=3, max_len=20)
+
+    def run(cuda_graph):
+        cfg = TrainConfig(progress_bar=False, tensorboard=False, cuda_graph=cuda_graph, batch_size=4, max_steps=3,
+                          log_every=1, device="cuda", shuffle=False, lr=5e-3)
+        tr = Trainer(tiny_llama(), cfg, data, collate_fn=PadCollator(pad_to_multiple_of=8))
+        tr.train()
+        return tr, [r["loss"] for r in tr.log_history if r["split"] == "train"]
+
+    auto, losses = run("auto")
+    assert auto.capture and auto.eager_reason == "" and len(auto._graphs) >= 1
+    eager, ref = run(False)
+    assert not eager.capture and losses == pytest.approx(ref, rel=1e-4)
+
+
+@cuda
+@pytest.mark.gpu
+def test_auto_falls_back_to_eager_when_the_capture_fails():
+    class HostReadingLoss:  # reads a device value on every call: cannot be captured
+        def unit_count(self, batch):
+            return int(batch["label"].shape[0])
+
+        def __call__(self, model, batch):
+            logits = model(input_ids=batch["input_ids"]).logits[:, -1]
+            loss = torch.nn.functional.cross_entropy(logits.float(), batch["label"])
+            float(loss)  # host read
+            return loss, batch["label"].shape[0]
+
+    data = [{"input_ids": [3, 4, 5, 6], "label": i % 5} for i in range(12)]
+
+    def run(cuda_graph):
+        cfg = TrainConfig(progress_bar=False, tensorboard=False, cuda_graph=cuda_graph, batch_size=4, max_steps=5,
+                          log_every=1, device="cuda", shuffle=False, lr=5e-3, fused_kernels="none")
+        tr = Trainer(tiny_llama(), cfg, data, loss_fn=HostReadingLoss())
+        tr.train()
+        return tr, [r["loss"] for r in tr.log_history if r["split"] == "train"]
+
+    auto, losses = run("auto")
+    assert not auto.capture and auto.eager_reason.startswith("capturing the step failed (")
+    _, ref = run(False)
+    assert losses == pytest.approx(ref, rel=1e-4)

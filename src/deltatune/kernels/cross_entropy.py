@@ -292,6 +292,7 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    check_labels: bool = True,
 ) -> Tensor:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels`` without the full logits.
 
@@ -302,6 +303,8 @@ def linear_cross_entropy(
         bias: optional ``(V,)``.
         ignore_index, label_smoothing, reduction: as in ``torch.nn.functional.cross_entropy``.
         chunk_size: rows per chunk (default :func:`default_chunk_size`: ~32M logits per chunk).
+        check_labels: check the label range (``False``: the caller checked a host copy; device labels
+            are then not read back).
 
     Returns:
         scalar (``"mean"``/``"sum"``) or ``(N,)`` (``"none"``) loss in fp32 (fp64 for fp64 inputs).
@@ -311,7 +314,7 @@ def linear_cross_entropy(
     # checked where the labels are (host labels: no device read); device labels are read back, which is
     # not allowed (and skipped) while a CUDA graph is being captured or torch.compile traces
     labels = labels.long()
-    if not torch.compiler.is_compiling() and not (labels.is_cuda and _capturing(hidden)):
+    if check_labels and not torch.compiler.is_compiling() and not (labels.is_cuda and _capturing(hidden)):
         _check_label_range(labels, v, ignore_index)
     labels = labels.to(hidden.device)
     chunk = chunk_size if chunk_size is not None else default_chunk_size(hidden.shape[0], v)

@@ -34,6 +34,7 @@ from ..validation import check_bool, check_choice, check_float, check_int, check
 from .heads import POOLINGS, build_classifier
 
 __all__ = [
+    "ClassificationLoss",
     "CSV_KEYS",
     "DEFAULT_LR",
     "DEFAULT_METHOD_CONFIGS",
@@ -215,11 +216,6 @@ class ClassificationConfig:
                     f"{n}.train must not set {key!r} (it is set from the run's own {key.split('_')[0]!r} field), "
                     f"got {key}={self.train[key]!r}"
                 )
-        if self.train.get("cuda_graph"):
-            raise DeltaConfigError(
-                f"{n}.train.cuda_graph must be false: classification trains with its own loss, and captured "
-                "steps take the causal-LM loss only"
-            )
         check_run_fields(self)
         check_bool(f"{n}.save_delta", self.save_delta)
         check_bool(f"{n}.progress", self.progress)
@@ -383,20 +379,33 @@ def load_task_data(cfg: ClassificationConfig) -> TaskData:
     return TaskData(name, metric_task, num_labels, regression, train, dev, label_map)
 
 
-def classification_loss(is_regression: bool) -> Any:
-    """A Trainer ``loss_fn(model, batch) -> (mean loss, examples)``: cross-entropy, or MSE for regression."""
+class ClassificationLoss:
+    """A Trainer ``loss_fn(model, batch) -> (mean loss, examples)``: cross-entropy, or MSE for regression.
 
-    def loss_fn(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    Its :meth:`unit_count` gives the examples of a batch from the CPU copy, so the Trainer can capture
+    its steps as CUDA graphs (``train.cuda_graph``)."""
+
+    def __init__(self, is_regression: bool) -> None:
+        self.is_regression = is_regression
+
+    def unit_count(self, batch: Mapping[str, torch.Tensor]) -> int:
+        """Examples in ``batch`` (the ``n`` that :meth:`__call__` returns)."""
+        return int(batch["labels"].shape[0])
+
+    def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         labels = batch["labels"]
         logits = model(**inputs).logits
-        if is_regression:
+        if self.is_regression:
             loss = nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
         else:
             loss = nn.functional.cross_entropy(logits.float(), labels.long())
         return loss, labels.shape[0]
 
-    return loss_fn
+
+def classification_loss(is_regression: bool) -> ClassificationLoss:
+    """The loss of a classification (``False``) or regression (``True``) task: a :class:`ClassificationLoss`."""
+    return ClassificationLoss(is_regression)
 
 
 @torch.no_grad()
@@ -458,6 +467,7 @@ def run_classification(cfg: ClassificationConfig | Mapping[str, Any]) -> dict[st
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     tcfg = cfg.train_config()
+    tcfg.check_cuda_graph_device()  # before the data and the model are loaded
     data = load_task_data(cfg)
 
     set_seed(cfg.seed)

@@ -12,8 +12,9 @@ from .config import TrainConfig
 from .cuda_graph import CapturedStep, optimizer_is_capturable
 from .distributed import EpochBatchSampler
 from .fsdp import find_block_modules, full_parameters, save_delta_sharded, shard_model
+from .fused import apply_fused_kernels, fuse_llama
 from .logging import read_log
-from .losses import PadCollator, causal_lm_loss
+from .losses import PadCollator, chunked_head, lm_loss_sum, logits_loss_sum
 from .optim import AdamW, param_groups
 from .regional_compile import compile_blocks
 from .schedules import build_scheduler, lr_factor
@@ -28,14 +29,18 @@ __all__ = [
     "TrainState",
     "Trainer",
     "TrainerCallback",
+    "apply_fused_kernels",
     "build_scheduler",
-    "causal_lm_loss",
+    "chunked_head",
     "compile_blocks",
     "find_block_modules",
+    "fuse_llama",
     "find_latest_checkpoint",
     "full_parameters",
     "list_checkpoints",
+    "lm_loss_sum",
     "load_trainable_params",
+    "logits_loss_sum",
     "lr_factor",
     "optimizer_is_capturable",
     "param_groups",

@@ -11,11 +11,12 @@ from typing import Any
 from ..errors import DeltaConfigError, DeltaConfigTypeError
 from ..validation import check_bool, check_choice, check_float, check_int, check_known_keys, check_type
 
-__all__ = ["TrainConfig", "SCHEDULERS", "MIXED_PRECISION", "DISTRIBUTED"]
+__all__ = ["TrainConfig", "SCHEDULERS", "MIXED_PRECISION", "DISTRIBUTED", "FUSED_KERNELS"]
 
 SCHEDULERS = ("linear", "cosine", "constant")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 DISTRIBUTED = ("none", "ddp", "fsdp")
+FUSED_KERNELS = ("auto", "liger", "torch", "compile", "none")
 
 
 def _optional_int(name: str, value: Any, minimum: int) -> int | None:
@@ -60,12 +61,20 @@ class TrainConfig:
     ``keep_last_checkpoints`` (None = keep all), ``resume_from`` (None, ``"latest"`` or a checkpoint
     directory), ``tensorboard`` (write TensorBoard events when the package is importable).
 
-    Speed: ``cuda_graph`` (default False) captures each optimiser step (forward and backward of every
-    micro-batch, clipping, the AdamW update) in a CUDA graph per batch-shape signature and replays it
-    (:class:`~deltatune.train.CapturedStep`); it needs a CUDA device, one process, ``mixed_precision``
-    ``"no"`` or ``"bf16"`` and the default causal-LM loss. Pad batches to few shapes (e.g.
+    Speed: ``cuda_graph`` (``"auto"``, the default, ``True`` or ``False``) captures each optimiser step
+    (forward and backward of every micro-batch, clipping, the AdamW update) in a CUDA graph per
+    batch-shape signature and replays it (:class:`~deltatune.train.CapturedStep`). ``True`` needs a CUDA
+    device, one process, ``mixed_precision`` ``"no"`` or ``"bf16"`` and the default loss or a
+    ``loss_fn`` with a ``unit_count(batch)`` method; ``"auto"`` captures when all of that holds and
+    otherwise trains eagerly and says once why (log ``deltatune.train``). Pad batches to few shapes (e.g.
     :class:`~deltatune.train.PadCollator` ``pad_to_multiple_of``): at most
-    ``Trainer.MAX_CUDA_GRAPHS`` shapes are captured, others run eagerly.
+    ``Trainer.MAX_CUDA_GRAPHS`` shapes are captured, others run eagerly. ``fused_kernels``
+    (``"auto"``, ``"liger"``, ``"torch"``, ``"compile"``, ``"none"``) fuses the elementwise work of
+    Llama-style blocks (RMSNorm, rotary embeddings, SwiGLU; :func:`deltatune.train.fuse_llama`):
+    ``"liger"`` with liger-kernel's Triton kernels (CUDA), ``"torch"`` with the pure-PyTorch versions of
+    the same functions, ``"compile"`` with :func:`~deltatune.train.compile_blocks` (not captured);
+    ``"auto"`` is ``"liger"`` where CUDA, Triton and liger-kernel are there and the model has Llama
+    blocks, else ``"none"``.
 
     Other: ``seed``, ``shuffle`` (training data order; a deterministic function of seed and epoch),
     ``num_workers`` (DataLoader workers), ``progress_bar``.
@@ -103,7 +112,8 @@ class TrainConfig:
     resume_from: str | None = None
     tensorboard: bool = True
     progress_bar: bool = True
-    cuda_graph: bool = False
+    cuda_graph: bool | str = "auto"
+    fused_kernels: str = "auto"
 
     def __post_init__(self) -> None:
         self.lr = check_float("lr", self.lr, low=0.0, low_inclusive=False)
@@ -170,12 +180,19 @@ class TrainConfig:
             self.resume_from = os.fspath(self.resume_from)
         check_bool("tensorboard", self.tensorboard)
         check_bool("progress_bar", self.progress_bar)
-        check_bool("cuda_graph", self.cuda_graph)
-        if self.cuda_graph and self.distributed != "none":
+        if not (self.cuda_graph is True or self.cuda_graph is False or self.cuda_graph == "auto"):
+            raise DeltaConfigTypeError(f"cuda_graph must be a bool or 'auto', got {self.cuda_graph!r}")
+        check_choice("fused_kernels", self.fused_kernels, FUSED_KERNELS)
+        if self.cuda_graph is True and self.fused_kernels == "compile":
+            raise DeltaConfigError(
+                "cuda_graph=True does not take fused_kernels='compile' (capturing compiled blocks fails with "
+                "cudaErrorStreamCaptureInvalidated); use fused_kernels 'liger' or 'torch', or cuda_graph 'auto'"
+            )
+        if self.cuda_graph is True and self.distributed != "none":
             raise DeltaConfigError(
                 f"cuda_graph=True runs in one process; got distributed={self.distributed!r} (use 'none')"
             )
-        if self.cuda_graph and self.mixed_precision == "fp16":
+        if self.cuda_graph is True and self.mixed_precision == "fp16":
             raise DeltaConfigError(
                 "cuda_graph=True does not take mixed_precision='fp16' (its GradScaler reads the gradients' "
                 "finiteness on the host every step); use 'bf16' or 'no'"
@@ -197,7 +214,7 @@ class TrainConfig:
     def check_cuda_graph_device(self) -> None:
         """Raise :class:`DeltaConfigError` when ``cuda_graph`` is on and ``device`` does not resolve to a CUDA
         device (callers run this before any work; the Trainer runs it too)."""
-        if not self.cuda_graph:
+        if self.cuda_graph is not True:
             return
         from .distributed import resolve_device
 
@@ -206,6 +223,20 @@ class TrainConfig:
             raise DeltaConfigError(
                 f"cuda_graph=True needs a CUDA device, got device {str(device)!r}; set cuda_graph to false"
             )
+
+    def may_capture(self) -> bool:
+        """Whether steps may be captured as CUDA graphs: ``cuda_graph`` True, or ``"auto"`` on a CUDA device
+        in one process without fp16 (then batches should come in few shapes)."""
+        if self.cuda_graph != "auto":
+            return bool(self.cuda_graph)
+        from .distributed import resolve_device
+
+        return (
+            resolve_device(self.device).type == "cuda"
+            and self.distributed == "none"
+            and self.mixed_precision != "fp16"
+            and self.fused_kernels != "compile"
+        )
 
     @classmethod
     def known_keys(cls) -> list[str]:

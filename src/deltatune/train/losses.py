@@ -12,17 +12,24 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import DeltaConfigError
+from ..kernels import linear_cross_entropy
+from ..kernels.cross_entropy import _check_label_range
 from ..validation import check_int
 
 __all__ = [
+    "CHUNKED_LOSS_MODEL_TYPES",
     "check_lm_examples",
     "IGNORE_INDEX",
     "PadCollator",
-    "causal_lm_loss",
+    "check_label_range",
+    "chunked_head",
     "count_loss_tokens",
     "get_logits",
+    "lm_loss_sum",
+    "logits_loss_sum",
 ]
 
 IGNORE_INDEX = -100
@@ -54,10 +61,10 @@ def count_loss_tokens(labels: torch.Tensor, shift: bool = True) -> int:
     return int((_aligned_labels(labels, shift) != IGNORE_INDEX).sum())
 
 
-def causal_lm_loss(
+def logits_loss_sum(
     logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0, shift: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed token cross-entropy (fp32) and the number of counted tokens.
+    """Summed token cross-entropy (fp32) of materialised logits and the number of counted tokens.
 
     With ``shift`` the logits at position ``t`` predict ``labels[t + 1]`` (Hugging Face causal-LM
     convention, labels aligned with ``input_ids``). Positions labelled ``-100`` are ignored.
@@ -72,6 +79,94 @@ def causal_lm_loss(
         logits, labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, reduction="sum"
     )
     return total, (labels != IGNORE_INDEX).sum()
+
+
+#: ``config.model_type`` of Hugging Face causal LMs whose ``forward`` is ``lm_head(backbone(...)[0])``
+#: with nothing in between (no logit scaling or soft-capping): their loss may skip the logits
+CHUNKED_LOSS_MODEL_TYPES = frozenset(
+    {"gpt2", "llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo", "olmo2", "phi3", "gemma", "opt"}
+)
+
+
+def chunked_head(model: nn.Module) -> tuple[tuple[nn.Module, nn.Linear] | None, str]:
+    """``((backbone, lm_head), "")`` when the default loss of ``model`` can call the backbone and apply the
+    chunked linear + cross-entropy (:func:`deltatune.kernels.causal_lm_loss`) with the head's weight
+    instead of materialising the logits; else ``(None, why not)``.
+
+    It can when ``model`` is a Hugging Face causal LM of a type in :data:`CHUNKED_LOSS_MODEL_TYPES`,
+    its output embedding (``get_output_embeddings()``) is a plain ``nn.Linear`` (not wrapped by a delta
+    method), its backbone is the attribute named by ``base_model_prefix``, and no forward hook sits on
+    the model itself (prefix-tuning's hooks do: they must run).
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in CHUNKED_LOSS_MODEL_TYPES:
+        return None, f"model_type {model_type!r} is not one whose head is a plain linear layer"
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if type(head) is not nn.Linear:
+        return None, f"the output embedding is a {type(head).__name__}, not a plain nn.Linear"
+    backbone = getattr(model, str(getattr(model, "base_model_prefix", "")), None)
+    if not isinstance(backbone, nn.Module) or backbone is model:
+        return None, "the model has no backbone under its base_model_prefix"
+    if model._forward_hooks or model._forward_pre_hooks:
+        return None, "forward hooks sit on the model (e.g. prefix-tuning's), so its own forward must run"
+    return (backbone, head), ""
+
+
+def lm_loss_sum(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    *,
+    label_smoothing: float = 0.0,
+    shift: bool = True,
+    chunked: bool = True,
+    check_labels: bool = True,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default causal-LM loss of ``model`` on ``batch``: (summed token cross-entropy in fp32, counted
+    tokens). The one loss entry point of the Trainer, the recipes and the benchmarks.
+
+    ``batch`` holds the model's inputs and ``labels`` (aligned with ``input_ids``; ``-100`` ignored;
+    shifted when ``shift``). With ``chunked`` and a model whose head allows it (:func:`chunked_head`)
+    the backbone is called and :func:`deltatune.kernels.linear_cross_entropy` applies the head in chunks
+    (the fp32 logits are never materialised); otherwise the model is called and its ``.logits`` go
+    through :func:`logits_loss_sum`. ``check_labels=False`` skips the chunked path's label range check
+    (a read of device labels; the Trainer checks the CPU copies with :func:`check_label_range`);
+    ``chunk_size``: rows per chunk (default :func:`deltatune.kernels.default_chunk_size`). Both equal ``F.cross_entropy(logits.float(), ...)`` with
+    ``reduction="sum"`` (values and gradients, within float rounding).
+    """
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    found = chunked_head(model)[0] if chunked else None
+    if found is None:
+        return logits_loss_sum(get_logits(model(**inputs)), labels, label_smoothing=label_smoothing, shift=shift)
+    backbone, head = found
+    out = backbone(**inputs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if shift:
+        labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    labels = labels.reshape(-1).to(hidden.device)
+    total = linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]),
+        head.weight,
+        labels,
+        bias=head.bias,
+        ignore_index=IGNORE_INDEX,
+        label_smoothing=label_smoothing,
+        reduction="sum",
+        chunk_size=chunk_size,
+        check_labels=check_labels,
+    )
+    return total, (labels != IGNORE_INDEX).sum()
+
+
+def check_label_range(model: nn.Module, labels: torch.Tensor) -> None:
+    """Raise :class:`DeltaConfigError` when ``labels`` (a host tensor) hold a class outside the vocabulary of
+    ``model``'s chunked head (no-op for models without one: their loss checks as it computes)."""
+    found = chunked_head(model)[0]
+    if found is not None:
+        _check_label_range(labels, found[1].weight.shape[0], IGNORE_INDEX)
 
 
 _SEQ_PAD = {"attention_mask": 0, "labels": IGNORE_INDEX, "token_type_ids": 0, "special_tokens_mask": 1}

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import gc
 import json
+import logging
 import math
 import os
 import random
@@ -64,8 +65,16 @@ from .fsdp import (
     save_delta_sharded,
     shard_optimizer_state_dict,
 )
+from .fused import apply_fused_kernels
 from .logging import MetricsLogger, peak_memory_mb, reset_peak_memory
-from .losses import PadCollator, causal_lm_loss, check_lm_examples, count_loss_tokens, get_logits
+from .losses import (
+    PadCollator,
+    check_label_range,
+    check_lm_examples,
+    chunked_head,
+    count_loss_tokens,
+    lm_loss_sum,
+)
 from .optim import AdamW, param_groups
 from .schedules import build_scheduler, resolve_warmup_steps
 
@@ -73,6 +82,21 @@ __all__ = ["LossFn", "TrainState", "Trainer", "TrainerCallback", "set_seed"]
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, int | torch.Tensor]"]
 _STATE_VERSION = 1
+logger = logging.getLogger("deltatune.train")
+_SAID: set[str] = set()
+
+
+def _say_once(message: str, level: int = logging.WARNING) -> None:
+    """Log ``message`` on ``deltatune.train`` the first time this process sees it."""
+    if message not in _SAID:
+        _SAID.add(message)
+        logger.log(level, message)
+
+
+def capturable_loss(loss_fn: LossFn | None) -> bool:
+    """Whether the Trainer can capture steps with ``loss_fn``: the default loss (None), or a ``loss_fn``
+    with a ``unit_count(batch) -> int`` method giving, from the CPU batch, the ``n`` it returns."""
+    return loss_fn is None or callable(getattr(loss_fn, "unit_count", None))
 
 
 def set_seed(seed: int) -> None:
@@ -180,10 +204,15 @@ class Trainer:
         eval_dataset: optional, for :meth:`evaluate` and ``eval_every``.
         collate_fn: builds a batch from a list of examples; default :class:`PadCollator` (right-pads
             ``input_ids``/``attention_mask``/``labels``).
-        loss_fn: ``loss_fn(model, batch) -> (loss, n)`` where ``loss`` is the mean over ``n`` units.
-            Default: the model is called with the batch minus ``labels`` and the token cross-entropy
-            of ``outputs.logits`` against the (shifted) ``labels`` is used, ignoring -100, with
-            ``config.label_smoothing``.
+        loss_fn: ``loss_fn(model, batch) -> (loss, n)`` where ``loss`` is the mean over ``n`` units;
+            steps with it are captured as CUDA graphs only when it has a ``unit_count(batch) -> int``
+            method (``n`` from the CPU batch). Default: the token cross-entropy against the (shifted)
+            ``labels``, ignoring -100, with ``config.label_smoothing``
+            (:func:`~deltatune.train.lm_loss_sum`): for Hugging Face causal LMs whose head allows it
+            (:func:`~deltatune.train.chunked_head`; one process) the backbone is called and the
+            chunked linear + cross-entropy applies the head without materialising the logits,
+            otherwise the model is called with the batch minus ``labels`` and its ``.logits`` are
+            used.
         callbacks: :class:`TrainerCallback` objects.
         save_fn / load_fn: ``fn(model, directory)`` writing / reading the trainable weights inside a
             checkpoint; default :func:`~deltatune.train.checkpoint.save_trainable_params` /
@@ -281,14 +310,23 @@ class Trainer:
                 f"mixed_precision='fp16' needs a CUDA device (it uses a GradScaler), got device "
                 f"{str(self.device)!r}; use 'bf16' or 'no' on CPU"
             )
-        if config.cuda_graph and loss_fn is not None:
+        if config.cuda_graph is True and not capturable_loss(loss_fn):
             raise DeltaConfigError(
-                "cuda_graph=True needs the default causal-LM loss (a loss_fn hands its unit count to the host "
-                "on every step); leave loss_fn unset or set cuda_graph to false"
+                "cuda_graph=True needs the default causal-LM loss or a loss_fn with a unit_count(batch) method "
+                "(otherwise a loss_fn hands its unit count to the host on every step); set cuda_graph to 'auto' "
+                "or false"
             )
         config.check_cuda_graph_device()
+        #: why steps run eagerly ("" when they are captured)
+        self.eager_reason = self._eager_reason(config, loss_fn)
+        self.capture = not self.eager_reason
+        if self.eager_reason and config.cuda_graph == "auto":
+            level = logging.WARNING if self.device.type == "cuda" else logging.INFO
+            _say_once(f"Trainer: steps run eagerly (not captured as CUDA graphs): {self.eager_reason}", level)
         set_seed(config.seed)
 
+        #: the fused-kernel backend applied to the model ("none" when none was)
+        self.fused_kernels = apply_fused_kernels(model, config.fused_kernels, self.device)
         if config.gradient_checkpointing:
             _enable_checkpointing(model)
 
@@ -321,7 +359,7 @@ class Trainer:
             eps=config.adam_eps,
             weight_decay=config.weight_decay,
             bias_correction=config.bias_correction,
-            capturable=config.cuda_graph,
+            capturable=self.capture,
         )
         self._trainable = [p for g in groups for p in g["params"]]
         self._graphs: dict[tuple, CapturedStep] = {}
@@ -335,6 +373,22 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
 
     # ------------------------------------------------------------------ small helpers
+    def _eager_reason(self, c: TrainConfig, loss_fn: LossFn | None) -> str:
+        """Why steps cannot be captured ("" when they can; always "" unless ``cuda_graph`` is on)."""
+        if c.cuda_graph is False:
+            return "cuda_graph is false"
+        if self.device.type != "cuda":
+            return f"the device is {str(self.device)!r}, not CUDA"
+        if c.distributed != "none":
+            return f"distributed={c.distributed!r} (capture runs in one process)"
+        if c.mixed_precision == "fp16":
+            return "mixed_precision='fp16' (its GradScaler reads the gradients' finiteness on the host)"
+        if not capturable_loss(loss_fn):
+            return "a custom loss_fn without a unit_count(batch) method"
+        if c.fused_kernels == "compile":
+            return "fused_kernels='compile' (capturing compiled blocks fails)"
+        return ""
+
     @property
     def is_main(self) -> bool:
         """True on the process that logs and saves (rank 0)."""
@@ -447,10 +501,21 @@ class Trainer:
                 f"{type(batch).__name__}{' with keys ' + str(sorted(batch)) if isinstance(batch, Mapping) else ''}; "
                 "pass loss_fn=... to the Trainer"
             )
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        outputs = model(**inputs)
-        return causal_lm_loss(
-            get_logits(outputs), batch["labels"], label_smoothing=label_smoothing, shift=self.config.shift_labels
+        return lm_loss_sum(
+            model,
+            batch,
+            label_smoothing=label_smoothing,
+            shift=self.config.shift_labels,
+            chunked=self._ddp is None and not self.is_fsdp,
+            check_labels=False,  # checked on the CPU copies (_loss_token_counts): no device read per step
+        )
+
+    @property
+    def chunked_loss(self) -> bool:
+        """Whether the default loss skips the logits (chunked linear + cross-entropy on the backbone's
+        hidden states; see :func:`~deltatune.train.chunked_head`)."""
+        return (
+            self.loss_fn is None and self._ddp is None and not self.is_fsdp and chunked_head(self.model)[0] is not None
         )
 
     def _global_counts(self, n: int, tokens: int) -> tuple[float, float]:
@@ -470,7 +535,7 @@ class Trainer:
         loss sum (a device tensor, not synced) and the global counts.
         """
         c = self.config
-        if c.cuda_graph:
+        if self.capture:
             graphed = self._graphed_train_step(micro)
             if graphed is not None:
                 return graphed
@@ -532,6 +597,9 @@ class Trainer:
         for b in micro:
             if not isinstance(b, Mapping) or "labels" not in b:
                 self._compute_loss(self.model, b, 0.0)  # raises the explanatory error
+        if self._ddp is None and not self.is_fsdp:
+            for b in micro:
+                check_label_range(self.model, b["labels"])
         counts = [count_loss_tokens(b["labels"], self.config.shift_labels) for b in micro]
         return counts, sum(_input_tokens(b, n) for b, n in zip(micro, counts))
 
@@ -551,11 +619,16 @@ class Trainer:
 
     def _graphed_train_step(self, micro: list[Any]) -> dict[str, Any] | None:
         """:meth:`_train_step` as a replayed CUDA graph (``cuda_graph=True``); None when this batch-shape
-        signature is beyond :attr:`MAX_CUDA_GRAPHS` (the step then runs eagerly).
+        signature is beyond :attr:`MAX_CUDA_GRAPHS` (the step then runs eagerly), or when the capture
+        failed under ``cuda_graph="auto"`` (then every later step runs eagerly, and the Trainer says why).
 
         The loss normalisation ``1 / tokens`` (counted on the host) and the learning rate reach the graph
         through device tensors; everything else in the step is fixed by the shapes."""
-        counts, in_tokens = self._loss_token_counts(micro)
+        if self.loss_fn is None:
+            counts, in_tokens = self._loss_token_counts(micro)
+        else:
+            counts = [int(self.loss_fn.unit_count(b)) for b in micro]  # type: ignore[attr-defined]
+            in_tokens = sum(_input_tokens(b, n) for b, n in zip(micro, counts))
         n_units = sum(counts)
         # the signature from the CPU copies: a batch that runs eagerly is not moved to the device twice
         sig = tuple(
@@ -572,9 +645,23 @@ class Trainer:
             )
         flat = {f"{i}/{k}": v for i, b in enumerate(micro) for k, v in _to_device(b, self.device).items()}
         flat["__scale"] = torch.full((), 1.0 / n_units if n_units > 0 else 0.0, dtype=torch.float32, device=self.device)
+        if self.loss_fn is not None:  # the units of each micro-batch, to turn its mean loss into a sum
+            flat["__n"] = torch.tensor(counts, dtype=torch.float32).to(self.device, non_blocking=True)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.sync_lr()
-        out = captured(flat)
+        captures_now = captured.graph is None and captured.calls >= captured.warmup
+        try:
+            out = captured(flat)
+        except Exception as err:  # noqa: BLE001 - re-raised unless "auto" can fall back
+            if not (captures_now and self.config.cuda_graph == "auto"):
+                raise
+            # nothing of the captured step ran: train this step (and the rest) eagerly
+            self._graphs.clear()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.capture = False
+            self.eager_reason = f"capturing the step failed ({type(err).__name__}: {str(err).splitlines()[0]})"
+            _say_once(f"Trainer: steps run eagerly (not captured as CUDA graphs): {self.eager_reason}")
+            return None
         self.scheduler.step()
         return {"loss_sum": out[0], "n": n_units, "tokens": in_tokens, "grad_norm": out[1], "lr": lr}
 
@@ -587,7 +674,10 @@ class Trainer:
             prefix = f"{i}/"
             batch = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
             with self._autocast():
-                total, _ = self._compute_loss(self.model, batch, c.label_smoothing)
+                if self.loss_fn is None:
+                    total, _ = self._compute_loss(self.model, batch, c.label_smoothing)
+                else:  # no host read of n here: the units come in as a device tensor
+                    total = self.loss_fn(self.model, batch)[0].float() * flat["__n"][i]
             (total * flat["__scale"]).backward()
             part = total.detach().float()
             loss_sum = part if loss_sum is None else loss_sum + part
@@ -824,6 +914,9 @@ class Trainer:
             loader = self._loader(ds, batches, c.seed)
             bar = tqdm(loader, desc="eval", leave=False, disable=not (self.is_main and c.progress_bar))
             for i, batch in enumerate(bar):
+                if self.loss_fn is None and isinstance(batch, Mapping) and "labels" in batch and self._ddp is None:
+                    if not self.is_fsdp:
+                        check_label_range(self.model, batch["labels"])
                 batch = _to_device(batch, self.device)
                 with self._autocast():
                     loss_sum, n = self._compute_loss(self.model, batch, 0.0)
