@@ -39,6 +39,7 @@ from .errors import (
     TargetNotFoundError,
     UnsupportedModuleError,
 )
+from .export_gguf import export_gguf
 from .freeze import TrainableSummary, freeze_delta, trainable_summary
 from .generate import GenerationConfig, generate, generate_text
 from .methods import get_method, method_names
@@ -103,6 +104,7 @@ __all__ = [
     "delete_adapter",
     "delta_state_dict",
     "disable_adapters",
+    "export_gguf",
     "export_peft",
     "freeze_delta",
     "get_config",
