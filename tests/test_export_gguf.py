@@ -16,6 +16,14 @@ import torch
 import deltatune as dt
 from deltatune.errors import DeltaConfigError
 from deltatune.export_gguf import ExportSpec, export_gguf, find_source_gguf
+from deltatune.gguf_check import (
+    llama_cpp_greedy,
+    llama_cpp_logits,
+    llama_cpp_model,
+    perplexity,
+    torch_greedy,
+    torch_logits,
+)
 from deltatune.models import load
 from tests.gguf_fixtures import tiny_llama, tokens, write_tokenizer_gguf
 
@@ -386,3 +394,97 @@ def test_run_leaves_a_gguf_file_and_cli_exports_the_adapter(assets, tmp_path, mo
     code = main(["export-gguf", str(tmp_path), "--kind", "merged"])
     assert code == 2
     assert f"RUN_DIR must be a run directory holding config.yaml, got {str(tmp_path)!r}" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# the real llama.cpp (llama-cpp-python; scripts/build_llama_cpp.sh builds and caches it)
+
+PROMPTS = ["the cat sat on the mat", "in the beginning there was a", "on a cold morning she"]
+FIXTURE_TEXT = (
+    "the history of the town began in the early years of the century . the river runs through the "
+    "centre and the old bridge was built of stone . in the summer the market is open on saturday and "
+    "people come from the villages around . the church on the hill is the oldest building in the town ."
+)
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_mod():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (scripts/build_llama_cpp.sh)")
+
+
+@pytest.fixture(scope="module")
+def cpp_files(assets, llama_cpp_mod, tmp_path_factory):
+    """A tiny Llama (larger init, so greedy choices have margins) loaded from its GGUF base with a trained-
+    looking LoRA (random B), and its exports: base F16, merged F16, merged Q8_0, adapter F32."""
+    root, tok, _ = assets
+    d = tmp_path_factory.mktemp("cpp")
+    base_gguf = export_gguf(tiny_llama(std=0.25, seed=3), d / "base-f32.gguf", quant="f32", source_gguf=tok,
+                            progress=False)
+    model, tokenizer = load(base_gguf, cache_dir=root / "cache")
+    files = {"base": export_gguf(model, d / "base-f16.gguf", quant="f16", progress=False)}
+    _lora(model, r=4, alpha=8)
+    files["merged"] = export_gguf(model, d / "merged-f16.gguf", quant="f16", progress=False)
+    files["q8_0"] = export_gguf(model, d / "merged-q8_0.gguf", quant="q8_0", progress=False)
+    files["adapter"] = export_gguf(model, d / "adapter.gguf", kind="adapter", progress=False)
+    merged = dt.merge_and_unload(model)
+    return files, merged, tokenizer
+
+
+def _cpp(path: Path, lora: Path | None = None):
+    return llama_cpp_model(path, lora=lora, n_ctx=256, n_threads=2)
+
+
+def test_perplexity_helper_equals_cross_entropy():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, vocab_size=50)).eval()
+    ids = torch.randint(0, 50, (23,)).tolist()
+    with torch.no_grad():  # windows of 10, 10 and 3 tokens, each from a fresh context
+        nll = [torch.nn.functional.cross_entropy(model(input_ids=torch.tensor([c])).logits[0, :-1],
+                                                 torch.tensor(c[1:]), reduction="sum")
+               for c in (ids[:10], ids[10:20], ids[20:])]
+    want = math.exp(float(sum(nll)) / (9 + 9 + 2))
+    assert perplexity(lambda c: torch_logits(model, c), ids, 10) == pytest.approx(want, rel=1e-6)
+    with pytest.raises(DeltaConfigError, match=r"window must be at least 2 tokens, got 1"):
+        perplexity(lambda c: torch_logits(model, c), ids, 1)
+
+
+@pytest.mark.slow
+def test_llama_cpp_merged_f16_matches_pytorch(cpp_files, llama_cpp_mod):
+    files, merged, tokenizer = cpp_files
+    llm = _cpp(files["merged"])
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        diff = np.abs(llama_cpp_logits(llm, ids) - torch_logits(merged, ids)).max()
+        assert diff <= 1e-2, (prompt, diff)
+        assert llama_cpp_greedy(llm, ids, 32) == torch_greedy(merged, ids, 32), prompt
+
+
+@pytest.mark.slow
+def test_llama_cpp_base_plus_adapter_matches_merged(cpp_files, llama_cpp_mod):
+    files, _, tokenizer = cpp_files
+    with_lora = _cpp(files["base"], lora=files["adapter"])
+    merged = _cpp(files["merged"])
+    plain = _cpp(files["base"])
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        a, b = llama_cpp_logits(with_lora, ids), llama_cpp_logits(merged, ids)
+        assert np.abs(a - b).max() <= 1e-2, prompt
+        # the adapter does change the outputs (a file llama.cpp ignored would pass the check above only
+        # if the delta were below the tolerance)
+        assert np.abs(llama_cpp_logits(plain, ids) - b).max() > 0.1, prompt
+
+
+@pytest.mark.slow
+def test_llama_cpp_q8_0_greedy_and_perplexity(cpp_files, llama_cpp_mod):
+    files, _, tokenizer = cpp_files
+    f16, q8 = _cpp(files["merged"]), _cpp(files["q8_0"])
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        assert llama_cpp_greedy(q8, ids, 32) == llama_cpp_greedy(f16, ids, 32), prompt
+    ids = tokenizer(FIXTURE_TEXT)["input_ids"]
+    ppl_f16 = perplexity(lambda c: llama_cpp_logits(f16, c), ids, 128)
+    ppl_q8 = perplexity(lambda c: llama_cpp_logits(q8, c), ids, 128)
+    assert abs(ppl_q8 / ppl_f16 - 1) <= 0.01, (ppl_f16, ppl_q8)

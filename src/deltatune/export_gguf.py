@@ -43,6 +43,7 @@ from torch import nn
 
 from .errors import CheckpointError, DeltaConfigError, MissingPackageError
 from .io_utils import fsync_dir
+from .models import _is_gguf_file
 from .validation import check_bool, check_choice, check_type
 
 __all__ = [
@@ -242,7 +243,7 @@ def _source_fields(path: str, size: int, mtime_ns: int) -> tuple[str | None, int
 
 def _read_source(path: Path, arch: _Arch) -> tuple[_Field, ...]:
     """The ``general.*`` and ``tokenizer.*`` fields of the source GGUF to copy, after checking it fits."""
-    if not _is_gguf(path):
+    if not _is_gguf_file(path):
         raise CheckpointError(f"source_gguf {str(path)!r} is not a GGUF file (its first bytes are not the GGUF magic)")
     st = path.stat()
     src_arch, n_tokens, fields = _source_fields(str(path.resolve()), st.st_size, st.st_mtime_ns)
@@ -258,14 +259,6 @@ def _read_source(path: Path, arch: _Arch) -> tuple[_Field, ...]:
             f"export needs the tokenizer the model was trained with"
         )
     return fields
-
-
-def _is_gguf(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,6 +338,7 @@ def _adapter_tensors(model: nn.Module, arch: _Arch, adapter_name: str) -> tuple[
     """``(alpha, [(name, tensor)])`` of LoRA adapter ``adapter_name`` in llama.cpp's layout."""
     from .methods.base import ModulesToSaveWrapper, delta_layers, get_records, logical_param_name
     from .methods.lora import LoraLayer
+    from .peft_io import unfused_lora_B
 
     record = get_records(model)[adapter_name]
     cfg = record.config
@@ -382,19 +376,7 @@ def _adapter_tensors(model: nn.Module, arch: _Arch, adapter_name: str) -> tuple[
                 f"LoRA on {hf_name[:-7]!r} has no GGUF tensor name in llama.cpp's {arch.name!r} architecture"
             )
         A = layer.lora_A[adapter_name].weight.detach()
-        B = layer.lora_B[adapter_name].weight.detach()
-        r = layer.r[adapter_name]
-        slices = layer.slices[adapter_name]
-        if slices is not None:  # fused projection with some slices adapted: one block-diagonal B
-            n_on, k = sum(slices), len(slices)
-            step = layer.out_features // k
-            full_B = B.new_zeros(layer.out_features, r * n_on)
-            j = 0
-            for i, on in enumerate(slices):
-                if on:
-                    full_B[i * step : (i + 1) * step, j * r : (j + 1) * r] = B[j * step : (j + 1) * step]
-                    j += 1
-            B = full_B
+        B = unfused_lora_B(layer, adapter_name)  # fused-slice layers: one block-structured B
         heads = _rope_heads(hf_name, arch)
         if heads is not None:
             B = _permute_rows(B, heads)
@@ -641,6 +623,6 @@ def source_gguf_of(name_or_path: str) -> Path | None:
     entry = REGISTERED_MODELS.get(name_or_path)
     if entry is not None:
         path = entry.locate()
-        return path if path.is_file() and _is_gguf(path) else None
+        return path if path.is_file() and _is_gguf_file(path) else None
     path = Path(name_or_path).expanduser()
-    return path if path.is_file() and _is_gguf(path) else None
+    return path if path.is_file() and _is_gguf_file(path) else None
