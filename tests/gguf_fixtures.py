@@ -68,3 +68,15 @@ def tiny_llama(*, seed: int = 0, tie: bool = False, std: float = 0.02, layers: i
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
     return model
+
+
+def hf_tokenizer():
+    """The fixture vocabulary as a Hugging Face byte-level BPE tokenizer, built offline with ``tokenizers``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(tokens())}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=list(MERGES)))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")

@@ -244,6 +244,36 @@ def test_adapter_f16_and_rslora(tmp_path):
     np.testing.assert_array_equal(got["blk.1.attn_v.weight.lora_b"][1], B.astype(np.float16).astype(np.float32))
 
 
+def test_tokenizer_built_from_a_hugging_face_tokenizer(assets, tmp_path):
+    """Without a source GGUF, the vocabulary comes from the HF tokenizer: here the fixture's vocabulary
+    built with ``tokenizers``, so the fields must come back as the fixture's GGUF file holds them."""
+    from tests.gguf_fixtures import hf_tokenizer
+
+    _, tok, _ = assets
+    tokenizer = hf_tokenizer()
+    assert tokenizer.convert_ids_to_tokens(tokenizer("the")["input_ids"]) == ["t", "he"]  # merges in use
+    kv = _kv(_read(export_gguf(tiny_llama(), tmp_path / "m.gguf", quant="f32", tokenizer=tokenizer, progress=False)))
+    src = _kv(_read(tok))
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id"):
+        assert kv[key] == src[key], key
+    assert kv["tokenizer.ggml.pre"] == "default"
+
+
+def test_word_level_tokenizer_is_refused(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.recipe_fixtures import make_tiny_model_dir
+
+    d = make_tiny_model_dir(tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(d)
+    model = tiny_llama()
+    with pytest.raises(DeltaConfigError, match=r"\(model 'WordLevel', pre-tokenizer 'WhitespaceSplit'\) cannot be "
+                                               r"written to GGUF by deltatune; supported: byte-level BPE"):
+        export_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer)
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_tied_embeddings_write_no_output_tensor(assets, tmp_path):
     _, tok, _ = assets
     model = tiny_llama(tie=True)
@@ -281,7 +311,8 @@ def test_errors_before_any_write(assets, tmp_path):
         (lambda: export_gguf(tiny_llama(), target, kind="lora"),
          r"kind must be one of 'adapter', 'merged', got 'lora'"),
         (lambda: export_gguf(tiny_llama(), target),
-         r"kind='merged' needs a GGUF file to copy the tokenizer from: pass source_gguf=PATH"),
+         r"kind='merged' needs a tokenizer: pass source_gguf=PATH \(a GGUF file to copy it from\) or "
+         r"tokenizer=TOKENIZER"),
         (lambda: export_gguf(tiny_llama(), target, kind="adapter"),
          r"kind='adapter' needs a model with a LoRA adapter; the model has no adapter"),
         (lambda: export_gguf(_lora(tiny_llama(), use_dora=True), target, kind="adapter"),

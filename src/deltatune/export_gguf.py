@@ -6,8 +6,9 @@
   (``f32``, ``f16``, ``q8_0``, ``q4_0`` or ``q4_1``; quantised by the ``gguf`` package). Any mergeable
   delta method works (LoRA, IA3, BitFit, ...); a model without a delta is exported as it is. The
   tokenizer and the descriptive metadata (``general.*``, ``tokenizer.*``: vocabulary, merges, special
-  token ids, chat template) are copied from the GGUF file the base model came from; the architecture's
-  hyper-parameters are written from the model's own config.
+  token ids, chat template) are copied from the GGUF file the base model came from, or, for a
+  Hugging Face base, built from its byte-level BPE tokenizer; the architecture's hyper-parameters are
+  written from the model's own config.
 * ``kind="adapter"``: a LoRA adapter in the GGUF layout llama.cpp loads with ``--lora``
   (``general.type = "adapter"``, ``adapter.type = "lora"``, ``adapter.lora.alpha``; tensors named after
   the base's GGUF tensors with ``.lora_a`` / ``.lora_b`` appended: ``blk.3.attn_q.weight.lora_a``).
@@ -261,6 +262,62 @@ def _read_source(path: Path, arch: _Arch) -> tuple[_Field, ...]:
     return fields
 
 
+def _hf_tokenizer_fields(tokenizer: Any, arch: _Arch) -> tuple[_Field, ...]:
+    """``tokenizer.*`` fields built from a Hugging Face byte-level BPE tokenizer (GPT-2 style, the kind
+    llama.cpp calls ``gpt2``). llama.cpp picks its pre-tokeniser regex from ``tokenizer.ggml.pre``; the
+    exporter writes ``default`` (GPT-2's), so text with unusual spacing or digits may be split
+    differently from the Hugging Face tokenizer: prefer a source GGUF where there is one."""
+    gguf = _gguf()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    model = spec.get("model") or {}
+    pre = spec.get("pre_tokenizer") or {}
+    pre_types = {pre.get("type")} | {p.get("type") for p in pre.get("pretokenizers") or []}
+    if model.get("type") != "BPE" or "ByteLevel" not in pre_types:
+        raise DeltaConfigError(
+            f"tokenizer {type(tokenizer).__name__} (model {model.get('type')!r}, pre-tokenizer "
+            f"{pre.get('type')!r}) cannot be written to GGUF by deltatune; supported: byte-level BPE "
+            "(GPT-2 style) fast tokenizers, or pass source_gguf=PATH to copy a GGUF file's tokenizer"
+        )
+    vocab: dict[str, int] = dict(model.get("vocab") or {})
+    added = {t["id"]: t for t in spec.get("added_tokens") or []}
+    for i, t in added.items():
+        vocab[t["content"]] = i
+    if max(vocab.values(), default=-1) >= arch.vocab:
+        raise DeltaConfigError(
+            f"tokenizer has token ids up to {max(vocab.values())} but the model's embedding has {arch.vocab} rows"
+        )
+    by_id = {i: tok for tok, i in vocab.items()}
+    tokens, types = [], []
+    T = gguf.TokenType
+    for i in range(arch.vocab):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(int(T.UNUSED))
+        else:
+            tokens.append(by_id[i])
+            types.append(int(T.CONTROL if added.get(i, {}).get("special") else T.USER_DEFINED if i in added else T.NORMAL))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    V = gguf.GGUFValueType
+    fields = [
+        _Field("tokenizer.ggml.model", "gpt2", V.STRING, None),
+        _Field("tokenizer.ggml.pre", "default", V.STRING, None),
+        _Field("tokenizer.ggml.tokens", tokens, V.ARRAY, V.STRING),
+        _Field("tokenizer.ggml.token_type", types, V.ARRAY, V.INT32),
+        _Field("tokenizer.ggml.merges", merges, V.ARRAY, V.STRING),
+        _Field("tokenizer.ggml.add_bos_token", bool(getattr(tokenizer, "add_bos_token", False)), V.BOOL, None),
+    ]
+    for key, attr in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unknown", "unk_token_id"),
+                      ("padding", "pad_token_id")):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            fields.append(_Field(f"tokenizer.ggml.{key}_token_id", value, V.UINT32, None))
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and template:
+        fields.append(_Field("tokenizer.chat_template", template, V.STRING, None))
+    return tuple(fields)
+
+
 # --------------------------------------------------------------------------------------------------
 # tensors
 
@@ -444,29 +501,38 @@ def _add_arch_kv(writer: Any, arch: _Arch, quant: str) -> None:
     writer.add_quantization_version(_gguf().GGML_QUANT_VERSION)
 
 
-def _resolve_source(model: nn.Module, source_gguf: str | os.PathLike | None) -> Path:
+def _vocab_fields(
+    model: nn.Module, arch: _Arch, source_gguf: str | os.PathLike | None, tokenizer: Any
+) -> tuple[_Field, ...]:
+    """The metadata a merged file takes from elsewhere: the source GGUF's (given, or the one the model
+    was loaded from), else the fields built from the Hugging Face ``tokenizer``."""
     if source_gguf is None:
         source = find_source_gguf(model)
         if source is None:
+            if tokenizer is not None:
+                return _hf_tokenizer_fields(tokenizer, arch)
             raise DeltaConfigError(
-                "kind='merged' needs a GGUF file to copy the tokenizer from: pass source_gguf=PATH (the model was "
-                "not loaded from a GGUF file by deltatune.models.load)"
+                "kind='merged' needs a tokenizer: pass source_gguf=PATH (a GGUF file to copy it from) or "
+                "tokenizer=TOKENIZER (a Hugging Face byte-level BPE tokenizer); the model was not loaded from a "
+                "GGUF file by deltatune.models.load"
             )
-        return source
-    check_type("source_gguf", source_gguf, (str, os.PathLike), "None or a .gguf file path")
-    source = Path(source_gguf).expanduser()
-    if not source.is_file():
-        raise DeltaConfigError(f"source_gguf must be an existing .gguf file, got {str(source)!r}")
-    return source
+    else:
+        check_type("source_gguf", source_gguf, (str, os.PathLike), "None or a .gguf file path")
+        source = Path(source_gguf).expanduser()
+        if not source.is_file():
+            raise DeltaConfigError(f"source_gguf must be an existing .gguf file, got {str(source)!r}")
+    return _read_source(source, arch)
 
 
-def check_exportable(model: nn.Module, kind: str, source_gguf: str | os.PathLike | None = None) -> None:
+def check_exportable(
+    model: nn.Module, kind: str, source_gguf: str | os.PathLike | None = None, tokenizer: Any = None
+) -> None:
     """Check, before training, that ``model`` can later be exported as ``kind``: a known architecture and,
-    for ``"merged"``, a source GGUF whose tokenizer fits. Raises what :func:`export_gguf` would."""
+    for ``"merged"``, a tokenizer that fits. Raises what :func:`export_gguf` would."""
     check_choice("kind", kind, KINDS)
     arch = _check_arch(model)
     if kind == "merged":
-        _read_source(_resolve_source(model, source_gguf), arch)
+        _vocab_fields(model, arch, source_gguf, tokenizer)
 
 
 def export_gguf(
@@ -477,6 +543,7 @@ def export_gguf(
     *,
     adapter_name: str | None = None,
     source_gguf: str | os.PathLike | None = None,
+    tokenizer: Any = None,
     progress: bool = True,
 ) -> Path:
     """Write ``model`` (``kind="merged"``) or its LoRA adapter (``kind="adapter"``) as a GGUF file.
@@ -495,6 +562,9 @@ def export_gguf(
         source_gguf: the GGUF file whose tokenizer and ``general.*`` metadata the merged file copies
             (``merged`` only). Default: the GGUF file the model was loaded from
             (:func:`find_source_gguf`; set for GGUF bases such as ``smollm2-135m``).
+        tokenizer: without a source GGUF, a Hugging Face byte-level BPE (GPT-2 style) tokenizer to build
+            the ``tokenizer.*`` metadata from (``merged`` only); llama.cpp then pre-tokenises with its
+            ``default`` (GPT-2) rules.
         progress: show a progress bar over the tensors.
 
     Returns:
@@ -524,8 +594,10 @@ def export_gguf(
 
     records = get_records(model)
     if kind == "adapter":
-        if source_gguf is not None:
-            raise DeltaConfigError("source_gguf is used with kind='merged' only (an adapter file carries no tokenizer)")
+        if source_gguf is not None or tokenizer is not None:
+            raise DeltaConfigError(
+                "source_gguf and tokenizer are used with kind='merged' only (an adapter file carries no tokenizer)"
+            )
         if not records:
             raise DeltaConfigError("kind='adapter' needs a model with a LoRA adapter; the model has no adapter")
         if adapter_name is None:
@@ -559,7 +631,7 @@ def export_gguf(
                 f"adapter {name!r} ({record.method!r}) cannot be merged into the weights, so it cannot be exported "
                 "as a GGUF model; mergeable methods can (LoRA, IA3, BitFit, ...)"
             )
-    fields = _read_source(_resolve_source(model, source_gguf), arch)
+    fields = _vocab_fields(model, arch, source_gguf, tokenizer)
     n, tensors_iter = _merged_tensors(model, arch)  # merges and maps names: raises before the file is opened
 
     def fill_model(writer: Any) -> None:

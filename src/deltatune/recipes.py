@@ -1236,14 +1236,14 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, progress: bool = True
     if export is not None:  # before training: the architecture and the tokenizer source must fit
         from .export_gguf import check_exportable
 
-        check_exportable(model, export.gguf, _source_gguf(recipe))
+        check_exportable(model, export.gguf, _source_gguf(recipe), tok)
     summary = _finetune(recipe, model, tok, data, run_dir, progress)
     if _rank() != 0:  # under torchrun, rank 0 alone decodes and scores
         return {}
     if summary.get("sharded"):  # the FSDP-sharded model cannot run on one rank: reload the saved delta
         model, tok = _load_trained(recipe, None)
     if export is not None:
-        _export(recipe, model, export.gguf, export.quant, None, progress)
+        _export(recipe, model, tok, export.gguf, export.quant, None, progress)
     _generate(recipe, model, tok, data.eval, run_dir, progress)
     return evaluate_run(recipe, run_dir=run_dir, started_at=t0)
 
@@ -1254,13 +1254,16 @@ def _source_gguf(recipe: Recipe) -> Path | None:
     return source_gguf_of(recipe.model.name_or_path)
 
 
-def _export(recipe: Recipe, model: Any, kind: str, quant: str | None, path: Any, progress: bool) -> Path:
+def _export(recipe: Recipe, model: Any, tok: Any, kind: str, quant: str | None, path: Any, progress: bool) -> Path:
     from .export_gguf import DEFAULT_QUANTS, default_filename, export_gguf
 
     quant = quant or DEFAULT_QUANTS[kind]
     out = Path(path) if path is not None else recipe.run_dir / default_filename(kind, quant)
-    source = _source_gguf(recipe) if kind == "merged" else None
-    return export_gguf(model, out, kind=kind, quant=quant, source_gguf=source, progress=progress)
+    if kind == "adapter":
+        return export_gguf(model, out, kind=kind, quant=quant, progress=progress)
+    source = _source_gguf(recipe)
+    return export_gguf(model, out, kind=kind, quant=quant, source_gguf=source,
+                       tokenizer=tok if source is None else None, progress=progress)
 
 
 def export_run_gguf(
@@ -1274,7 +1277,7 @@ def export_run_gguf(
     """Export a finished run as GGUF (see :func:`deltatune.export_gguf.export_gguf`): the base model with
     the run's delta (``delta/``, or ``model/`` for full fine-tuning) loaded, written to ``path`` (default:
     ``RUN_DIR/model.<quant>.gguf`` or ``RUN_DIR/adapter.<quant>.gguf``). The tokenizer of a merged file
-    comes from the base model's GGUF file."""
+    comes from the base model's GGUF file, or else from its Hugging Face tokenizer."""
     from .export_gguf import ExportSpec
 
     check_type("recipe", recipe, Recipe, "a Recipe (see load_recipe)")
@@ -1284,8 +1287,8 @@ def export_run_gguf(
             f"kind 'adapter' writes a llama.cpp LoRA adapter and needs a LoRA run, but this run's delta.method is "
             f"{recipe.method!r}; use kind 'merged'"
         )
-    model, _ = _load_trained(recipe, None)
-    return _export(recipe, model, kind, spec.quant, path, progress)
+    model, tok = _load_trained(recipe, None)
+    return _export(recipe, model, tok, kind, spec.quant, path, progress)
 
 
 def format_scores(metrics: Mapping[str, Any]) -> str:
