@@ -430,12 +430,12 @@ def test_run_leaves_a_gguf_file_and_cli_exports_the_adapter(assets, tmp_path, mo
 # --------------------------------------------------------------------------------------------------
 # the real llama.cpp (llama-cpp-python; scripts/build_llama_cpp.sh builds and caches it)
 
-PROMPTS = ["the cat sat on the mat", "in the beginning there was a", "on a cold morning she"]
 FIXTURE_TEXT = (
     "the history of the town began in the early years of the century . the river runs through the "
     "centre and the old bridge was built of stone . in the summer the market is open on saturday and "
     "people come from the villages around . the church on the hill is the oldest building in the town ."
 )
+PROMPTS = [" ".join(FIXTURE_TEXT.split()[:k]) for k in (3, 8, 15)]
 
 
 @pytest.fixture(scope="module")
@@ -445,15 +445,33 @@ def llama_cpp_mod():
 
 @pytest.fixture(scope="module")
 def cpp_files(assets, llama_cpp_mod, tmp_path_factory):
-    """A tiny Llama (larger init, so greedy choices have margins) loaded from its GGUF base with a trained-
-    looking LoRA (random B), and its exports: base F16, merged F16, merged Q8_0, adapter F32."""
+    """A tiny Llama that has learnt FIXTURE_TEXT (a random model's argmax over near-equal logits would
+    make greedy decoding a coin toss; this one continues the prompts with clear margins), its output
+    norm scaled by 1/3 so its logits stay within about +-5: the absolute tolerance of 1e-2 then asks
+    for about 2e-3 relative agreement, what F16 weights and arithmetic allow. It goes through the GGUF
+    round trip users take (F32 GGUF -> deltatune.models.load), gets a LoRA adapter with random B, and is
+    exported as base F16, merged F16, merged Q8_0 and adapter F32."""
+    from tests.gguf_fixtures import hf_tokenizer
+
     root, tok, _ = assets
     d = tmp_path_factory.mktemp("cpp")
-    base_gguf = export_gguf(tiny_llama(std=0.25, seed=3), d / "base-f32.gguf", quant="f32", source_gguf=tok,
-                            progress=False)
-    model, tokenizer = load(base_gguf, cache_dir=root / "cache")
+    tokenizer = hf_tokenizer()
+    model = tiny_llama(std=0.1, seed=3)
+    ids = torch.tensor([tokenizer(FIXTURE_TEXT)["input_ids"]])
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(40):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1 / 3)
+    model.eval()
+    base_gguf = export_gguf(model, d / "base-f32.gguf", quant="f32", source_gguf=tok, progress=False)
+    model, _ = load(base_gguf, cache_dir=root / "cache")
     files = {"base": export_gguf(model, d / "base-f16.gguf", quant="f16", progress=False)}
-    _lora(model, r=4, alpha=8)
+    _lora(model, r=4, alpha=1)
     files["merged"] = export_gguf(model, d / "merged-f16.gguf", quant="f16", progress=False)
     files["q8_0"] = export_gguf(model, d / "merged-q8_0.gguf", quant="q8_0", progress=False)
     files["adapter"] = export_gguf(model, d / "adapter.gguf", kind="adapter", progress=False)
@@ -488,7 +506,9 @@ def test_llama_cpp_merged_f16_matches_pytorch(cpp_files, llama_cpp_mod):
     llm = _cpp(files["merged"])
     for prompt in PROMPTS:
         ids = tokenizer(prompt)["input_ids"]
-        diff = np.abs(llama_cpp_logits(llm, ids) - torch_logits(merged, ids)).max()
+        ref = torch_logits(merged, ids)
+        diff = np.abs(llama_cpp_logits(llm, ids) - ref).max()
+        print(f"merged F16 vs PyTorch: max |logit diff| {diff:.2e} (max |logit| {np.abs(ref).max():.2f})")
         assert diff <= 1e-2, (prompt, diff)
         assert llama_cpp_greedy(llm, ids, 32) == torch_greedy(merged, ids, 32), prompt
 
@@ -502,10 +522,11 @@ def test_llama_cpp_base_plus_adapter_matches_merged(cpp_files, llama_cpp_mod):
     for prompt in PROMPTS:
         ids = tokenizer(prompt)["input_ids"]
         a, b = llama_cpp_logits(with_lora, ids), llama_cpp_logits(merged, ids)
+        print(f"base F16 + adapter vs merged F16: max |logit diff| {np.abs(a - b).max():.2e}")
         assert np.abs(a - b).max() <= 1e-2, prompt
         # the adapter does change the outputs (a file llama.cpp ignored would pass the check above only
         # if the delta were below the tolerance)
-        assert np.abs(llama_cpp_logits(plain, ids) - b).max() > 0.1, prompt
+        assert np.abs(llama_cpp_logits(plain, ids) - b).max() > 0.05, prompt
 
 
 @pytest.mark.slow
@@ -518,4 +539,5 @@ def test_llama_cpp_q8_0_greedy_and_perplexity(cpp_files, llama_cpp_mod):
     ids = tokenizer(FIXTURE_TEXT)["input_ids"]
     ppl_f16 = perplexity(lambda c: llama_cpp_logits(f16, c), ids, 128)
     ppl_q8 = perplexity(lambda c: llama_cpp_logits(q8, c), ids, 128)
+    print(f"perplexity F16 {ppl_f16:.4f}, Q8_0 {ppl_q8:.4f} (ratio {ppl_q8 / ppl_f16:.4f})")
     assert abs(ppl_q8 / ppl_f16 - 1) <= 0.01, (ppl_f16, ppl_q8)
