@@ -29,14 +29,7 @@ import numpy as np
 import torch
 
 import deltatune as dt
-from deltatune.gguf_check import (
-    llama_cpp_greedy,
-    llama_cpp_logits,
-    llama_cpp_model,
-    perplexity,
-    torch_greedy,
-    torch_logits,
-)
+from deltatune import gguf_check as gc
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPTS = [
@@ -67,14 +60,14 @@ def _train(model, tokenizer, steps: int, seq: int) -> list[float]:
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         print(f"  train step {step + 1}/{steps}: loss {losses[-1]:.3f}", flush=True)
     model.eval()
     return losses
 
 
 def _cpp(path: Path, lora: Path | None = None):
-    return llama_cpp_model(path, lora=lora, n_ctx=512)
+    return gc.llama_cpp_model(path, lora=lora, n_ctx=512)
 
 
 def main() -> None:
@@ -116,11 +109,11 @@ def main() -> None:
     for p in PROMPTS:
         ids = tokenizer(p)["input_ids"]
         row = {"prompt": p, "tokenizer_equal": f16.tokenize(p.encode(), add_bos=False, special=True) == ids}
-        a = llama_cpp_logits(f16, ids)
-        row["max_abs_logit_diff_f16_vs_torch"] = float(np.abs(a - torch_logits(merged, ids)).max())
-        row["max_abs_logit_diff_lora_vs_merged_f16"] = float(np.abs(llama_cpp_logits(lora, ids) - a).max())
-        g_cpp, g_torch, g_q8 = (llama_cpp_greedy(f16, ids, args.greedy), torch_greedy(merged, ids, args.greedy),
-                                llama_cpp_greedy(q8, ids, args.greedy))
+        a = gc.llama_cpp_logits(f16, ids)
+        row["max_abs_logit_diff_f16_vs_torch"] = float(np.abs(a - gc.torch_logits(merged, ids)).max())
+        row["max_abs_logit_diff_lora_vs_merged_f16"] = float(np.abs(gc.llama_cpp_logits(lora, ids) - a).max())
+        g_cpp, g_torch, g_q8 = (gc.llama_cpp_greedy(f16, ids, args.greedy), gc.torch_greedy(merged, ids, args.greedy),
+                                gc.llama_cpp_greedy(q8, ids, args.greedy))
         row["greedy_equal_f16_vs_torch"] = g_cpp == g_torch
         row["greedy_equal_q8_0_vs_f16"] = g_q8 == g_cpp
         row["greedy_text"] = tokenizer.decode(g_cpp)
@@ -129,11 +122,11 @@ def main() -> None:
     res["prompts"] = prompts
 
     ids = tokenizer(_wikitext("test"))["input_ids"][: args.ppl_tokens]
-    ppl = {"PyTorch merged (f32)": perplexity(lambda c: torch_logits(merged, c), ids, args.window)}
+    ppl = {"PyTorch merged (f32)": gc.perplexity(lambda c: gc.torch_logits(merged, c), ids, args.window)}
     for label in ("merged F16", "merged Q8_0", "merged Q4_1"):
         llm = f16 if label == "merged F16" else q8 if label == "merged Q8_0" else _cpp(files[label])
-        ppl[f"llama.cpp {label}"] = perplexity(lambda c, llm=llm: llama_cpp_logits(llm, c), ids, args.window)
-    ppl["llama.cpp base F16 + adapter"] = perplexity(lambda c: llama_cpp_logits(lora, c), ids, args.window)
+        ppl[f"llama.cpp {label}"] = gc.perplexity(lambda c, llm=llm: gc.llama_cpp_logits(llm, c), ids, args.window)
+    ppl["llama.cpp base F16 + adapter"] = gc.perplexity(lambda c: gc.llama_cpp_logits(lora, c), ids, args.window)
     res["perplexity"] = {k: round(v, 4) for k, v in ppl.items()}
     res["ppl_tokens"], res["window"] = len(ids), args.window
     res["q8_0_vs_f16_ppl_ratio"] = ppl["llama.cpp merged Q8_0"] / ppl["llama.cpp merged F16"]
