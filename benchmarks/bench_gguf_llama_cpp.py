@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -85,6 +86,13 @@ def main() -> None:
     torch.manual_seed(0)
     model, tokenizer = load("smollm2-135m")
     work = Path(tempfile.mkdtemp(prefix="deltatune-gguf-bench-"))
+    try:
+        _measure(args, model, tokenizer, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(args: argparse.Namespace, model, tokenizer, work: Path) -> None:
     files: dict[str, Path] = {}
     t0 = time.perf_counter()
     files["base F16"] = dt.export_gguf(model, work / "base-f16.gguf", quant="f16")
