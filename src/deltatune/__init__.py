@@ -41,6 +41,7 @@ from .errors import (
     TargetNotFoundError,
     UnsupportedModuleError,
 )
+from .export_gguf import export_gguf
 from .freeze import TrainableSummary, freeze_delta, trainable_summary
 from .generate import GenerationConfig, generate, generate_text
 from .methods import get_method, method_names
@@ -140,6 +141,7 @@ __all__ = [
     "delete_adapter",
     "delta_state_dict",
     "disable_adapters",
+    "export_gguf",
     "export_peft",
     "freeze_delta",
     "get_config",

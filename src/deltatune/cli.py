@@ -7,6 +7,7 @@
     deltatune generate CONFIG [--set ...] [--output-dir DIR] [--checkpoint PATH]
     deltatune evaluate [CONFIG] [--set ...] [--output-dir DIR] [--predictions FILE] [--references FILE]
     deltatune compare RUN_DIR RUN_DIR ... --out DIR
+    deltatune export-gguf RUN_DIR --kind adapter|merged [--quant Q] [--out FILE]
     deltatune methods
     deltatune info MODEL [--config FILE] [--set ...] [--per-module]
 
@@ -81,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="overlay the loss curves of runs and tabulate their metrics")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories")
     p.add_argument("--out", required=True, help="directory for compare.md, compare.csv and compare.png")
+
+    p = sub.add_parser(
+        "export-gguf", help="write a finished run as a GGUF file for llama.cpp (merged model or LoRA adapter)"
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (holds config.yaml and delta/ or model/)")
+    p.add_argument("--kind", required=True, choices=("adapter", "merged"),
+                   help="adapter: a LoRA adapter for llama.cpp's --lora; merged: the base with the delta merged")
+    p.add_argument("--quant", help="merged: f32 f16 q8_0 q4_0 q4_1 (default f16); adapter: f32 f16 (default f32)")
+    p.add_argument("--out", help="output file (default: RUN_DIR/model.QUANT.gguf or RUN_DIR/adapter.QUANT.gguf)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sub.add_parser("methods", help="list the registered delta methods")
 
@@ -186,6 +197,20 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     md, png = compare_runs(args.runs, args.out)
     print(md.read_text(encoding="utf-8"))
     print(f"written: {md}, {md.with_suffix('.csv')}, {png}")
+    return 0
+
+
+def _cmd_export_gguf(args: argparse.Namespace) -> int:
+    from .errors import DeltaConfigError
+    from .recipes import CONFIG_FILE, export_run_gguf, load_recipe
+
+    run_dir = Path(args.run_dir)
+    config = run_dir / CONFIG_FILE
+    if not config.is_file():
+        raise DeltaConfigError(f"RUN_DIR must be a run directory holding {CONFIG_FILE}, got {args.run_dir!r} (no {config})")
+    recipe = load_recipe(config, output_dir=run_dir, check_data=False)
+    out = export_run_gguf(recipe, args.kind, args.quant, path=args.out, progress=not args.no_progress)
+    print(f"written: {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 
@@ -299,6 +324,7 @@ _COMMANDS = {
     "generate": _cmd_generate,
     "evaluate": _cmd_evaluate,
     "compare": _cmd_compare,
+    "export-gguf": _cmd_export_gguf,
     "methods": _cmd_methods,
     "info": _cmd_info,
 }

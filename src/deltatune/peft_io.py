@@ -24,7 +24,7 @@ from .methods.base import ModulesToSaveWrapper, delta_layers, logical_param_name
 from .methods.lora import LoraConfig, LoraLayer
 from .validation import check_type
 
-__all__ = ["export_peft", "import_peft"]
+__all__ = ["export_peft", "import_peft", "unfused_lora_B"]
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -64,18 +64,10 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, adapter_name: st
             tensors[f"{key}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name].detach()
         else:
             A = layer.lora_A[adapter_name].weight.detach()
-            B = layer.lora_B[adapter_name].weight.detach()
+            B = unfused_lora_B(layer, adapter_name)
             slices = layer.slices[adapter_name]
             if slices is not None:
-                n_on, k = sum(slices), len(slices)
-                step = layer.out_features // k
-                full_B = B.new_zeros(layer.out_features, r * n_on)
-                j = 0
-                for i, on in enumerate(slices):
-                    if on:
-                        full_B[i * step : (i + 1) * step, j * r : (j + 1) * r] = B[j * step : (j + 1) * step]
-                        j += 1
-                B = full_B
+                n_on = sum(slices)
                 alpha = alpha * (math.sqrt(n_on) if cfg.use_rslora else n_on)
                 r = r * n_on
             tensors[f"{key}.lora_A.weight"] = A
@@ -129,6 +121,26 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, adapter_name: st
     atomic_write_bytes(directory / PEFT_WEIGHTS, save(out, metadata={"format": "pt"}))
     atomic_write_text(directory / PEFT_CONFIG, json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def unfused_lora_B(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
+    """LoRA's B of a Linear layer as an ordinary ``(out, rank)`` matrix (detached). For a fused-slice
+    layer (``enable_lora``) that is the block-structured ``(out, r * enabled_slices)`` matrix with zeros on
+    the disabled slices, which with the layer's A gives the same update."""
+    B = layer.lora_B[adapter_name].weight.detach()
+    slices = layer.slices[adapter_name]
+    if slices is None:
+        return B
+    r = layer.r[adapter_name]
+    n_on, k = sum(slices), len(slices)
+    step = layer.out_features // k
+    full_B = B.new_zeros(layer.out_features, r * n_on)
+    j = 0
+    for i, on in enumerate(slices):
+        if on:
+            full_B[i * step : (i + 1) * step, j * r : (j + 1) * r] = B[j * step : (j + 1) * step]
+            j += 1
+    return full_B
 
 
 def _read_peft_config(cfg_path: Path) -> dict[str, Any]:

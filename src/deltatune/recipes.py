@@ -88,6 +88,7 @@ __all__ = [
     "RunData",
     "apply_overrides",
     "evaluate_run",
+    "export_run_gguf",
     "finetune",
     "format_scores",
     "generate_predictions",
@@ -102,8 +103,8 @@ __all__ = [
 DATA_DIR_ENV_VAR = "DELTATUNE_DATA_DIR"
 DEFAULT_DATA_DIR = "../shared/data"
 FULL_METHOD = "full"
-SECTIONS = ("name", "output_dir", "num_threads", "model", "delta", "data", "train", "generate", "eval")
-_MAPPING_SECTIONS = ("model", "delta", "data", "train", "generate", "eval")
+SECTIONS = ("name", "output_dir", "num_threads", "model", "delta", "data", "train", "generate", "eval", "export")
+_MAPPING_SECTIONS = ("model", "delta", "data", "train", "generate", "eval", "export")
 E2E_METRIC_NAMES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 #: what eval.metrics may list: the E2E five and TER (WebNLG/DART)
 METRIC_CHOICES = (*E2E_METRIC_NAMES, "TER")
@@ -315,6 +316,7 @@ class Recipe:
     eval: EvalSpec
     source: str | None = None
     num_threads: int | None = None
+    export: Any = None  # deltatune.export_gguf.ExportSpec; None: no export
 
     @property
     def method(self) -> str:
@@ -354,6 +356,7 @@ class Recipe:
             "train": _plain(train),
             "generate": _plain(gen),
             "eval": dataclasses.asdict(self.eval),
+            "export": dataclasses.asdict(self.export) if self.export is not None else {"gguf": None, "quant": None},
         }
 
     def to_yaml(self) -> str:
@@ -399,10 +402,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def _section_keys(section: str) -> list[str] | None:
     """Known keys of a fixed-schema section (``None`` for ``delta``, whose keys depend on the method)."""
+    from .export_gguf import ExportSpec
     from .generate import GenerationConfig
     from .train import TrainConfig
 
-    classes = {"model": ModelSpec, "data": DataSpec, "eval": EvalSpec, "generate": GenerationConfig}
+    classes = {"model": ModelSpec, "data": DataSpec, "eval": EvalSpec, "generate": GenerationConfig, "export": ExportSpec}
     if section == "train":
         return [k for k in TrainConfig.known_keys() if k != "output_dir"]
     if section in classes:
@@ -598,6 +602,14 @@ def load_recipe(
         check_int("num_threads", num_threads, minimum=1)
     model = _from_mapping(ModelSpec, "model", raw.get("model"))
     delta = _check_delta(raw.get("delta"))
+    from .export_gguf import ExportSpec
+
+    export = _from_mapping(ExportSpec, "export", raw.get("export"))
+    if export.gguf == "adapter" and delta["method"] != "lora":
+        raise DeltaConfigError(
+            f"export.gguf 'adapter' writes a llama.cpp LoRA adapter and needs delta.method 'lora', got "
+            f"{delta['method']!r}; use export.gguf: merged"
+        )
     data = _from_mapping(DataSpec, "data", raw.get("data"))
     ev = _from_mapping(EvalSpec, "eval", raw.get("eval"))
     if ev.seed is None:
@@ -659,6 +671,7 @@ def load_recipe(
         eval=ev,
         source=None if base is None else os.fspath(Path(source)),  # type: ignore[arg-type]
         num_threads=num_threads,
+        export=export,
     )
 
 
@@ -1282,13 +1295,63 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, progress: bool = True
     data = prepare_data(recipe)
     run_dir = _start_run_dir(recipe, overwrite)
     model, tok = _load_model(recipe)
+    export = recipe.export if recipe.export is not None and recipe.export.gguf else None
+    if export is not None:  # before training: the architecture and the tokenizer source must fit
+        from .export_gguf import check_exportable
+
+        check_exportable(model, export.gguf, _source_gguf(recipe), tok)
     summary = _finetune(recipe, model, tok, data, run_dir, progress)
     if _rank() != 0:  # under torchrun, rank 0 alone decodes and scores
         return {}
     if summary.get("sharded"):  # the FSDP-sharded model cannot run on one rank: reload the saved delta
         model, tok = _load_trained(recipe, None)
+    if export is not None:
+        _export(recipe, model, tok, export.gguf, export.quant, None, progress)
     _generate(recipe, model, tok, data.eval, run_dir, progress)
     return evaluate_run(recipe, run_dir=run_dir, started_at=t0)
+
+
+def _source_gguf(recipe: Recipe) -> Path | None:
+    from .export_gguf import source_gguf_of
+
+    return source_gguf_of(recipe.model.name_or_path)
+
+
+def _export(recipe: Recipe, model: Any, tok: Any, kind: str, quant: str | None, path: Any, progress: bool) -> Path:
+    from .export_gguf import DEFAULT_QUANTS, default_filename, export_gguf
+
+    quant = quant or DEFAULT_QUANTS[kind]
+    out = Path(path) if path is not None else recipe.run_dir / default_filename(kind, quant)
+    if kind == "adapter":
+        return export_gguf(model, out, kind=kind, quant=quant, progress=progress)
+    source = _source_gguf(recipe)
+    return export_gguf(model, out, kind=kind, quant=quant, source_gguf=source,
+                       tokenizer=tok if source is None else None, progress=progress)
+
+
+def export_run_gguf(
+    recipe: Recipe,
+    kind: str,
+    quant: str | None = None,
+    *,
+    path: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Path:
+    """Export a finished run as GGUF (see :func:`deltatune.export_gguf.export_gguf`): the base model with
+    the run's delta (``delta/``, or ``model/`` for full fine-tuning) loaded, written to ``path`` (default:
+    ``RUN_DIR/model.<quant>.gguf`` or ``RUN_DIR/adapter.<quant>.gguf``). The tokenizer of a merged file
+    comes from the base model's GGUF file, or else from its Hugging Face tokenizer."""
+    from .export_gguf import ExportSpec
+
+    check_type("recipe", recipe, Recipe, "a Recipe (see load_recipe)")
+    spec = ExportSpec(gguf=kind, quant=quant)
+    if kind == "adapter" and recipe.method != "lora":
+        raise DeltaConfigError(
+            f"kind 'adapter' writes a llama.cpp LoRA adapter and needs a LoRA run, but this run's delta.method is "
+            f"{recipe.method!r}; use kind 'merged'"
+        )
+    model, tok = _load_trained(recipe, None)
+    return _export(recipe, model, tok, kind, spec.quant, path, progress)
 
 
 def format_scores(metrics: Mapping[str, Any]) -> str:

@@ -1,0 +1,172 @@
+"""Agreement of GGUF exports run in llama.cpp with the PyTorch model they came from (SmolLM2-135M).
+
+The base (the bundled SmolLM2-135M-Instruct Q4_1 GGUF, dequantised) gets a LoRA adapter trained for a
+few steps on WikiText-2 train; then it is exported as merged F16, merged Q8_0, merged Q4_1, a LoRA
+adapter (F32) and the plain base (F16), and llama.cpp (llama-cpp-python) runs them:
+
+* max |logit difference| of llama.cpp's merged F16 vs the PyTorch merged model on a few prompts, and
+  whether greedy decoding gives the same tokens for ``--greedy`` steps;
+* base F16 + adapter (``lora_path``) vs merged F16;
+* perplexity over the first ``--ppl-tokens`` tokens of WikiText-2 test, in windows of ``--window``,
+  of PyTorch and of each llama.cpp file; Q8_0's greedy tokens vs F16's.
+
+Writes ``OUT/gguf_llama_cpp.json`` and ``OUT/gguf_llama_cpp.png`` (perplexity per format) and prints
+the table::
+
+    python benchmarks/bench_gguf_llama_cpp.py --out results/gguf-cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import deltatune as dt
+from deltatune import gguf_check as gc
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "def fibonacci(n):",
+    "The three primary colours are",
+]
+
+
+def _wikitext(split: str) -> str:
+    root = Path(os.environ.get("DELTATUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    path = root / "wikitext-2" / f"wiki.{split}.tokens"
+    if not path.is_file():
+        path = Path("/work/shared/data/wikitext-2") / f"wiki.{split}.tokens"
+    return path.read_text(encoding="utf-8")
+
+
+def _train(model, tokenizer, steps: int, seq: int) -> list[float]:
+    ids = tokenizer(_wikitext("train")[:200_000])["input_ids"]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    losses = []
+    for step in range(steps):
+        start = step * seq * 2
+        batch = torch.tensor([ids[start + i * seq : start + (i + 1) * seq] for i in range(2)])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+        print(f"  train step {step + 1}/{steps}: loss {losses[-1]:.3f}", flush=True)
+    model.eval()
+    return losses
+
+
+def _cpp(path: Path, lora: Path | None = None):
+    return gc.llama_cpp_model(path, lora=lora, n_ctx=512)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results/gguf-cpu", help="directory for the JSON and PNG results")
+    ap.add_argument("--train-steps", type=int, default=20)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--greedy", type=int, default=32)
+    ap.add_argument("--ppl-tokens", type=int, default=4096)
+    ap.add_argument("--window", type=int, default=512)
+    args = ap.parse_args()
+
+    from deltatune.models import load
+
+    torch.manual_seed(0)
+    model, tokenizer = load("smollm2-135m")
+    work = Path(tempfile.mkdtemp(prefix="deltatune-gguf-bench-"))
+    try:
+        _measure(args, model, tokenizer, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(args: argparse.Namespace, model, tokenizer, work: Path) -> None:
+    files: dict[str, Path] = {}
+    t0 = time.perf_counter()
+    files["base F16"] = dt.export_gguf(model, work / "base-f16.gguf", quant="f16")
+    dt.apply(model, dt.LoraConfig(r=8, alpha=16, target_modules=TARGETS))
+    print(f"training LoRA for {args.train_steps} steps on WikiText-2 train")
+    losses = _train(model, tokenizer, args.train_steps, args.seq)
+    export_times = {}
+    for label, kw in (("merged F16", {"quant": "f16"}), ("merged Q8_0", {"quant": "q8_0"}),
+                      ("merged Q4_1", {"quant": "q4_1"}), ("adapter F32", {"kind": "adapter"})):
+        t = time.perf_counter()
+        files[label] = dt.export_gguf(model, work / f"{label.replace(' ', '-')}.gguf", **kw)
+        export_times[label] = round(time.perf_counter() - t, 2)
+    merged = dt.merge_and_unload(model)
+    print(f"exports written in {time.perf_counter() - t0:.1f} s: {export_times}")
+
+    res: dict = {"train_losses": losses, "export_seconds": export_times,
+                 "file_mib": {k: round(v.stat().st_size / 2**20, 1) for k, v in files.items()}}
+    f16 = _cpp(files["merged F16"])
+    lora = _cpp(files["base F16"], files["adapter F32"])
+    q8 = _cpp(files["merged Q8_0"])
+    prompts = []
+    for p in PROMPTS:
+        ids = tokenizer(p)["input_ids"]
+        row = {"prompt": p, "tokenizer_equal": f16.tokenize(p.encode(), add_bos=False, special=True) == ids}
+        a = gc.llama_cpp_logits(f16, ids)
+        row["max_abs_logit_diff_f16_vs_torch"] = float(np.abs(a - gc.torch_logits(merged, ids)).max())
+        row["max_abs_logit_diff_lora_vs_merged_f16"] = float(np.abs(gc.llama_cpp_logits(lora, ids) - a).max())
+        g_cpp, g_torch, g_q8 = (gc.llama_cpp_greedy(f16, ids, args.greedy), gc.torch_greedy(merged, ids, args.greedy),
+                                gc.llama_cpp_greedy(q8, ids, args.greedy))
+        row["greedy_equal_f16_vs_torch"] = g_cpp == g_torch
+        row["greedy_equal_q8_0_vs_f16"] = g_q8 == g_cpp
+        row["greedy_text"] = tokenizer.decode(g_cpp)
+        prompts.append(row)
+        print(json.dumps(row, ensure_ascii=False), flush=True)
+    res["prompts"] = prompts
+
+    ids = tokenizer(_wikitext("test"))["input_ids"][: args.ppl_tokens]
+    ppl = {"PyTorch merged (f32)": gc.perplexity(lambda c: gc.torch_logits(merged, c), ids, args.window)}
+    for label in ("merged F16", "merged Q8_0", "merged Q4_1"):
+        llm = f16 if label == "merged F16" else q8 if label == "merged Q8_0" else _cpp(files[label])
+        ppl[f"llama.cpp {label}"] = gc.perplexity(lambda c, llm=llm: gc.llama_cpp_logits(llm, c), ids, args.window)
+    ppl["llama.cpp base F16 + adapter"] = gc.perplexity(lambda c: gc.llama_cpp_logits(lora, c), ids, args.window)
+    res["perplexity"] = {k: round(v, 4) for k, v in ppl.items()}
+    res["ppl_tokens"], res["window"] = len(ids), args.window
+    res["q8_0_vs_f16_ppl_ratio"] = ppl["llama.cpp merged Q8_0"] / ppl["llama.cpp merged F16"]
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gguf_llama_cpp.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    names = list(res["perplexity"])
+    ax.barh(names, [res["perplexity"][n] for n in names], color="tab:blue")
+    for i, n in enumerate(names):
+        ax.text(res["perplexity"][n], i, f" {res['perplexity'][n]:.3f}", va="center", fontsize=8)
+    ax.set_xlabel(f"perplexity, WikiText-2 test, first {len(ids)} tokens (windows of {args.window})")
+    ax.set_title("SmolLM2-135M + LoRA: PyTorch vs GGUF exports in llama.cpp", fontsize=9)
+    ax.set_xlim(0, max(res["perplexity"].values()) * 1.25)
+    fig.tight_layout()
+    fig.savefig(out / "gguf_llama_cpp.png", dpi=120)
+
+    print("\nformat                          perplexity")
+    for k, v in res["perplexity"].items():
+        print(f"{k:<32}{v:>10.4f}")
+    print(f"Q8_0 / F16 perplexity ratio: {res['q8_0_vs_f16_ppl_ratio']:.5f}")
+    worst = max(r["max_abs_logit_diff_f16_vs_torch"] for r in prompts)
+    worst_lora = max(r["max_abs_logit_diff_lora_vs_merged_f16"] for r in prompts)
+    print(f"max |logit diff| llama.cpp F16 vs PyTorch: {worst:.4g}; base+adapter vs merged F16: {worst_lora:.4g}")
+    print(f"results: {out / 'gguf_llama_cpp.json'}, {out / 'gguf_llama_cpp.png'}")
+
+
+if __name__ == "__main__":
+    main()
