@@ -15,4 +15,8 @@ lane() {  # lane NAME COMMAND...
 }
 # deltatune's MindPet shells against the real MindPet 1.0.4 on MindSpore 2.10, in a venv of its own
 lane mindpet env PYTHON=python3 bash scripts/mindpet_parity.sh
+# llama.cpp (llama-cpp-python, built once into a cached wheel) runs the GGUF exports: logits, greedy
+# decoding and perplexity against PyTorch
+lane llama.cpp bash -c "bash scripts/build_llama_cpp.sh \
+  && python3 -m pytest -q -p no:xdist -p no:cacheprovider tests/test_export_gguf.py -k llama_cpp"
 exit $rc
