@@ -97,7 +97,7 @@ class AdamW:
                 new_p = new_p + m / (denom + self.eps) * (-lr)
             self.m[i].update(m.stop_grad())
             self.v[i].update(v.stop_grad())
-            p.update(new_p.stop_grad())
+            p.update(new_p)
             outs += [p, self.m[i], self.v[i]]
         jt.sync(outs)
 
