@@ -388,8 +388,8 @@ def _score_table(t_scores: dict[str, Any], j_scores: dict[str, Any], t_step: flo
     head = "| framework | " + " | ".join(names) + " | time/step (s) | peak RSS (MiB) |"
     sep = "|" + "---|" * (len(names) + 3)
     rows = [
-        f"| PyTorch | " + " | ".join(_fmt(t_scores.get(m)) for m in names) + f" | {t_step:.4f} | {t_mem:.0f} |",
-        f"| Jittor | " + " | ".join(_fmt(j_scores.get(m)) for m in names) + f" | {j_step:.4f} | {j_mem:.0f} |",
+        "| PyTorch | " + " | ".join(_fmt(t_scores.get(m)) for m in names) + f" | {t_step:.4f} | {t_mem:.0f} |",
+        "| Jittor | " + " | ".join(_fmt(j_scores.get(m)) for m in names) + f" | {j_step:.4f} | {j_mem:.0f} |",
     ]
     return "\n".join([head, sep, *rows])
 

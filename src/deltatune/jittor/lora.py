@@ -73,7 +73,7 @@ class LoraLinear:
         self, base: Linear, r: int, alpha: float, dropout: float, slices: list[bool] | None = None,
         use_rslora: bool = False, seed: int = 0,
     ) -> None:
-        jt = require_jittor()
+        require_jittor()
         self.layer = base
         self.r = r
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r

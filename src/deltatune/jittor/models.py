@@ -106,7 +106,7 @@ class Linear:
     (``conv1d=True``: ``W`` ``(in, out)``, ``y = x @ W + b``). :mod:`.lora` wraps it."""
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray | None = None, *, conv1d: bool = False) -> None:
-        jt = require_jittor()
+        require_jittor()
         self.conv1d = conv1d
         self.weight = to_jt(weight).stop_grad()
         self.bias = None if bias is None else to_jt(bias).stop_grad()
@@ -224,7 +224,7 @@ class JtLlama(_Base):
 
     def __init__(self, config: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
         super().__init__(config)
-        jt = require_jittor()
+        require_jittor()
         self.hidden = int(config["hidden_size"])
         self.n_heads = int(config["num_attention_heads"])
         self.n_kv = int(config.get("num_key_value_heads") or self.n_heads)
@@ -250,7 +250,7 @@ class JtLlama(_Base):
         self.inv_freq = inv.astype(np.float32)
 
     def _rope(self, pos: np.ndarray) -> tuple[Any, Any]:
-        jt = require_jittor()
+        require_jittor()
         freqs = pos.astype(np.float32)[:, :, None] * self.inv_freq[None, None, :]
         emb = np.concatenate([freqs, freqs], -1)
         return to_jt(np.cos(emb)[:, None]), to_jt(np.sin(emb)[:, None])  # (B, 1, T, d)
@@ -308,7 +308,7 @@ class JtGPT2(_Base):
 
     def __init__(self, config: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
         super().__init__(config)
-        jt = require_jittor()
+        require_jittor()
         pre = "transformer." if "transformer.wte.weight" in weights else ""
         w = {k[len(pre):] if pre and k.startswith(pre) else k: v for k, v in weights.items()}
         self.hidden = int(config["n_embd"])
