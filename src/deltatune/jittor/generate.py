@@ -189,13 +189,10 @@ def generate(
             n_batches = (len(order) + batch_size - 1) // batch_size
             for b in tqdm(range(n_batches), desc="generate (jittor)", unit="batch", disable=not progress):
                 chunk = order[b * batch_size : (b + 1) * batch_size]
-                width = max(len(ids_list[i]) for i in chunk)
-                ids = np.full((len(chunk), width), pad, dtype=np.int64)
-                mask = np.zeros((len(chunk), width), dtype=np.int64)
-                for r, i in enumerate(chunk):
-                    n = len(ids_list[i])
-                    ids[r, width - n :] = ids_list[i]
-                    mask[r, width - n :] = 1
+                group = [ids_list[i] for i in chunk]
+                width = max(map(len, group))
+                ids = np.array([[pad] * (width - len(p)) + p for p in group], dtype=np.int64)  # left padding
+                mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in group], dtype=np.int64)
                 rows = decode(model, ids, mask, config, eos, pad)
                 for r, i in enumerate(chunk):
                     row = rows[r]

@@ -110,7 +110,7 @@ class LoraLinear:
         h = jt.nn.matmul_transpose(xd, self.A)
         if self.slices is None:
             return y + jt.nn.matmul_transpose(h, self.B) * self.scaling
-        k, n_on, r = len(self.slices), sum(self.slices), self.r
+        k, r = len(self.slices), self.r
         step = self.out_features // k
         parts, j = [], 0
         lead = tuple(x.shape[:-1])
@@ -121,7 +121,6 @@ class LoraLinear:
                 j += 1
             else:
                 parts.append(jt.zeros(lead + (step,), dtype=y.dtype))
-        del n_on
         return y + jt.concat(parts, dim=-1)
 
 
