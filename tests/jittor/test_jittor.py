@@ -223,3 +223,16 @@ def test_cli_align_without_jittor_prints_the_pip_line(monkeypatch: pytest.Monkey
     assert main(["align", str(path)]) == 2
     assert "pip install jittor==1.3.11.0" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_child_killed_by_a_signal_does_not_end_the_process() -> None:
+    # Jittor's core would "quick exit" the whole process here (how the METEOR scorer's Java child,
+    # killed on close, ended an align run); require_jittor gives Python's SIGCHLD handler back
+    import signal
+    import subprocess
+
+    assert signal.getsignal(signal.SIGCHLD) == signal.SIG_DFL
+    child = subprocess.Popen(["sleep", "30"])
+    child.kill()
+    assert child.wait() == -signal.SIGKILL
+    assert to_np(to_jt(np.arange(3)) * 2).tolist() == [0, 2, 4]

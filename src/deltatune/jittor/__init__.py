@@ -55,8 +55,20 @@ def require_jittor() -> Any:
                 + " (Jittor on the CPU, offline: no oneDNN download, no CUDA search); set them yourself to change this",
                 file=sys.stderr,
             )
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGCHLD, signal.SIGINT)}
     import jittor
 
+    # Jittor's C++ core installs handlers that end the whole process when any child process dies
+    # from a signal (the METEOR scorer's Java process is killed on close) and on Ctrl-C; give
+    # Python's handlers back
+    for sig, handler in saved.items():
+        if handler is not None:
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
     jittor.flags.log_silent = 1
     _STATE["module"] = jittor
     return jittor
