@@ -125,10 +125,7 @@ def _beam_search(model: Any, ids: np.ndarray, mask: np.ndarray, cfg: Any, eos: n
         best_possible = run_scores[:, :1] / np.float32(best_len**lp)
         worst = np.where(fin_flag, fin_scores.min(-1, keepdims=True), np.full_like(fin_scores, _NEG))
         open_ = open_ & (best_possible > worst).any(-1, keepdims=True)
-        stop = not open_.any() or ends.all()
-        if es is True and fin_flag.all():
-            stop = True
-        if stop:
+        if not open_.any() or ends.all() or (es is True and fin_flag.all()):
             break
         flat = (offsets + parent).reshape(-1)
         past = _reorder(past, flat)
