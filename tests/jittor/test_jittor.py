@@ -161,6 +161,11 @@ def test_align_exact_ten_steps_within_tolerance_and_writes_every_file(kind: str,
 
     init = load_file(out / "init_delta" / "delta.safetensors")
     trained = load_file(out / "jittor" / "delta" / "delta.safetensors")
+    ref = load_file(out / "torch" / "delta" / "delta.safetensors")
+    assert m["max_rel_lora_weight_diff"] == pytest.approx(
+        max(np.abs(trained[k] - ref[k]).max() / np.abs(ref[k]).max() for k in ref), rel=1e-6)
+    assert m["max_frobenius_rel_lora_weight_diff"] == pytest.approx(
+        max(np.linalg.norm(trained[k] - ref[k]) / np.linalg.norm(ref[k]) for k in ref), rel=1e-6)
     assert max(np.abs(trained[k] - init[k]).max() for k in init) > 1e-3
 
 
