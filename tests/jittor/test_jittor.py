@@ -26,6 +26,9 @@ from deltatune.jittor.generate import generate as jt_generate  # noqa: E402
 from deltatune.jittor.lora import delta_arrays, load_delta, save_delta, trainable  # noqa: E402
 from deltatune.jittor.models import load_pretrained, to_jt, to_np  # noqa: E402
 
+# one worker runs every Jittor test (``--dist loadgroup``): Jittor compiles operators into one cache
+pytestmark = pytest.mark.xdist_group("jittor")
+
 LORA = {
     "llama": lambda: dt.LoraConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], init="random"),
     "gpt2": lambda: dt.LoraConfig(r=2, alpha=4, target_modules=["c_attn"], enable_lora={"c_attn": [True, False, True]},
@@ -123,6 +126,7 @@ ALIGN_FILES = ["config.yaml", "init_delta/delta.safetensors", "log_torch.jsonl",
                "torch/metrics.json", "jittor/metrics.json", "jittor/train_log.jsonl"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_align_exact_ten_steps_within_tolerance_and_writes_every_file(kind: str, tmp_path: Path) -> None:
     from deltatune.cli import main
