@@ -8,6 +8,7 @@
     deltatune evaluate [CONFIG] [--set ...] [--output-dir DIR] [--predictions FILE] [--references FILE]
     deltatune compare RUN_DIR RUN_DIR ... --out DIR
     deltatune export-gguf RUN_DIR --kind adapter|merged [--quant Q] [--out FILE]
+    deltatune align CONFIG [--mode exact|seed] [--set ...] [--output-dir DIR] [--overwrite]
     deltatune methods
     deltatune info MODEL [--config FILE] [--set ...] [--per-module]
 
@@ -91,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapter: a LoRA adapter for llama.cpp's --lora; merged: the base with the delta merged")
     p.add_argument("--quant", help="merged: f32 f16 q8_0 q4_0 q4_1 (default f16); adapter: f32 f16 (default f32)")
     p.add_argument("--out", help="output file (default: RUN_DIR/model.QUANT.gguf or RUN_DIR/adapter.QUANT.gguf)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("align", help="train one LoRA recipe in PyTorch and in Jittor and compare them (needs jittor)")
+    _add_recipe_args(p)
+    p.add_argument("--mode", choices=("exact", "seed"), default="exact",
+                   help="exact: fp32, dropout off, step-by-step check; seed: the recipe as written, own random numbers")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing alignment run in the output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sub.add_parser("methods", help="list the registered delta methods")
@@ -316,7 +324,17 @@ def _cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_align(args: argparse.Namespace) -> int:
+    from .jittor.align import align  # lazy: jittor is an optional extra
+
+    summary = align(_recipe(args), args.mode, overwrite=args.overwrite, progress=not args.no_progress)
+    print(summary["table"])
+    print("\n".join(summary["verdicts"]))
+    return 0
+
+
 _COMMANDS = {
+    "align": _cmd_align,
     "sweep": _cmd_sweep,
     "perplexity": _cmd_perplexity,
     "run": _cmd_run,
