@@ -103,7 +103,7 @@ def test_e2e_configs_have_the_paper_schedule():
         r = load_recipe(CONFIGS / name, check_data=False)
         t, g = r.train, r.generate
         assert (t.epochs, t.batch_size, t.warmup_steps, t.scheduler, t.weight_decay) == (5, 8, 500, "linear", 0.01)
-        assert t.label_smoothing == 0.1 and t.cuda_graph is False  # scripts/gpu_issue19.sh turns it on
+        assert t.label_smoothing == 0.1 and t.cuda_graph == "auto"  # captured on a GPU by default (issue 18)
         assert (g.num_beams, g.length_penalty, g.no_repeat_ngram_size, g.max_new_tokens) == (10, 0.8, 4, 64)
         assert r.eval.split == "test" and r.eval.max_examples is None
         frac = 0.18 if "18pct" in name else 1.0
