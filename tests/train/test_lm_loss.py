@@ -160,9 +160,7 @@ def test_eager_reasons_in_order():
 
 
 def test_out_of_range_labels_are_refused_on_the_host_before_training():
-    from deltatune.errors import DeltaConfigError
-
-    from deltatune.errors import DataFormatError
+    from deltatune.errors import DataFormatError, DeltaConfigError
 
     examples = [{"input_ids": [3, 4, 5], "labels": [3, 4, 40]}]
     cfg = TrainConfig(progress_bar=False, tensorboard=False, device="cpu", max_steps=1)
