@@ -68,7 +68,8 @@ fi
 
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-"$VENV/bin/python" "$HERE/mindpet_parity/mindspore_side.py" "$WORK"
+# run from the scratch folder: mindformers writes its logs to ./output/log of the working directory
+(cd "$WORK" && "$VENV/bin/python" "$HERE/mindpet_parity/mindspore_side.py" "$WORK")
 PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" "$HERE/mindpet_parity/deltatune_side.py" "$WORK"
 if [ -n "$record" ]; then
   mkdir -p "$record"

@@ -186,16 +186,45 @@ def save_delta(model: nn.Module, directory: str | os.PathLike, adapter_name: str
         if t.numel() == 0:
             raise CheckpointError(f"tensor {key!r} of adapter {adapter_name!r} is empty (shape {tuple(t.shape)})")
     tensors = {k: v.contiguous().cpu() for k, v in state.items()}
-    data = save(tensors)
+    return write_delta_files(
+        directory,
+        save(tensors),
+        adapter_name=adapter_name,
+        config=record.config.to_dict(),
+        targets=record.targets,
+        modules_to_save=record.modules_to_save,
+        tensors={k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()},
+    )
+
+
+def write_delta_files(
+    directory: str | os.PathLike,
+    data: bytes,
+    *,
+    adapter_name: str,
+    config: Mapping[str, Any],
+    targets: list[str],
+    modules_to_save: list[str],
+    tensors: Mapping[str, tuple[list[int], str]],
+) -> Path:
+    """Write a delta directory from serialized safetensors bytes (any framework's: :func:`save_delta`
+    and ``deltatune.jittor`` both write through here, so the format has one writer).
+
+    ``tensors`` maps each tensor name to its ``(shape, dtype name)``. The config (``delta_config.json``,
+    written last) records the SHA-256 of ``data`` and of itself; an existing delta's tensors are kept
+    as ``.delta.safetensors.prev`` until the new config is in place (see :func:`save_delta`).
+    """
+    directory = Path(directory)
+    check_output_dir(directory, (DELTA_WEIGHTS_NAME, DELTA_CONFIG_NAME, _PREV_WEIGHTS_NAME))
     meta: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "deltatune_version": __version__,
         "adapter_name": adapter_name,
-        "config": record.config.to_dict(),
-        "targets": record.targets,
-        "modules_to_save": record.modules_to_save,
-        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()},
+        "config": dict(config),
+        "targets": list(targets),
+        "modules_to_save": list(modules_to_save),
+        "tensors": {k: {"shape": list(shape), "dtype": dtype} for k, (shape, dtype) in tensors.items()},
         "sha256": hashlib.sha256(data).hexdigest(),
     }
     meta["meta_sha256"] = _meta_digest(meta)

@@ -17,7 +17,6 @@ loads it into the PyTorch model; :func:`load_delta` reads a PyTorch-written delt
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from pathlib import Path
@@ -192,30 +191,20 @@ def save_delta(model: Any, directory: str | os.PathLike) -> Path:
     """Write the model's LoRA matrices in deltatune's delta format (atomically; see the module docstring)."""
     from safetensors.numpy import save
 
-    from .._version import __version__
-    from ..checkpoint import DELTA_CONFIG_NAME, DELTA_WEIGHTS_NAME, FORMAT, FORMAT_VERSION
-    from ..io_utils import atomic_write_bytes, atomic_write_text
+    from ..checkpoint import write_delta_files
 
     if getattr(model, "lora_config", None) is None:
         raise CheckpointError("the Jittor model has no LoRA applied; nothing to save")
     tensors = delta_arrays(model)
-    data = save(tensors)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(directory / DELTA_WEIGHTS_NAME, data)
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "deltatune_version": __version__,
-        "adapter_name": "default",
-        "config": model.lora_config.to_dict(),
-        "targets": list(model.lora_targets),
-        "modules_to_save": [],
-        "tensors": {k: {"shape": list(v.shape), "dtype": "float32"} for k, v in tensors.items()},
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }
-    atomic_write_text(directory / DELTA_CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
-    return directory
+    return write_delta_files(
+        directory,
+        save(tensors),
+        adapter_name="default",
+        config=model.lora_config.to_dict(),
+        targets=list(model.lora_targets),
+        modules_to_save=[],
+        tensors={k: (list(v.shape), "float32") for k, v in tensors.items()},
+    )
 
 
 def load_delta(model: Any, directory: str | os.PathLike) -> Any:
