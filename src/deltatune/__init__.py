@@ -11,6 +11,8 @@ Quick start::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._version import __version__
 from .api import (
     active_adapters,
@@ -55,6 +57,13 @@ from .methods.ptuning_v2 import PTuningV2Config
 from .methods.rdrop import RDropLoss, rdrop_repeat
 from .peft_io import export_peft, import_peft
 from .train import CapturedStep, TrainConfig, Trainer, TrainerCallback, read_log
+
+if TYPE_CHECKING:  # bound on first use at run time (``__getattr__`` below); imported here for type checkers
+    from .recipes import Recipe, load_recipe, run_recipe
+    from .report import compare_runs, plot_run, write_report
+    from .sweep import load_sweep, run_sweep
+    from .tasks.classification import ClassificationConfig, run_classification
+    from .tasks.lm import PerplexityConfig, run_perplexity
 
 #: the pipeline layer (recipes, tasks, sweeps, reports) is imported on first use, so that
 #: ``import deltatune`` stays light; ``from deltatune import *`` and attribute access bind these names.
