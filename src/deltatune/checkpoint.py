@@ -292,11 +292,15 @@ def read_delta_meta(directory: str | os.PathLike) -> dict[str, Any]:
     return _check_meta(meta, cfg_path)
 
 
-def _read_weights(directory: Path, meta: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The tensors of a delta directory whose hash matches ``meta`` (the kept previous tensor file of an
-    interrupted overwrite if that is the one that matches); names, shapes and dtypes must match the record."""
-    from safetensors.torch import load as load_bytes
+def read_delta_bytes(directory: str | os.PathLike, meta: Mapping[str, Any]) -> bytes:
+    """The bytes of a delta directory's tensor file whose SHA-256 matches ``meta`` (from
+    :func:`read_delta_meta`): ``delta.safetensors``, or the kept previous tensor file of an interrupted
+    overwrite if that is the one that matches. Framework-neutral (``deltatune.jittor`` reads through it).
 
+    Raises:
+        CheckpointError: neither file matches the recorded hash.
+    """
+    directory = Path(directory)
     w_path = directory / DELTA_WEIGHTS_NAME
     data = w_path.read_bytes()  # hashed and parsed from the same bytes
     digest = hashlib.sha256(data).hexdigest()
@@ -304,12 +308,21 @@ def _read_weights(directory: Path, meta: Mapping[str, Any]) -> dict[str, torch.T
         prev = directory / _PREV_WEIGHTS_NAME
         prev_data = prev.read_bytes() if prev.is_file() else b""
         if prev_data and hashlib.sha256(prev_data).hexdigest() == meta["sha256"]:
-            data = prev_data  # an overwrite was interrupted before its new config landed: the previous delta
-        else:
-            raise CheckpointError(
-                f"{str(w_path)!r} has SHA-256 {digest[:16]}..., but {DELTA_CONFIG_NAME} records "
-                f"{str(meta['sha256'])[:16]}...: the file is corrupt or was only partly written"
-            )
+            return prev_data  # an overwrite was interrupted before its new config landed: the previous delta
+        raise CheckpointError(
+            f"{str(w_path)!r} has SHA-256 {digest[:16]}..., but {DELTA_CONFIG_NAME} records "
+            f"{str(meta['sha256'])[:16]}...: the file is corrupt or was only partly written"
+        )
+    return data
+
+
+def _read_weights(directory: Path, meta: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a delta directory whose hash matches ``meta`` (see :func:`read_delta_bytes`); names,
+    shapes and dtypes must match the record."""
+    from safetensors.torch import load as load_bytes
+
+    w_path = directory / DELTA_WEIGHTS_NAME
+    data = read_delta_bytes(directory, meta)
     try:
         tensors = load_bytes(data)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a malformed file

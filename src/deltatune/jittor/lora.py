@@ -16,7 +16,6 @@ loads it into the PyTorch model; :func:`load_delta` reads a PyTorch-written delt
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -215,18 +214,11 @@ def load_delta(model: Any, directory: str | os.PathLike) -> Any:
     """
     from safetensors.numpy import load as load_bytes
 
-    from ..checkpoint import DELTA_WEIGHTS_NAME, read_delta_meta
+    from ..checkpoint import read_delta_bytes, read_delta_meta
     from ..config import config_from_dict
 
     meta = read_delta_meta(directory)
-    w_path = Path(directory) / DELTA_WEIGHTS_NAME
-    data = w_path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != meta.get("sha256"):
-        raise CheckpointError(
-            f"{os.fspath(w_path)!r} has SHA-256 {digest[:16]}..., but delta_config.json records "
-            f"{str(meta.get('sha256'))[:16]}...: the file is corrupt or was only partly written"
-        )
+    data = read_delta_bytes(directory, meta)
     config = check_lora_config(config_from_dict(meta["config"]))
     if getattr(model, "lora_config", None) is None:
         apply_lora(model, config, targets=list(meta["targets"]))
