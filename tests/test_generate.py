@@ -16,16 +16,9 @@ from transformers.generation.logits_process import (
 )
 
 from deltatune.errors import DeltaConfigError, DeltaConfigTypeError
-from deltatune.generate import (
-    GenerationConfig,
-    _block_ngrams,
-    _repetition_penalty,
-    _top_k,
-    _top_p,
-    generate,
-    generate_text,
-)
+from deltatune.generate import GenerationConfig, generate, generate_text
 from deltatune.hf_cache import cache_arg
+from deltatune.score_processors import block_ngrams, repetition_penalty, top_k_filter, top_p_filter
 from tests.tiny_models import llama_config as tiny_llama_config
 
 NO_SPECIAL = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
@@ -380,23 +373,23 @@ def test_processors_match_transformers():
     history[:, 8:11] = history[:, 3:6]
     for pen in (1.3, 0.7):
         ref = RepetitionPenaltyLogitsProcessor(pen)(history, scores.clone())
-        assert torch.equal(_repetition_penalty(scores, history, pen), ref)
+        assert torch.equal(repetition_penalty(scores, history, pen), ref)
     for n in (1, 2, 3, 4):
         ref = NoRepeatNGramLogitsProcessor(n)(history, scores.clone())
-        assert torch.equal(_block_ngrams(scores, history, n), ref)
+        assert torch.equal(block_ngrams(scores, history, n), ref)
     for k in (1, 3, 25):
-        assert torch.equal(_top_k(scores, k), TopKLogitsWarper(k)(history, scores.clone()))
+        assert torch.equal(top_k_filter(scores, k), TopKLogitsWarper(k)(history, scores.clone()))
     for p, keep in ((0.1, 1), (0.5, 1), (0.9, 2), (0.999, 1)):
         ref = TopPLogitsWarper(p, min_tokens_to_keep=keep)(history, scores.clone())
-        assert torch.equal(torch.isinf(_top_p(scores, p, keep)), torch.isinf(ref))
+        assert torch.equal(torch.isinf(top_p_filter(scores, p, keep)), torch.isinf(ref))
 
 
 def test_left_padding_is_not_history():
     scores = torch.zeros(1, 6)
     history = torch.tensor([[-1, -1, 2, 3]])
-    assert _repetition_penalty(scores - 1, history, 2.0)[0].tolist() == [-1, -1, -2, -2, -1, -1]
+    assert repetition_penalty(scores - 1, history, 2.0)[0].tolist() == [-1, -1, -2, -2, -1, -1]
     padded = torch.tensor([[-1, -1, -1, 2, 3, 2]])
-    blocked = _block_ngrams(scores, padded, 2)[0]
+    blocked = block_ngrams(scores, padded, 2)[0]
     assert torch.isinf(blocked).tolist() == [False, False, False, True, False, False]
 
 

@@ -26,6 +26,9 @@ transformers 5 wherever both define a behaviour, so results can be checked again
 * **No-repeat n-grams**: a token that would complete an n-gram already present in the sequence
   (prompt included, as transformers does for decoder-only models; padding excluded) gets ``-inf``.
 
+The score processors themselves live in :mod:`deltatune.score_processors`; this module owns the
+prompts' checks, the model calls with their cache, and the decoding loops.
+
 Compatibility contract with delta methods that hook the model (e.g. prefix-tuning pre-hooks that
 prepend learned key/values to the cache and extend the attention mask): every call passes an explicit
 ``attention_mask`` (over all real tokens fed so far, past and current, left padding as zeros) and
@@ -52,6 +55,7 @@ from tqdm.auto import tqdm
 
 from .errors import DeltaConfigError, DeltaConfigTypeError
 from .hf_cache import cache_arg, output_cache
+from .score_processors import process_scores
 from .validation import (
     check_bool,
     check_float,
@@ -309,71 +313,6 @@ def _reorder_cache(past: Any, index: torch.Tensor) -> Any:
     )
 
 
-# ------------------------------------------------------------------------------------------------
-# Score processors (vectorised over rows; history uses -1 for left padding)
-# ------------------------------------------------------------------------------------------------
-
-
-def _repetition_penalty(scores: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
-    vocab = scores.shape[-1]
-    cols = torch.where((history < 0) | (history >= vocab), vocab, history)
-    seen = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
-    seen.scatter_(1, cols, True)
-    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return torch.where(seen[:, :vocab], penalised, scores)
-
-
-def _block_ngrams(scores: torch.Tensor, history: torch.Tensor, n: int) -> torch.Tensor:
-    rows, length = history.shape
-    if length < n:
-        return scores
-    vocab = scores.shape[-1]
-    suffix = history[:, length - n + 1 :]  # the n-1 last tokens (empty for n = 1)
-    grams = history.unfold(1, n, 1)  # (rows, length - n + 1, n): every complete n-gram so far
-    hit = (grams[..., : n - 1] == suffix[:, None, :]).all(-1)
-    hit &= (grams >= 0).all(-1)  # n-grams touching the padding do not exist
-    real_len = (history >= 0).sum(-1, keepdim=True)
-    hit &= real_len >= n
-    nxt = grams[..., -1]
-    cols = torch.where(hit & (nxt < vocab), nxt, vocab)
-    banned = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=scores.device)
-    banned.scatter_(1, cols, True)
-    return scores.masked_fill(banned[:, :vocab], float("-inf"))
-
-
-def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    k = min(k, scores.shape[-1])
-    kth = torch.topk(scores, k, dim=-1).values[..., -1:]
-    return scores.masked_fill(scores < kth, float("-inf"))
-
-
-def _top_p(scores: torch.Tensor, p: float, min_keep: int) -> torch.Tensor:
-    ordered, order = torch.sort(scores, dim=-1, descending=True)
-    probs = ordered.softmax(-1)
-    mass_before = probs.cumsum(-1) - probs  # probability of the strictly better tokens
-    drop = mass_before >= p
-    drop[..., :min_keep] = False
-    drop = drop.scatter(-1, order, drop)
-    return scores.masked_fill(drop, float("-inf"))
-
-
-def _process(
-    scores: torch.Tensor, history: torch.Tensor, cfg: GenerationConfig, min_keep: int
-) -> torch.Tensor:
-    if cfg.repetition_penalty != 1.0:
-        scores = _repetition_penalty(scores, history, cfg.repetition_penalty)
-    if cfg.no_repeat_ngram_size > 0:
-        scores = _block_ngrams(scores, history, cfg.no_repeat_ngram_size)
-    if cfg.do_sample:
-        if cfg.temperature != 1.0:
-            scores = scores / cfg.temperature
-        if cfg.top_k > 0:
-            scores = _top_k(scores, max(cfg.top_k, min_keep))
-        if cfg.top_p < 1.0:
-            scores = _top_p(scores, cfg.top_p, min_keep)
-    return scores
-
-
 def _cut_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
     for j, t in enumerate(tokens):
         if t in eos:
@@ -402,7 +341,7 @@ def _greedy_or_sample(
     done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
     out: list[torch.Tensor] = []
     for step in range(cfg.max_new_tokens):
-        scores = _process(logits, history, cfg, 1)
+        scores = process_scores(logits, history, cfg, 1)
         if cfg.do_sample:
             tok = torch.multinomial(scores.softmax(-1), 1, generator=gen).squeeze(1)
         else:
@@ -453,7 +392,7 @@ def _beam_search(
     offsets = torch.arange(batch, device=dev)[:, None] * nb
 
     for t in range(steps):
-        logp = _process(F.log_softmax(logits, -1), history, cfg, min_keep)
+        logp = process_scores(F.log_softmax(logits, -1), history, cfg, min_keep)
         vocab = logp.shape[-1]
         acc = (logp.view(batch, nb, vocab) + run_scores[:, :, None]).view(batch, nb * vocab)
         if cfg.do_sample:  # nb*K draws without replacement from softmax(acc): Gumbel top-k
