@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ..errors import DeltaConfigError, DeltaConfigTypeError
 from ..kernels.lora_function import lora_linear, lora_merged_linear
+from ..methods.lora import LoraLayer
 from ..validation import check_bool, check_choice, check_float, check_int, check_type
 
 __all__ = [
@@ -311,8 +312,6 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
             if "bias" in n:
                 p.requires_grad = True
     elif bias == "lora_only":
-        from ..methods.lora import LoraLayer
-
         for m in model.modules():
             if isinstance(m, LoRALayer) and getattr(m, "bias", None) is not None:
                 m.bias.requires_grad = True
