@@ -61,26 +61,21 @@ def test_explicit_names(two_gpus, name, local_rank, expected):
     assert resolve_device(name, local_rank) == expected
 
 
-def test_cuda_unavailable(no_cuda):
-    with pytest.raises(
-        DeltaConfigError, match=r"^device must be an available device, got 'cuda' but CUDA is not available$"
-    ):
-        resolve_device("cuda")
-    with pytest.raises(
-        DeltaConfigError, match=r"^train\.device must be an available device, got 'cuda:1' but CUDA is not available$"
-    ):
-        resolve_device("cuda:1", field="train.device")
-
-
-def test_cuda_index_beyond_the_devices(two_gpus):
-    with pytest.raises(
-        DeltaConfigError, match=r"^device must be an available device, got 'cuda:2' but only 2 CUDA device\(s\) exist$"
-    ):
-        resolve_device("cuda:2")
-    with pytest.raises(
-        DeltaConfigError, match=r"^device must be an available device, got 'cuda:5' but only 2 CUDA device\(s\) exist$"
-    ):
-        resolve_device("cuda", 5)
+@pytest.mark.parametrize(
+    ("gpus", "args", "kwargs", "message"),
+    [
+        (0, ("cuda",), {}, "device must be an available device, got 'cuda' but CUDA is not available"),
+        (0, ("cuda:1",), {"field": "train.device"},
+         "train.device must be an available device, got 'cuda:1' but CUDA is not available"),
+        (2, ("cuda:2",), {}, "device must be an available device, got 'cuda:2' but only 2 CUDA device(s) exist"),
+        (2, ("cuda", 5), {}, "device must be an available device, got 'cuda:5' but only 2 CUDA device(s) exist"),
+    ],
+)
+def test_missing_cuda_devices(monkeypatch, gpus, args, kwargs, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(DeltaConfigError, match=f"^{re.escape(message)}$"):
+        resolve_device(*args, **kwargs)
 
 
 def test_mps_unavailable(monkeypatch):
