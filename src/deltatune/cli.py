@@ -10,7 +10,7 @@
     deltatune export-gguf RUN_DIR --kind adapter|merged [--quant Q] [--out FILE]
     deltatune align CONFIG [--mode exact|seed] [--set ...] [--output-dir DIR] [--overwrite]
     deltatune methods
-    deltatune info MODEL [--config FILE] [--set ...] [--per-module]
+    deltatune info [MODEL] [--model MODEL] [--config FILE] [--method NAME] [--task TASK] [--set ...] [--per-module]
 
 Every error deltatune raises on purpose (:class:`~deltatune.errors.DeltaError`) is printed as one
 ``deltatune: error: ...`` line on stderr and exits with status 2, without a traceback (``--debug``
@@ -112,12 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("perplexity", help="sliding-window perplexity before and after tuning (e.g. WikiText-2)")
     p.add_argument("config", help="perplexity config YAML (see configs/wikitext_lora.yaml)")
 
-    p = sub.add_parser("info", help="trainable-parameter summary of a model after applying a delta config")
-    p.add_argument("model", help="registered model name, Hugging Face directory or .gguf file")
-    p.add_argument("--config", help="method config (YAML/JSON with 'method') or a recipe (its 'delta' section)")
+    p = sub.add_parser(
+        "info", help="trainable-parameter summary of a model after applying a delta config (or each method of a sweep)"
+    )
+    p.add_argument("model", nargs="?", help="registered model name, Hugging Face directory or .gguf file "
+                   "(default: the model the --config names)")
+    p.add_argument("--model", dest="model_option", metavar="MODEL", help="the same as the MODEL argument")
+    p.add_argument("--config", help="a method config (YAML/JSON with 'method'), a recipe (its 'delta' section), a "
+                   "perplexity config or a classification / sweep config (each of its methods)")
+    p.add_argument("--method", help="with a sweep config: summarise this method only")
+    p.add_argument("--task", help="what models.load builds: causal-lm, base or sequence-classification "
+                   "(default: the config's pipeline, else the model's own kind)")
+    p.add_argument("--num-labels", type=int, help="classes of the head with --task sequence-classification (default 2)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a method-config field, e.g. --set r=16",
+        help="override a method-config field, e.g. --set r=16 (every method shown) or, in a sweep config, "
+        "--set methods.lora.config.r=16",
     )
     p.add_argument("--per-module", action="store_true", help="list every module with trainable parameters")
     return parser
@@ -241,72 +251,217 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    import copy
+
     from .api import apply
-    from .config import DeltaConfig
+    from .config import config_from_dict
+    from .errors import DeltaConfigError
     from .freeze import trainable_summary
-    from .models import load, model_info
+    from .models import TASKS, load, model_info
+    from .preflight import check_applicable, natural_task
+    from .tasks.heads import build_classifier
+    from .validation import check_choice
 
-    config: DeltaConfig | None = None
-    full = False
-    if args.config is not None:
-        config, full = _info_config(args.config, args.overrides)
-    elif args.overrides:
-        from .errors import DeltaConfigError
+    if args.model is not None and args.model_option is not None and args.model != args.model_option:
+        raise DeltaConfigError(f"give the model once: MODEL is {args.model!r} but --model is {args.model_option!r}")
+    name = args.model_option if args.model_option is not None else args.model
+    if args.config is None:
+        for flag, value in (("--set", args.overrides), ("--method", args.method)):
+            if value:
+                raise DeltaConfigError(f"{flag} needs --config (the method config it refers to)")
+        setups: list[_InfoSetup] = []
+    else:
+        setups = _info_config(args.config, args.overrides, args.method)
+    if name is None:
+        named = [s.model for s in setups if s.model is not None]
+        if not named:
+            raise DeltaConfigError(
+                "info needs a MODEL (a registered name, a Hugging Face directory or a .gguf file) as an argument or "
+                "--model, or a --config that names one"
+            )
+        name = named[0]
+    if args.task is not None:
+        check_choice("--task", args.task, TASKS)
+    classifier = setups[0] if setups and setups[0].num_labels is not None else None
+    fixed = next((s.task for s in setups if s.task is not None), None)
+    if classifier is not None and args.task is not None:
+        raise DeltaConfigError(
+            f"--task does not apply to the classification config {args.config!r}: its pipeline puts a "
+            f"{classifier.pooling!r}-pooling head on the base model"
+        )
+    if fixed is not None and args.task is not None and args.task != fixed:
+        raise DeltaConfigError(f"--task {args.task!r} does not fit {args.config!r}: its pipeline loads the model as {fixed!r}")
+    task = fixed or args.task or natural_task(name)
+    num_labels = None
+    if classifier is None and task == "sequence-classification":
+        num_labels = args.num_labels if args.num_labels is not None else 2
+    elif classifier is None and args.num_labels is not None:
+        raise DeltaConfigError(f"--num-labels is only used with --task sequence-classification, got task {task!r}")
 
-        raise DeltaConfigError("--set needs --config (the method config whose fields it overrides)")
-    model, _ = load(args.model)
+    for s in setups:  # refuse a method the model cannot take before any weight is loaded
+        if classifier is not None:
+            check_applicable(s.method, s.config, name, task="base", added_modules=("classifier", "score"))
+        else:
+            check_applicable(s.method, s.config, name, task=task)
+    heads: list[str] = []
+    if classifier is not None:
+        bundle = build_classifier(name, classifier.num_labels, pooling=classifier.pooling or "auto",
+                                  dropout=classifier.head_dropout, dtype=classifier.dtype)
+        model, heads = bundle.model, list(bundle.head_modules)
+        how = f"{bundle.pooling} pooling + head {heads} for {classifier.num_labels} label(s)"
+    else:
+        model, _ = load(name, task=task, num_labels=num_labels, dtype=next((s.dtype for s in setups if s.dtype), None))
+        how = f"task {task}" + (f", {num_labels} labels" if num_labels is not None else "")
     info = model_info(model)
     print(
-        f"{args.model}: {info['architecture']} ({info['model_type']}), {info['num_layers']} layers, hidden "
+        f"{name}: {info['architecture']} ({info['model_type']}; {how}), {info['num_layers']} layers, hidden "
         f"{info['hidden_size']}, vocab {info['vocab_size']}, {info['num_parameters']:,} parameters, {info['dtype']}"
     )
-    if config is not None:
-        apply(model, config)
-        print(f"applied {config.method}: {config}")
-    elif full:
-        model.requires_grad_(True)
-        print("full fine-tuning: every parameter is trainable")
-    else:
+    if not setups:
         print("no delta config given (--config): the base model, every parameter trainable")
-    summary = trainable_summary(model)
-    if args.per_module:
-        print(summary)
-    else:
-        print(
-            f"trainable params: {summary.trainable:,} || all params: {summary.total:,} || "
-            f"trainable%: {summary.percent:.4f}"
-        )
+        setups = [_InfoSetup("-", "none", None)]
+    for i, s in enumerate(setups):
+        m = copy.deepcopy(model) if i < len(setups) - 1 else model
+        if len(setups) > 1:
+            print(f"\n[{s.label}]")
+        if s.config is not None:
+            config = s.config
+            if heads and getattr(config, "modules_to_save", None) is None:  # as the classification pipeline does
+                config = config_from_dict({**config.to_dict(), "modules_to_save": heads})
+            apply(m, config)
+            print(f"applied {config.method}: {config}")
+        elif s.method == "full":
+            m.requires_grad_(True)
+            print("full fine-tuning: every parameter is trainable")
+        summary = trainable_summary(m)
+        if args.per_module:
+            print(summary)
+        else:
+            print(
+                f"trainable params: {summary.trainable:,} || all params: {summary.total:,} || "
+                f"trainable%: {summary.percent:.4f}"
+            )
     return 0
 
 
-def _info_config(path: str, overrides: Sequence[str]) -> tuple[Any, bool]:
-    """The method config of ``--config`` (a method config file or a recipe), with ``--set`` applied."""
+@dataclasses.dataclass
+class _InfoSetup:
+    """One method of an ``info`` config: what its pipeline would apply, to which model, loaded how."""
+
+    label: str  # where it comes from: "delta", "methods.lora", ...
+    method: str  # a registered method or "full"
+    config: Any  # the DeltaConfig; None for full fine-tuning
+    model: str | None = None  # the model the config names (None: a bare method config)
+    task: str | None = None  # what the pipeline loads the model as (None: not fixed by the config)
+    dtype: str | None = None
+    num_labels: int | None = None  # classification configs: the head's size ...
+    pooling: str | None = None  # ... and the pooling (tasks.heads.build_classifier)
+    head_dropout: float = 0.1
 
 
+def _info_config(path: str, overrides: Sequence[str], method: str | None = None) -> list[_InfoSetup]:
+    """The setups of ``--config`` with ``--set`` applied: one for a method config, a recipe or a perplexity
+    config, one per method of a classification / sweep config (``method`` picks one). Nothing is loaded."""
+    from collections.abc import Mapping
+
+    from .compat.pet_config import is_pet_config
     from .config import config_from_dict
+    from .data import glue_task
     from .errors import DataFormatError, DeltaConfigError
     from .io_utils import load_json_file, load_yaml_file
-    from .recipes import FULL_METHOD, parse_override
+    from .recipes import parse_override
+    from .tasks.classification import DEFAULT_METHOD_CONFIGS, FULL, sweep_method_names
 
     p = Path(path)
     if not p.is_file():
         raise DeltaConfigError(f"--config must be an existing YAML/JSON file, got {path!r}")
     data = load_json_file(p, "--config") if p.suffix == ".json" else load_yaml_file(p, "--config")
-    if isinstance(data, dict) and "method" not in data and isinstance(data.get("delta"), dict):
-        data = data["delta"]
     if not isinstance(data, dict):
         raise DataFormatError(f"{p}, line 1: expected a mapping with a 'method' key, got {type(data).__name__}")
-    data = dict(data)
+    fields: dict[str, Any] = {}  # --set KEY=VALUE / delta.KEY=VALUE: every method shown
+    per_method: dict[str, dict[str, Any]] = {}  # --set methods.NAME.config.KEY=VALUE
     for text_ in overrides:
         parts, value = parse_override(text_)
+        if len(parts) == 4 and parts[0] == "methods" and parts[2] == "config":
+            per_method.setdefault(parts[1], {})[parts[3]] = value
+            continue
         if parts[0] == "delta":
             parts = parts[1:]
         if len(parts) != 1:
-            raise DeltaConfigError(f"--set {text_!r}: info takes method-config fields (e.g. r=16 or delta.r=16)")
-        data[parts[0]] = value
-    if data.get("method") == FULL_METHOD:
-        return None, True
-    return config_from_dict(data), False
+            raise DeltaConfigError(
+                f"--set {text_!r}: info takes method-config fields (r=16 or delta.r=16; in a sweep config "
+                f"methods.NAME.config.r=16)"
+            )
+        fields[parts[0]] = value
+
+    def build(m: str, given: Mapping[str, Any], where: str, defaults: Mapping[str, Any] = {}) -> Any:
+        if m == FULL:
+            extra = sorted({*given, *fields})
+            if extra:
+                raise DeltaConfigError(f"{where}: full fine-tuning takes no method-config fields, got {extra}")
+            return None
+        return config_from_dict({**defaults, **given, **fields})
+
+    is_sweep = "methods" in data or ("task" in data and "method_config" in data)
+    if not is_sweep and per_method:
+        raise DeltaConfigError(f"--set methods.NAME.config.KEY=VALUE needs a sweep config, got {path!r}")
+    if is_sweep:
+        task_name = data.get("task")
+        if task_name == "csv":
+            raise DeltaConfigError(
+                f"info cannot size the head of {path!r}: a csv task counts its labels from the data files; "
+                f"use a GLUE task config"
+            )
+        info = glue_task(task_name)
+        common = {"model": data.get("model", "minilm-l6"), "dtype": data.get("dtype"), "num_labels": info.num_labels,
+                  "pooling": data.get("pooling", "auto"), "head_dropout": data.get("head_dropout", 0.1)}
+        known = sweep_method_names()
+        given = data.get("methods") or {}
+        if not isinstance(given, Mapping):
+            raise DataFormatError(f"{p}: 'methods' must be a mapping method -> {{lr, config}}, got {given!r}")
+        if "method" in data:  # one classification run
+            names = [data["method"]]
+            configs = {data["method"]: data.get("method_config") or {}}
+        else:
+            listed = (data.get("sweep") or {}).get("methods") or []
+            names = list(dict.fromkeys([*given, *listed])) or known
+            configs = {m: (given.get(m) or {}).get("config") or {} for m in names}
+        for m in [*names, *per_method]:
+            if m not in known:
+                raise DeltaConfigError(f"{path}: unknown method {m!r}; known methods: {', '.join(known)}")
+        if method is not None:
+            if method not in known:
+                raise DeltaConfigError(f"--method must be one of {', '.join(known)}, got {method!r}")
+            names = [method]
+            configs.setdefault(method, {})
+        missing = sorted(set(per_method) - set(names))
+        if missing:
+            raise DeltaConfigError(f"--set methods.{missing[0]}.config...: {missing[0]!r} is not among the methods shown {names}")
+        out = []
+        for m in names:
+            mine = {**configs[m], **per_method.get(m, {})}
+            cfg = build(m, mine if m == FULL else {**mine, "method": m}, f"{path} methods.{m}", DEFAULT_METHOD_CONFIGS.get(m, {}))
+            out.append(_InfoSetup(f"methods.{m}", m, cfg, **common))
+        return out
+    if "method" in data or is_pet_config(data) or not isinstance(data.get("delta"), Mapping):
+        delta, model, task, dtype, where = data, None, None, None, "--config"
+    else:  # a recipe (model: {name_or_path}) or a perplexity config (model: NAME)
+        delta, where, task = data["delta"], "delta", "causal-lm"
+        spec = data.get("model")
+        model = spec.get("name_or_path") if isinstance(spec, Mapping) else spec
+        dtype = spec.get("dtype") if isinstance(spec, Mapping) else data.get("dtype")
+    if "method" not in delta and not is_pet_config(delta):
+        raise DeltaConfigError(
+            f"{path} is not a config info reads: a method config has a 'method' key, a recipe a 'delta' section, "
+            f"a sweep config 'task' and 'methods'; got keys {sorted(data)}"
+        )
+    name = delta.get("method")
+    given = {k: v for k, v in delta.items() if k != "method"} if name == FULL else dict(delta)
+    cfg = build(str(name), given, f"{path} {where}")
+    m = FULL if cfg is None else cfg.method
+    if method is not None and method != m:
+        raise DeltaConfigError(f"--method {method!r}: {path} has the one method {m!r}")
+    return [_InfoSetup(where, m, cfg, model, task, dtype)]
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:

@@ -69,6 +69,7 @@ from .errors import (
     MissingPackageError,
 )
 from .io_utils import atomic_write_text, read_text_file, yaml_load
+from .preflight import check_applicable
 from .validation import (
     check_bool,
     check_choice,
@@ -1114,6 +1115,7 @@ def finetune(recipe: Recipe, *, overwrite: bool = False, progress: bool = True) 
     """
     check_type("recipe", recipe, Recipe, "a Recipe (see load_recipe)")
     _check_placement(recipe)
+    check_applicable(recipe.method, recipe.delta, recipe.model.name_or_path)  # before data and weights
     data = prepare_data(recipe)
     run_dir = _start_run_dir(recipe, overwrite)
     model, tok = _load_model(recipe)
@@ -1291,6 +1293,7 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, progress: bool = True
     """
     check_type("recipe", recipe, Recipe, "a Recipe (see load_recipe)")
     _check_placement(recipe)
+    check_applicable(recipe.method, recipe.delta, recipe.model.name_or_path)  # before data and weights
     t0 = time.perf_counter()
     data = prepare_data(recipe)
     run_dir = _start_run_dir(recipe, overwrite)

@@ -8,7 +8,10 @@ Markdown and CSV. Every file is written atomically.
 * :func:`plot_run`: training loss, validation loss, validation perplexity and learning rate against
   the optimiser step, one PNG each.
 * :func:`write_report`: ``report.md`` with the score table (BLEU, NIST, METEOR, ROUGE-L, CIDEr,
-  trainable parameters, peak memory, time), extra run facts and the plots.
+  trainable parameters, peak memory, time), extra run facts and the plots; a run trained on an
+  evaluation split (``config.yaml``'s ``data.train_split`` is not ``train``, e.g. DART, whose train
+  split is not shipped) says that its scores are not comparable with published ones
+  (:func:`training_split_note`).
 * :func:`compare_runs`: one PNG overlaying the loss curves of several runs and their ``metrics.json``
   side by side (Markdown and CSV).
 """
@@ -26,7 +29,7 @@ from typing import Any
 
 from ._optional import require
 from .errors import DataFormatError, DeltaConfigError
-from .io_utils import atomic_write_bytes, atomic_write_text, read_text_file
+from .io_utils import atomic_write_bytes, atomic_write_text, load_yaml_file, read_text_file
 from .validation import check_type
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "plot_run",
     "read_metrics",
     "score_table",
+    "training_split_note",
     "write_report",
 ]
 
@@ -45,6 +49,15 @@ __all__ = [
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
 LOG_FILE = "train_log.jsonl"
+#: The resolved recipe a run directory holds (written by the recipe pipeline).
+CONFIG_FILE = "config.yaml"
+
+#: Series with at most this many points are drawn with a marker on every point (a one-point line
+#: is otherwise invisible: a short run logs its loss and learning rate once).
+MARKER_MAX_POINTS = 10
+
+#: How reports spell the data-to-text datasets.
+_DATASET_NAMES = {"e2e": "E2E", "dart": "DART", "webnlg": "WebNLG"}
 
 #: (key in metrics.json, label) of the rows of the score table, in order.
 SCORE_ROWS: tuple[tuple[str, str], ...] = (
@@ -175,12 +188,22 @@ def _finite(xs: list[float], ys: list[float]) -> tuple[list[float], list[float]]
     return [x for x, _ in keep], [y for _, y in keep]
 
 
+def _line(ax: Any, xs: list[float], ys: list[float], **kw: Any) -> Any:
+    """``ax.plot`` that marks every point of a short series (:data:`MARKER_MAX_POINTS`), so a
+    one-point series is a visible dot instead of an empty line."""
+    if len(xs) <= MARKER_MAX_POINTS and kw.get("marker") is None:
+        kw.update(marker="o", markersize=kw.get("markersize", 5))
+    (line,) = ax.plot(xs, ys, **kw)
+    return line
+
+
 def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     """Plot a run's training curves from ``<run_dir>/train_log.jsonl`` into PNGs beside it.
 
     Writes ``plot_loss.png`` (training loss and, when the log has eval rows, validation loss),
     ``plot_val_ppl.png`` (validation perplexity; only with eval rows) and ``plot_lr.png`` (learning
-    rate), all against the optimiser step. Non-finite values are left out of the lines.
+    rate), all against the optimiser step. Non-finite values are left out of the lines; series of at
+    most :data:`MARKER_MAX_POINTS` points mark each point.
 
     Returns:
         The paths written, in that order.
@@ -197,10 +220,10 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
 
     fig, (ax,) = _figure()
     xs, ys = _finite(*curves["train_loss"])
-    ax.plot(xs, ys, label="train loss", color="tab:blue", linewidth=1.2)
+    _line(ax, xs, ys, label="train loss", color="tab:blue", linewidth=1.2)
     if "val_loss" in curves:
         vx, vy = _finite(*curves["val_loss"])
-        ax.plot(vx, vy, label="validation loss", color="tab:orange", marker="o", markersize=3)
+        _line(ax, vx, vy, label="validation loss", color="tab:orange", marker="o", markersize=3)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(f"loss: {root.name}")
@@ -211,7 +234,7 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     if "val_ppl" in curves:
         fig, (ax,) = _figure()
         px, py = _finite(*curves["val_ppl"])
-        ax.plot(px, py, color="tab:green", marker="o", markersize=3, label="validation perplexity")
+        _line(ax, px, py, color="tab:green", marker="o", markersize=3, label="validation perplexity")
         ax.set_xlabel("step")
         ax.set_ylabel("perplexity")
         ax.set_title(f"validation perplexity: {root.name}")
@@ -222,7 +245,7 @@ def plot_run(run_dir: str | os.PathLike) -> list[Path]:
     if "lr" in curves:
         fig, (ax,) = _figure()
         lx, ly = _finite(*curves["lr"])
-        ax.plot(lx, ly, color="tab:red", label="learning rate")
+        _line(ax, lx, ly, color="tab:red", label="learning rate")
         ax.set_xlabel("step")
         ax.set_ylabel("learning rate")
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
@@ -282,6 +305,39 @@ def _split_table(splits: Mapping[str, Any]) -> str:
     return _md_table(["metric", *names], rows)
 
 
+def training_split_note(run_dir: str | os.PathLike) -> str | None:
+    """The report's warning for a run trained on an evaluation split, else ``None``.
+
+    The run directory's ``config.yaml`` records the training split (``data.train_split``); a split
+    other than ``train`` (DART's recipe trains on dev, as DART's train file is not shipped) makes the
+    scores incomparable with published ones, which train on the train split. ``None`` as well for a
+    directory without ``config.yaml`` or a config without a ``data`` section (a classification run).
+
+    Raises:
+        DataFormatError: ``config.yaml`` is not valid YAML, or ``data`` / ``data.train_split`` has the
+            wrong type.
+    """
+    path = _run_dir(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    config = load_yaml_file(path, CONFIG_FILE)
+    data = config.get("data") if isinstance(config, Mapping) else None
+    if data is None:
+        return None
+    if not isinstance(data, Mapping) or not isinstance(data.get("train_split", "train"), str):
+        raise DataFormatError(f"{path}: 'data' must be a mapping with a str train_split, got {data!r}")
+    split = data.get("train_split", "train")
+    if split == "train":
+        return None
+    dataset = str(data.get("dataset") or "the dataset")
+    name = _DATASET_NAMES.get(dataset, dataset)
+    return (
+        f"**Not comparable with published scores:** this run was trained on the {split} split of {name} "
+        f"(data.train_split: {split} in {CONFIG_FILE}), not on its train split, so its scores are not "
+        f"comparable with published {name} results."
+    )
+
+
 def write_report(
     run_dir: str | os.PathLike, metrics: Mapping[str, Any], extra: Mapping[str, Any] | None = None
 ) -> Path:
@@ -289,7 +345,8 @@ def write_report(
 
     Args:
         run_dir: the run directory (must exist). When it holds ``train_log.jsonl``, the plots of
-            :func:`plot_run` are (re)drawn and embedded.
+            :func:`plot_run` are (re)drawn and embedded; when its ``config.yaml`` names a training split
+            other than ``train``, the scores are headed by :func:`training_split_note`.
         metrics: scores and costs, e.g. the content of ``metrics.json``: ``BLEU``, ``NIST``,
             ``METEOR``, ``ROUGE_L``, ``CIDEr`` (as the official E2E scorer prints them: BLEU, METEOR and
             ROUGE-L in [0, 1]), ``trainable_params``, ``trainable_percent``, ``peak_memory_mb``,
@@ -310,6 +367,9 @@ def write_report(
         parts += ["## Run", "", _md_table(["", "value"], [(str(k), format_value(str(k), v)) for k, v in extra.items()]), ""]
     rows = score_table(metrics)
     parts += ["## Scores", ""]
+    note = training_split_note(root)
+    if note is not None:
+        parts += [note, ""]
     if rows:
         parts += [_md_table(["metric", "value"], rows), ""]
         parts += [
@@ -389,9 +449,9 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     fig, (ax_t, ax_v) = _figure(2)
     for label, c in zip(labels, curves):
         if "train_loss" in c:
-            ax_t.plot(*_finite(*c["train_loss"]), label=label, linewidth=1.2)
+            _line(ax_t, *_finite(*c["train_loss"]), label=label, linewidth=1.2)
         if "val_loss" in c:
-            ax_v.plot(*_finite(*c["val_loss"]), label=label, marker="o", markersize=3)
+            _line(ax_v, *_finite(*c["val_loss"]), label=label, marker="o", markersize=3)
     for ax, what in ((ax_t, "training loss"), (ax_v, "validation loss")):
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/token)")

@@ -30,6 +30,7 @@ from ..data import (
     stratified_sample,
 )
 from ..errors import DeltaConfigError, DeltaConfigTypeError
+from ..preflight import check_applicable
 from ..validation import check_bool, check_choice, check_float, check_int, check_known_keys, check_type
 from .heads import POOLINGS, build_classifier
 
@@ -468,6 +469,7 @@ def run_classification(cfg: ClassificationConfig | Mapping[str, Any]) -> dict[st
         torch.set_num_threads(cfg.num_threads)
     tcfg = cfg.train_config()
     tcfg.check_cuda_graph_device()  # before the data and the model are loaded
+    check_applicable(cfg.method, cfg.method_config_obj(), cfg.model, task="base", added_modules=("classifier", "score"))
     data = load_task_data(cfg)
 
     set_seed(cfg.seed)
