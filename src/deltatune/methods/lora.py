@@ -23,13 +23,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import DeltaConfig
 from ..errors import DeltaConfigError, DeltaConfigTypeError, TargetNotFoundError, UnsupportedModuleError
 from ..inject import ModuleSlot, check_patterns, is_gpt2_conv1d, match_pattern
 from ..kernels import lora_function as _kernels
 from ..kernels.lora_function import _compute_dtype, _run
 from ..validation import check_bool, check_choice, check_float, check_positive_int, check_type
-from .base import DeltaLayer, DeltaMethod, unwrap
+from .base import DeltaConfig, DeltaLayer, DeltaMethod, unwrap
 
 __all__ = ["LoraConfig", "LoraLayer", "LoraMethod", "METHOD"]
 

@@ -45,7 +45,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import DeltaConfig
 from ..errors import AdapterNotFoundError, DeltaConfigError, DeltaConfigTypeError, UnsupportedModuleError
 from ..hf_cache import (
     CACHE_NAMES,
@@ -57,7 +56,7 @@ from ..hf_cache import (
     without_cache,
 )
 from ..validation import check_bool, check_float, check_positive_int
-from .base import DeltaLayer, DeltaMethod, get_records
+from .base import DeltaConfig, DeltaLayer, DeltaMethod, get_records
 
 __all__ = [
     "METHOD",

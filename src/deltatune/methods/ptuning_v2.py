@@ -17,8 +17,8 @@ from typing import ClassVar
 
 import torch
 
-from ..config import DeltaConfig
 from ..validation import check_bool, check_float, check_positive_int
+from .base import DeltaConfig
 from .prefix import PrefixEncoder, PrefixHolder, PrefixMethodBase, reject_module_fields
 
 __all__ = ["METHOD", "PTuningV2Config", "PTuningV2Holder", "PTuningV2Method", "PrefixEncoder"]
