@@ -14,8 +14,10 @@ from deltatune.kernels import (
     lora_linear,
     lora_linear_multi,
     lora_merged_linear,
+    pack_mask,
+    unpack_mask,
 )
-from deltatune.kernels.lora_function import _run, pack_mask, unpack_mask
+from deltatune.kernels.lora_autograd import run_lora
 
 
 def _native_mask(shape, p, dtype, seed):
@@ -207,7 +209,7 @@ def test_recompute_xa_variant_matches():
     W, b, A, B = _params(8, 6, 2, torch.float64)
     x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
     plan = ((0, 0, 6, 0, 2),)
-    y = _run(x, A, [W], [b], [B], plan, [0.5], 0.3, True, 4, False, recompute_xa=True)[0]
+    y = run_lora(x, A, [W], [b], [B], plan, [0.5], 0.3, True, 4, False, recompute_xa=True)[0]
     ref = _ref(x, W, b, A, B, 0.5, 0.3, 4)
     g = torch.randn_like(y)
     for got, exp in zip(_grads(y, (x, A, B), g), _grads(ref, (x, A, B), g)):
