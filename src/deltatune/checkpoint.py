@@ -27,6 +27,7 @@ from safetensors.torch import save
 from ._version import __version__
 from .api import adapter_record, apply, delete_adapter
 from .config import config_from_dict
+from .delta_layer import get_records, logical_param_name
 from .errors import AdapterNotFoundError, CheckpointError, DeltaConfigError, DeltaError, FileFormatError
 from .io_utils import (
     atomic_write_bytes,
@@ -37,7 +38,7 @@ from .io_utils import (
     read_text_file,
 )
 from .methods import get_method
-from .methods.base import get_records, logical_param_name, param_adapter_name
+from .methods.base import param_adapter_name
 from .validation import check_type
 
 __all__ = ["DELTA_CONFIG_NAME", "DELTA_WEIGHTS_NAME", "delta_state_dict", "load_delta", "save_delta"]

@@ -11,9 +11,10 @@ import torch.nn as nn
 from rich.console import Console
 from rich.table import Table
 
+from .delta_layer import get_records, logical_param_name
 from .errors import AdapterNotFoundError, DeltaConfigError
 from .methods import REGISTRY, get_method, method_names
-from .methods.base import get_records, logical_param_name, param_adapter_name
+from .methods.base import param_adapter_name
 from .validation import check_str_list, check_type
 
 __all__ = ["TrainableSummary", "freeze_delta", "trainable_summary"]

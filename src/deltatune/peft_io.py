@@ -20,10 +20,10 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save
 
 from .api import adapter_record, apply, delete_adapter
+from .delta_layer import ModulesToSaveWrapper, delta_layers, logical_param_name
 from .errors import CheckpointError, DeltaConfigError, DeltaError, FileFormatError
 from .io_utils import atomic_write_bytes, atomic_write_text, check_output_dir, load_json_file
 from .methods import get_method
-from .methods.base import ModulesToSaveWrapper, delta_layers, logical_param_name
 from .methods.lora import LoraConfig, LoraLayer
 from .validation import check_type
 

@@ -35,10 +35,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..delta_layer import DeltaLayer, unwrap
 from ..errors import DeltaConfigError, UnsupportedModuleError
 from ..inject import ModuleSlot, is_linear_like
 from ..validation import check_choice, check_float, check_positive_int
-from .base import DeltaConfig, DeltaLayer, DeltaMethod, unwrap
+from .base import DeltaConfig, DeltaMethod
 
 __all__ = [
     "ACTIVATIONS",

@@ -26,11 +26,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..delta_layer import DeltaLayer, unwrap
 from ..errors import DeltaConfigError, DeltaConfigTypeError, TargetNotFoundError, UnsupportedModuleError
 from ..inject import ModuleSlot, check_patterns, is_gpt2_conv1d, match_pattern
 from ..kernels.lora_autograd import LoraProjection, lora_projection
 from ..validation import check_bool, check_choice, check_float, check_positive_int, check_type
-from .base import DeltaConfig, DeltaLayer, DeltaMethod, unwrap
+from .base import DeltaConfig, DeltaMethod
 from .lora_group import SHARED_INPUT_GROUPS, SharedInputGroup
 
 __all__ = ["LoraConfig", "LoraLayer", "LoraMethod", "METHOD", "SharedInputGroup", "group_shared_inputs"]

@@ -47,9 +47,10 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
+from ..delta_layer import get_records
 from ..errors import AdapterNotFoundError, DeltaConfigError, DeltaConfigTypeError, UnsupportedModuleError
 from ..validation import check_bool, check_float, check_positive_int
-from .base import DeltaConfig, DeltaMethod, get_records
+from .base import DeltaConfig, DeltaMethod
 from .prefix_hooks import holders, install_hooks, remove_hooks
 from .prefix_parts import (
     PrefixEncoder,

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 
 from ..errors import DeltaConfigError, DeltaConfigTypeError
 from ..hf_cache import cache_arg, output_field, take_cache, without_cache
@@ -105,6 +104,9 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[t
             "prefix methods cannot train with gradient checkpointing: transformers drops the cache in "
             f"checkpointed layers, which would silently drop the prefix; call model.{disable}()"
         )
+    # imported on first use: importing transformers costs more than all of ``import deltatune``
+    from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+
     input_ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
     ref = input_ids if input_ids is not None else embeds
     if ref is None:

@@ -14,11 +14,11 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import DynamicCache
 
+from ..delta_layer import DeltaLayer
 from ..errors import AdapterNotFoundError, DeltaConfigError, UnsupportedModuleError
 from ..hf_cache import CACHE_NAMES, declared_cache_arg, takes_var_kwargs
-from .base import DeltaConfig, DeltaLayer
+from .base import DeltaConfig
 
 __all__ = [
     "PrefixEncoder",
@@ -103,6 +103,9 @@ def prefix_geometry(model: nn.Module, method: str = "prefix-tuning") -> PrefixGe
             f"{method} does not support {where}: neither its forward nor its base model's takes a cache "
             f"({' / '.join(CACHE_NAMES)})"
         )
+    # transformers is imported on first use: importing it costs more than all of ``import deltatune``
+    from transformers import DynamicCache
+
     try:
         probe = DynamicCache(config=cfg)
     except Exception as e:  # pragma: no cover - depends on the transformers version / config
