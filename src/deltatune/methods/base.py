@@ -25,8 +25,6 @@ import torch.nn as nn
 import yaml
 
 from ..delta_layer import (
-    ACTIVE_ATTR,
-    RECORDS_ATTR,
     DeltaLayer,
     ModulesToSaveWrapper,
     delta_layers,
@@ -40,8 +38,6 @@ from ..io_utils import atomic_write_text
 from ..validation import check_optional_int_list, check_str_list, check_type
 
 __all__ = [
-    "ACTIVE_ATTR",
-    "RECORDS_ATTR",
     "AdapterRecord",
     "DeltaConfig",
     "DeltaLayer",
