@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from deltatune.kernels import linear_cross_entropy, lora_linear
-from deltatune.kernels.lora_function import _run
+from deltatune.kernels.lora_autograd import run_lora
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -99,7 +99,7 @@ def bench_lora(args: argparse.Namespace) -> list[dict]:
                 return lora_linear(x, W, None, A, B, 2.0, p, True)
 
             def ours_recompute(x=x, A=A, B=B, p=p):
-                return _run(x, A, [W], [None], [B], ((0, 0, d, 0, r),), [2.0], p, True, None, False, True)[0]
+                return run_lora(x, A, [W], [None], [B], ((0, 0, d, 0, r),), [2.0], p, True, None, False, True)[0]
 
             def step(f, x=x, A=A, B=B):
                 y = f()

@@ -337,7 +337,7 @@ def test_fast_path_saves_no_dropout_copy():
 
 def test_shared_input_projections_use_one_A_matmul(monkeypatch):
     """q/k/v and gate/up share their input: one A matmul per group, same outputs and gradients."""
-    import deltatune.kernels.lora_function as K
+    import deltatune.kernels.lora_autograd as K
     from tests.tiny_models import llama
 
     cfg = dt.LoraConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -347,8 +347,8 @@ def test_shared_input_projections_use_one_A_matmul(monkeypatch):
     for module in plain.modules():
         module.__dict__.pop("_shared_group", None)
     calls = []
-    real = K.fused_lora_A
-    monkeypatch.setattr(K, "fused_lora_A", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    real = K.lora_projections
+    monkeypatch.setattr(K, "lora_projections", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
     x = example_input("llama")
     y_grouped, y_plain = run(grouped, x), run(plain, x)
     assert calls == [3, 2, 3, 2]  # per layer: q/k/v, then gate/up

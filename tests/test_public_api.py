@@ -29,8 +29,11 @@ def test_unknown_attribute_is_attribute_error():
         deltatune.no_such_name  # noqa: B018
 
 
-def test_plain_import_leaves_the_pipeline_layer_unloaded():
-    code = "import sys, deltatune; print(sorted(m for m in ('deltatune.recipes', 'deltatune.sweep', 'deltatune.report') if m in sys.modules))"
+def test_plain_import_leaves_the_pipeline_layer_and_transformers_unloaded():
+    """``import deltatune`` stays light: the pipelines, and transformers (more than a second to import on its
+    own), load on first use."""
+    names = ("deltatune.recipes", "deltatune.sweep", "deltatune.report", "transformers")
+    code = f"import sys, deltatune; print(sorted(m for m in {names!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -11,6 +11,7 @@ Quick start::
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
 
 from ._version import __version__
@@ -46,7 +47,7 @@ from .errors import (
 from .export_gguf import export_gguf
 from .freeze import TrainableSummary, freeze_delta, trainable_summary
 from .generate import GenerationConfig, generate, generate_text
-from .methods import get_method, method_names
+from .methods import get_method, make_config, method_names
 from .methods.adapter import AdapterConfig
 from .methods.bitfit import BitFitConfig
 from .methods.ia3 import IA3Config
@@ -86,8 +87,6 @@ _LAZY = {
 def __getattr__(name: str) -> object:
     """Bind a pipeline-layer name of ``__all__`` on first use (PEP 562)."""
     if name in _LAZY:
-        import importlib
-
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
         return value
@@ -158,6 +157,7 @@ __all__ = [
     "import_peft",
     "load_config",
     "load_delta",
+    "make_config",
     "merge",
     "merge_and_unload",
     "method_names",

@@ -13,24 +13,26 @@ from typing import Any
 import torch.nn as nn
 
 from .config import DeltaConfig, config_from_dict
-from .errors import AdapterNotFoundError, DeltaConfigError, DeltaConfigTypeError
-from .inject import select_targets
-from .methods import get_method
-from .methods.base import (
+from .delta_layer import (
     ACTIVE_ATTR,
-    AdapterRecord,
+    RECORDS_ATTR,
     DeltaLayer,
     ModulesToSaveWrapper,
-    _replace_module,
     delta_layers,
     get_records,
     unwrap,
 )
+from .errors import AdapterNotFoundError, DeltaConfigError
+from .freeze import freeze_delta
+from .inject import replace_module, select_targets
+from .methods import get_method, make_config
+from .methods.base import AdapterRecord
 from .validation import check_type
 
 __all__ = [
     "active_adapters",
     "adapter_names",
+    "adapter_record",
     "apply",
     "delete_adapter",
     "disable_adapters",
@@ -69,9 +71,8 @@ def apply(
     Every check (config, target names, module types) runs before the model is changed.
     """
     _check_model(model)
-    if isinstance(config, Mapping):
-        config = config_from_dict(config)
-    check_type("config", config, DeltaConfig, "a DeltaConfig (e.g. LoraConfig) or a dict with a 'method' key")
+    # a dict is built and validated here once; a config object is re-validated only if changed since built
+    config = config_from_dict(config) if isinstance(config, Mapping) else make_config(config)
     check_type("name", name, str, "a non-empty str")
     if not name or "." in name:
         raise DeltaConfigError(f"name must be a non-empty str without '.', got {name!r}")
@@ -81,7 +82,6 @@ def apply(
     if any(layer.merged for _, layer in delta_layers(model)):
         raise DeltaConfigError("cannot add an adapter while others are merged; call unmerge(model) first")
     method = get_method(config.method)
-    config.validate()
     save_slots = []
     if config.modules_to_save:
         save_slots = select_targets(model, config.modules_to_save, what="modules_to_save")
@@ -117,7 +117,7 @@ def _wrap_modules_to_save(model: nn.Module, slots: list, name: str) -> list[str]
         else:
             wrapper = ModulesToSaveWrapper(module)
             wrapper.add_adapter(name)
-            _replace_module(model, path, wrapper)
+            replace_module(model, path, wrapper)
         saved.append(slot.name)
     return saved
 
@@ -128,7 +128,7 @@ def _rollback(model: nn.Module, method: Any, name: str) -> None:
         if name in layer.adapter_names:
             layer.delete_adapter(name)
             if not layer.adapter_names:
-                _replace_module(model, path, layer.base_layer)
+                replace_module(model, path, layer.base_layer)
     if method.layer_cls is None:
         try:
             method.remove(model, name)
@@ -157,15 +157,17 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 def get_config(model: nn.Module, name: str = "default") -> DeltaConfig:
     """The config adapter ``name`` was applied with."""
-    return _record(model, name).config
+    return adapter_record(model, name).config
 
 
 def targeted_modules(model: nn.Module, name: str = "default") -> list[str]:
     """The logical names of the modules adapter ``name`` adapted."""
-    return list(_record(model, name).targets)
+    return list(adapter_record(model, name).targets)
 
 
-def _record(model: nn.Module, name: str) -> AdapterRecord:
+def adapter_record(model: nn.Module, name: str = "default") -> AdapterRecord:
+    """What the model remembers about adapter ``name`` (method, config, targets); raises
+    :class:`AdapterNotFoundError` naming the adapters the model has."""
     records = get_records(_check_model(model))
     if name not in records:
         raise AdapterNotFoundError(f"adapter {name!r} not found on the model; adapters: {sorted(records)}")
@@ -186,14 +188,12 @@ def set_active_adapter(model: nn.Module, name: str | list[str], *, _freeze: bool
     if not names:
         raise DeltaConfigError("name must name at least one adapter, got []")
     for n in names:
-        _record(model, n)
+        adapter_record(model, n)
     _refuse_if_merged(model, "switch adapters")
     for _, layer in delta_layers(model):
         layer.set_active(names)
     model.__dict__[ACTIVE_ATTR] = names
     if _freeze:
-        from .freeze import freeze_delta
-
         methods = {get_records(model)[n].method for n in names}
         for i, method in enumerate(sorted(methods)):
             freeze_delta(model, method, adapter_name=[n for n in names if get_records(model)[n].method == method],
@@ -226,14 +226,14 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` and every parameter it owns; wrappers left empty are removed."""
-    record = _record(model, name)
+    record = adapter_record(model, name)
     _refuse_if_merged(model, f"delete adapter {name!r}")
     get_method(record.method).remove(model, name)
     for path, layer in list(delta_layers(model)):
         if isinstance(layer, ModulesToSaveWrapper) and name in layer.adapter_names:
             layer.delete_adapter(name)
             if not layer.adapter_names:
-                _replace_module(model, path, layer.base_layer)
+                replace_module(model, path, layer.base_layer)
     del get_records(model)[name]
     active = [a for a in active_adapters(model) if a != name]
     remaining = list(get_records(model))
@@ -284,9 +284,9 @@ def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
         get_method(record.method).keep(model, name)
     for path, layer in reversed(list(delta_layers(model))):
         if isinstance(layer, ModulesToSaveWrapper) and layer.active_adapters:
-            _replace_module(model, path, layer.modules_to_save[layer.active_adapters[0]])
+            replace_module(model, path, layer.modules_to_save[layer.active_adapters[0]])
         else:
-            _replace_module(model, path, layer.base_layer)
+            replace_module(model, path, layer.base_layer)
     _clear_state(model)
     return model
 
@@ -300,22 +300,12 @@ def unload(model: nn.Module) -> nn.Module:
         if method.layer_cls is None:  # model-level methods (BitFit biases, prefix hooks) undo themselves
             method.remove(model, name)
     for path, layer in reversed(list(delta_layers(model))):
-        _replace_module(model, path, unwrap(layer) if not isinstance(layer, ModulesToSaveWrapper) else layer.base_layer)
+        replace_module(model, path, unwrap(layer) if not isinstance(layer, ModulesToSaveWrapper) else layer.base_layer)
     _clear_state(model)
     return model
 
 
 def _clear_state(model: nn.Module) -> None:
     model.__dict__.pop(ACTIVE_ATTR, None)
-    from .methods.base import RECORDS_ATTR
-
     model.__dict__.pop(RECORDS_ATTR, None)
 
-
-def ensure_config(config: Any) -> DeltaConfig:
-    """A DeltaConfig from a config or a dict."""
-    if isinstance(config, Mapping):
-        return config_from_dict(config)
-    if not isinstance(config, DeltaConfig):
-        raise DeltaConfigTypeError(f"config must be a DeltaConfig or a dict, got {type(config).__name__}")
-    return config

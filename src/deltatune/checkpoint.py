@@ -21,10 +21,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save
 
 from ._version import __version__
-from .api import _record, apply
+from .api import adapter_record, apply, delete_adapter
 from .config import config_from_dict
+from .delta_layer import get_records, logical_param_name
 from .errors import AdapterNotFoundError, CheckpointError, DeltaConfigError, DeltaError, FileFormatError
 from .io_utils import (
     atomic_write_bytes,
@@ -35,7 +38,7 @@ from .io_utils import (
     read_text_file,
 )
 from .methods import get_method
-from .methods.base import get_records, logical_param_name, param_adapter_name
+from .methods.base import param_adapter_name
 from .validation import check_type
 
 __all__ = ["DELTA_CONFIG_NAME", "DELTA_WEIGHTS_NAME", "delta_state_dict", "load_delta", "save_delta"]
@@ -52,7 +55,7 @@ _TEMP_RE = re.compile(r"^\.(delta\.safetensors|delta_config\.json|delta\.safeten
 def _default_adapter(model: nn.Module, adapter_name: str | None) -> str:
     records = get_records(model)
     if adapter_name is not None:
-        _record(model, adapter_name)
+        adapter_record(model, adapter_name)
         return adapter_name
     if "default" in records:
         return "default"
@@ -81,7 +84,7 @@ def _key_for(name: str, adapter: str, prefixes: tuple[str, ...]) -> str:
 
 def delta_parameter_names(model: nn.Module, adapter_name: str) -> dict[str, str]:
     """``{file key: real parameter/buffer name}`` of everything adapter ``adapter_name`` owns."""
-    record = _record(model, adapter_name)
+    record = adapter_record(model, adapter_name)
     method = get_method(record.method)
     prefixes = method.delta_prefixes
     extra = set(method.extra_trainable(model, record.config, adapter_name))
@@ -171,14 +174,12 @@ def save_delta(model: nn.Module, directory: str | os.PathLike, adapter_name: str
     Returns the directory path. Raises when the adapter owns no tensor (an empty checkpoint is
     never written), or when ``directory`` (or a member) is a file where a directory is needed or vice versa.
     """
-    from safetensors.torch import save
-
     check_type("model", model, nn.Module, "a torch.nn.Module")
     check_type("directory", directory, (str, os.PathLike), "a path")
     directory = Path(directory)
     check_output_dir(directory, (DELTA_WEIGHTS_NAME, DELTA_CONFIG_NAME, _PREV_WEIGHTS_NAME))
     adapter_name = _default_adapter(model, adapter_name)
-    record = _record(model, adapter_name)
+    record = adapter_record(model, adapter_name)
     state = delta_state_dict(model, adapter_name)
     if not state:
         raise CheckpointError(f"adapter {adapter_name!r} owns no tensors; refusing to write an empty checkpoint")
@@ -319,8 +320,6 @@ def read_delta_bytes(directory: str | os.PathLike, meta: Mapping[str, Any]) -> b
 def _read_weights(directory: Path, meta: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The tensors of a delta directory whose hash matches ``meta`` (see :func:`read_delta_bytes`); names,
     shapes and dtypes must match the record."""
-    from safetensors.torch import load as load_bytes
-
     w_path = directory / DELTA_WEIGHTS_NAME
     data = read_delta_bytes(directory, meta)
     try:
@@ -383,8 +382,6 @@ def load_delta(
     try:
         load_delta_state_dict(model, tensors, name)
     except BaseException:
-        from .api import delete_adapter
-
         delete_adapter(model, name)  # leave no randomly initialised adapter behind
         raise
     return model

@@ -1,4 +1,4 @@
-"""Freezing (which parameters train) and counting trainable parameters."""
+"""Freezing (which parameters train) and counting trainable parameters (:class:`TrainableSummary`)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch.nn as nn
+from rich.console import Console
+from rich.table import Table
 
+from .delta_layer import get_records, logical_param_name
 from .errors import AdapterNotFoundError, DeltaConfigError
-from .methods import get_method, method_names
-from .methods.base import get_records, logical_param_name, param_adapter_name
+from .methods import REGISTRY, get_method, method_names
+from .methods.base import param_adapter_name
 from .validation import check_str_list, check_type
 
 __all__ = ["TrainableSummary", "freeze_delta", "trainable_summary"]
@@ -140,13 +143,7 @@ class TrainableSummary:
         return "\n".join(lines)
 
     def print(self, max_rows: int | None = None) -> None:
-        """Print the table (with rich when it is installed); ``max_rows`` shortens long tables."""
-        try:
-            from rich.console import Console
-            from rich.table import Table
-        except ImportError:  # pragma: no cover
-            print(self)
-            return
+        """Print the table with rich; ``max_rows`` shortens long tables."""
         table = Table(title="trainable parameters")
         table.add_column("module")
         table.add_column("trainable", justify="right")
@@ -161,8 +158,6 @@ class TrainableSummary:
 
 
 def _delta_containers() -> tuple[str, ...]:
-    from .methods import REGISTRY
-
     prefixes: list[str] = ["modules_to_save"]
     for name in REGISTRY:
         try:

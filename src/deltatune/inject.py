@@ -1,5 +1,9 @@
 """Finding target modules by name (exact, suffix, wildcard, regex, "all-linear") and replacing them.
 
+Owns the target-spec syntax (:func:`match_pattern`, :func:`check_patterns`), target selection
+(:func:`select_targets`) and :func:`replace_module`. Imports only :mod:`deltatune.errors` and
+:mod:`deltatune.delta_layer` (to see through wrappers).
+
 Names are *logical*: the module paths of the original model, unaffected by delta wrappers
 (``...q_proj`` stays ``...q_proj`` even when the module there is a LoRA wrapper whose original
 layer sits at ``...q_proj.base_layer``).
@@ -15,7 +19,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from .errors import TargetNotFoundError
+from .delta_layer import DeltaLayer, unwrap
+from .errors import DeltaConfigError, TargetNotFoundError
 
 __all__ = [
     "ModuleSlot",
@@ -26,6 +31,7 @@ __all__ = [
     "is_gpt2_conv1d",
     "is_linear_like",
     "output_layer_names",
+    "replace_module",
 ]
 
 _REGEX_CHARS = set("^$()[]{}+?|\\*")
@@ -45,7 +51,6 @@ class ModuleSlot:
 def iter_module_slots(model: nn.Module) -> Iterator[ModuleSlot]:
     """Yield every module under its logical name; delta wrappers are yielded but not entered,
     except for their base layer's children (which keep the logical prefix)."""
-    from .methods.base import DeltaLayer
 
     def visit(prefix: str, module: nn.Module, parent: nn.Module | None, attr: str | None) -> Iterator[ModuleSlot]:
         yield ModuleSlot(prefix, module, parent, attr)
@@ -73,8 +78,6 @@ def match_pattern(name: str, pattern: str) -> bool:
         try:
             return re.fullmatch(pat, name) is not None
         except re.error as exc:  # configs check their patterns; this catches any other caller's
-            from .errors import DeltaConfigError
-
             raise DeltaConfigError(f"module pattern {pattern!r} is not a valid regular expression: {exc}") from None
     if kind == "glob":
         return fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(name, "*." + pat)
@@ -97,8 +100,6 @@ def normalise_patterns(spec: str | Sequence[str] | None) -> list[str] | None:
 def check_patterns(field: str, spec: str | Sequence[str] | None) -> None:
     """Every regex entry of a target spec (``"re:..."``, or a single string with regex syntax) must
     compile; raises :class:`~deltatune.errors.DeltaConfigError` naming ``field``, the entry and the error."""
-    from .errors import DeltaConfigError
-
     for entry in normalise_patterns(spec) or []:
         kind, pat = _pattern_kind(entry)
         if kind != "regex":
@@ -170,8 +171,6 @@ def _foreign_names_hint(patterns: Sequence[str], slots: list[ModuleSlot]) -> str
                                                            for p in patterns)]
     if not foreign:
         return ""
-    from .methods.base import unwrap
-
     linear = sorted({s.name.rsplit(".", 1)[-1] for s in slots if is_linear_like(unwrap(s.module))})
     return (
         f". {foreign} are MindFormers layer names, which mean nothing in a Hugging Face model; the linear "
@@ -203,8 +202,6 @@ def select_targets(
 
     def hit(slot: ModuleSlot, pattern: str) -> bool:
         if pattern == "all-linear":
-            from .methods.base import unwrap
-
             return is_linear_like(unwrap(slot.module)) and slot.name not in out_names
         return match_pattern(slot.name, pattern)
 
@@ -241,3 +238,10 @@ def select_targets(
             f"selects no module of {type(model).__name__}; closest module names: {_closest(names, patterns)}"
         )
     return chosen
+
+
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the module at ``path`` (its real dotted path under ``model``)."""
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, new)

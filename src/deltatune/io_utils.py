@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import yaml
+
+from .errors import CheckpointError, FileFormatError
 
 __all__ = [
     "atomic_write",
@@ -28,10 +34,6 @@ __all__ = [
 @functools.cache
 def _yaml_loader() -> Any:
     """A safe YAML loader (built once) that also reads ``1e-3`` / ``5E+2`` as floats (YAML 1.1 wants ``1.0e-3``)."""
-    import re
-
-    import yaml
-
     class _Loader(yaml.SafeLoader):
         def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
             """A mapping whose keys are unique: a repeated key is an error, never "the last one wins"."""
@@ -70,8 +72,6 @@ def yaml_load(text: str) -> Any:
     A key repeated in one mapping is refused (``yaml.constructor.ConstructorError`` naming the key
     and both lines). Raises ``yaml.YAMLError`` for invalid YAML; callers turn it into their own
     error (or use :func:`load_yaml_file`, which names the file and line)."""
-    import yaml
-
     return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
 
 
@@ -142,8 +142,6 @@ def check_output_dir(directory: str | os.PathLike, members: tuple[str, ...]) -> 
     """Before anything is written: ``directory`` must be a directory (or not exist yet) and each of
     ``members`` inside it a regular file (or absent); :class:`~deltatune.errors.CheckpointError`
     naming the path otherwise."""
-    from .errors import CheckpointError
-
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"directory {str(directory)!r} exists and is not a directory; cannot write into it")
@@ -160,8 +158,6 @@ def _line_of(data: bytes, offset: int) -> int:
 def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
     """The UTF-8 text of ``path``; invalid UTF-8 raises :class:`~deltatune.errors.FileFormatError`
     naming ``what``, the file, the line and the byte offset."""
-    from .errors import FileFormatError
-
     path = Path(path)
     data = path.read_bytes()
     try:
@@ -176,10 +172,6 @@ def read_text_file(path: str | os.PathLike, what: str = "file") -> str:
 def load_yaml_file(path: str | os.PathLike, what: str = "YAML file") -> Any:
     """Parse a YAML file (see :func:`yaml_load`): bad UTF-8, invalid YAML or a duplicate key raise
     :class:`~deltatune.errors.FileFormatError` naming ``what``, the file, the line and the column."""
-    import yaml
-
-    from .errors import FileFormatError
-
     text = read_text_file(path, what)
     try:
         return yaml_load(text)
@@ -208,10 +200,6 @@ class _DuplicateJSONKey(Exception):
 def json_loads_strict(text: str, source: str) -> Any:
     """``json.loads`` that refuses duplicate keys and names ``source`` and the line in a
     :class:`~deltatune.errors.FileFormatError`."""
-    import json
-
-    from .errors import FileFormatError
-
     try:
         return json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:

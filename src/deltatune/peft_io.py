@@ -16,11 +16,14 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save
 
-from .api import _record, apply
+from .api import adapter_record, apply, delete_adapter
+from .delta_layer import ModulesToSaveWrapper, delta_layers, logical_param_name
 from .errors import CheckpointError, DeltaConfigError, DeltaError, FileFormatError
 from .io_utils import atomic_write_bytes, atomic_write_text, check_output_dir, load_json_file
-from .methods.base import ModulesToSaveWrapper, delta_layers, logical_param_name
+from .methods import get_method
 from .methods.lora import LoraConfig, LoraLayer
 from .validation import check_type
 
@@ -35,9 +38,7 @@ PREFIX = "base_model.model."
 def export_peft(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
                 *, base_model_name_or_path: str | None = None, task_type: str | None = None) -> Path:
     """Write adapter ``adapter_name`` (LoRA) in PEFT's format; returns the directory."""
-    from safetensors.torch import save
-
-    record = _record(model, adapter_name)
+    record = adapter_record(model, adapter_name)
     if record.method != "lora":
         raise DeltaConfigError(f"export_peft supports LoRA adapters only; adapter {adapter_name!r} is {record.method!r}")
     cfg = record.config
@@ -81,8 +82,6 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, adapter_name: st
             rank_pattern[name] = r
         if alpha != cfg.alpha:
             alpha_pattern[name] = alpha
-    from .methods import get_method
-
     for pname in get_method("lora").extra_trainable(model, cfg, adapter_name):
         p = model.get_parameter(pname)
         logical = logical_param_name(pname)
@@ -167,8 +166,6 @@ def _read_peft_tensors(directory: Path) -> dict[str, torch.Tensor]:
     """The adapter's tensors from ``adapter_model.safetensors`` or (plain tensors only) ``adapter_model.bin``."""
     st, binary = directory / PEFT_WEIGHTS, directory / PEFT_WEIGHTS_BIN
     if st.is_file():
-        from safetensors.torch import load as load_bytes
-
         try:
             tensors = load_bytes(st.read_bytes())
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for a malformed file
@@ -226,8 +223,6 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, name: str = "def
     try:
         _load_peft_tensors(model, state, name)
     except BaseException:
-        from .api import delete_adapter
-
         delete_adapter(model, name)  # leave no randomly initialised adapter behind
         raise
     return model

@@ -14,8 +14,10 @@ from deltatune.kernels import (
     lora_linear,
     lora_linear_multi,
     lora_merged_linear,
+    pack_mask,
+    unpack_mask,
 )
-from deltatune.kernels.lora_function import _run, pack_mask, unpack_mask
+from deltatune.kernels.lora_autograd import run_lora
 
 
 def _native_mask(shape, p, dtype, seed):
@@ -207,7 +209,7 @@ def test_recompute_xa_variant_matches():
     W, b, A, B = _params(8, 6, 2, torch.float64)
     x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
     plan = ((0, 0, 6, 0, 2),)
-    y = _run(x, A, [W], [b], [B], plan, [0.5], 0.3, True, 4, False, recompute_xa=True)[0]
+    y = run_lora(x, A, [W], [b], [B], plan, [0.5], 0.3, True, 4, False, recompute_xa=True)[0]
     ref = _ref(x, W, b, A, B, 0.5, 0.3, 4)
     g = torch.randn_like(y)
     for got, exp in zip(_grads(y, (x, A, B), g), _grads(ref, (x, A, B), g)):
@@ -529,3 +531,49 @@ def test_pack_mask_round_trip(shape):
         assert int(packed.reshape(-1)[0]) == sum(int(b) << j for j, b in enumerate(m.reshape(-1, 8)[0].tolist()))
     assert torch.equal(unpack_mask(packed), m)
 
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("fifo", [False, True])
+def test_named_entry_points_match_the_checked_kernels(p, fifo):
+    """lora_projection / lora_projections (the LoRA layers' entry, LoraProjection fields) compute exactly
+    what lora_linear / lora_linear_multi compute: outputs and gradients, same dropout mask."""
+    from deltatune.kernels import LoraProjection, lora_projection, lora_projections
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    params = [_params(16, out, r, torch.float64, bias=i != 1, fifo=fifo) for i, (out, r) in enumerate([(12, 4), (8, 2)])]
+    projs = [LoraProjection(W, b, A, B, 0.5 + i, p, fifo) for i, (W, b, A, B) in enumerate(params)]
+    g = torch.randn(2, 5, 12, dtype=torch.float64)
+
+    torch.manual_seed(1)
+    y = lora_projection(x, projs[0])
+    got = _grads(y, (x, params[0][2], params[0][3]), g)
+    torch.manual_seed(1)
+    y_ref = lora_linear(x, *params[0], 0.5, p, True, fan_in_fan_out=fifo)
+    want = _grads(y_ref, (x, params[0][2], params[0][3]), g)
+    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+    gs = [g, torch.randn(2, 5, 8, dtype=torch.float64)]
+    torch.manual_seed(2)
+    ys = lora_projections(x, projs)
+    got = torch.autograd.grad(ys, [x] + [t for prm in params for t in prm[2:]], gs)
+    torch.manual_seed(2)
+    ys_ref = lora_linear_multi(x, [prm[0] for prm in params], [prm[1] for prm in params], [prm[2] for prm in params],
+                               [prm[3] for prm in params], [0.5, 1.5], p, True, fan_in_fan_out=fifo)
+    want = torch.autograd.grad(ys_ref, [x] + [t for prm in params for t in prm[2:]], gs)
+    for a, b in zip(list(ys) + list(got), list(ys_ref) + list(want)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_projections_computed_together_must_share_dropout_and_layout():
+    from deltatune.kernels import LoraProjection, lora_projections
+
+    W, b, A, B = _params(8, 4, 2, torch.float32)
+    with pytest.raises(DeltaConfigError, match=(
+            r"^projections computed together must share dropout_p and fan_in_fan_out, got "
+            r"\[\(0\.0, False\), \(0\.1, False\)\]$")):
+        lora_projections(torch.randn(3, 8), [LoraProjection(W, b, A, B, 1.0, 0.0, False),
+                                             LoraProjection(W, b, A, B, 1.0, 0.1, False)])

@@ -30,6 +30,7 @@ from deltatune.errors import (  # noqa: E402
 )
 from deltatune.freeze import trainable_summary  # noqa: E402
 from deltatune.hf_cache import cache_arg, output_cache  # noqa: E402
+from deltatune.methods import make_config  # noqa: E402
 from deltatune.methods.prefix import PrefixConfig, PrefixEncoder, fold, fold_prefix  # noqa: E402
 
 ARCHS = ("gpt2", "llama", "bert")
@@ -577,7 +578,7 @@ def test_config_validation(kwargs: dict, error: type, message: str) -> None:
 
 def test_config_dict_round_trip() -> None:
     cfg = PrefixConfig(prefix_token_num=7, mid_dim=32, dropout=0.1, reparameterize=False)
-    again = api.ensure_config(cfg.to_dict())
+    again = make_config(cfg.to_dict())
     assert again == cfg and type(again) is PrefixConfig
 
 

@@ -142,5 +142,6 @@ def test_missing_sacrebleu_is_named(monkeypatch):
     from deltatune.errors import MissingPackageError
 
     monkeypatch.setitem(sys.modules, "sacrebleu.metrics", None)  # import fails as if not installed
-    with pytest.raises(MissingPackageError, match=r"TER needs the package sacrebleu: `pip install sacrebleu`"):
+    with pytest.raises(MissingPackageError, match=r"^TER need\(s\) the package 'sacrebleu', which is not installed; install it with: "
+                       r"pip install 'deltatune\[eval\]' \(or: pip install sacrebleu\)$"):
         ter(["a"], [["a"]])

@@ -50,8 +50,9 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..config import DeltaConfig
 from ..errors import DeltaConfigError, DeltaConfigTypeError
+from ..methods import make_config
+from ..methods.base import DeltaConfig
 
 __all__ = ["KEYS", "PET_TYPES", "find_pet_config", "from_pet_config", "is_pet_config", "map_pet_config"]
 
@@ -184,8 +185,6 @@ def from_pet_config(data: Mapping[str, Any], *, announce: bool = True) -> DeltaC
 
     The mapping is printed (to stderr) once per distinct ``pet_config`` when ``announce`` is true.
     """
-    from ..config import config_from_dict
-
     if not isinstance(data, Mapping):
         raise DeltaConfigTypeError(f"pet_config must be a mapping, got {type(data).__name__}")
     pet = find_pet_config(data)
@@ -195,7 +194,7 @@ def from_pet_config(data: Mapping[str, Any], *, announce: bool = True) -> DeltaC
             f"model.model_config.pet_config; got keys {sorted(data)}"
         )
     mapped, lines = map_pet_config(pet)
-    config = config_from_dict(mapped)
+    config = make_config(mapped)
     key = repr(sorted((k, repr(v)) for k, v in pet.items()))
     if announce and key not in _PRINTED:
         _PRINTED.add(key)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,8 +72,6 @@ def _read_text(path: str) -> str:
             the message names the file and the line.
     """
     if path.endswith(".gz"):
-        import zlib
-
         try:
             with gzip.open(path, "rb") as fh:
                 data = fh.read()

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..errors import DeltaConfigError
 from ..validation import check_choice, check_float, check_int, check_type
-from .lora_function import _compute_dtype
+from .common import compute_dtype
 
 __all__ = ["causal_lm_loss", "default_chunk_size", "linear_cross_entropy"]
 
@@ -318,7 +318,7 @@ def linear_cross_entropy(
         _check_label_range(labels, v, ignore_index)
     labels = labels.to(hidden.device)
     chunk = chunk_size if chunk_size is not None else default_chunk_size(hidden.shape[0], v)
-    cdt = _compute_dtype(hidden)
+    cdt = compute_dtype(hidden)
     if not torch.is_grad_enabled():  # evaluation: no gradient work or V x H buffers at all
         hidden, weight = hidden.detach(), weight.detach()
         bias = bias.detach() if bias is not None else None

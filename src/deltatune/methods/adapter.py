@@ -35,11 +35,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import DeltaConfig
+from ..delta_layer import DeltaLayer, unwrap
 from ..errors import DeltaConfigError, UnsupportedModuleError
 from ..inject import ModuleSlot, is_linear_like
 from ..validation import check_choice, check_float, check_positive_int
-from .base import DeltaLayer, DeltaMethod, unwrap
+from .base import DeltaConfig, DeltaMethod
 
 __all__ = [
     "ACTIVATIONS",

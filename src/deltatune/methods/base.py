@@ -1,41 +1,170 @@
-"""What every delta method provides, and the machinery they share.
+"""What every delta method provides: its config base class, the method interface, adapter records.
 
-* :class:`DeltaLayer` wraps one module (``base_layer``) and holds any number of named adapters of
-  one method; it knows which are active, whether they are disabled or merged.
+* :class:`DeltaConfig` is the base of every method's config (a dataclass validated when built, with
+  dict/JSON/YAML round trips); the registry (:func:`deltatune.methods.make_config`) builds them.
 * :class:`DeltaMethod` turns a config into wrapped modules (``apply``) and says which parameter
   names are its delta parameters.
 * :class:`AdapterRecord` is what the model remembers about each named adapter.
 
-A method that needs no wrapper per module (prefix-tuning hooks the whole model) overrides
-:meth:`DeltaMethod.apply` and :meth:`DeltaMethod.remove`.
+The module wrappers themselves (:class:`DeltaLayer` and friends) live in :mod:`deltatune.delta_layer`
+and are re-exported here. A method that needs no wrapper per module (prefix-tuning hooks the whole
+model) overrides :meth:`DeltaMethod.apply` and :meth:`DeltaMethod.remove`.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch.nn as nn
+import yaml
 
-from ..config import DeltaConfig
-from ..errors import AdapterNotFoundError, DeltaConfigError, UnsupportedModuleError
-from ..inject import ModuleSlot, select_targets
+from ..delta_layer import (
+    DeltaLayer,
+    ModulesToSaveWrapper,
+    delta_layers,
+    get_records,
+    logical_param_name,
+    unwrap,
+)
+from ..errors import DeltaConfigError, UnsupportedModuleError
+from ..inject import ModuleSlot, check_patterns, replace_module, select_targets
+from ..io_utils import atomic_write_text
+from ..validation import check_optional_int_list, check_str_list, check_type
 
 __all__ = [
     "AdapterRecord",
+    "DeltaConfig",
     "DeltaLayer",
     "DeltaMethod",
     "ModulesToSaveWrapper",
     "delta_layers",
     "get_records",
     "logical_param_name",
+    "param_adapter_name",
     "unwrap",
 ]
 
-RECORDS_ATTR = "_deltatune_adapters"
-ACTIVE_ATTR = "_deltatune_active"
+#: where a config keeps the field values it was last validated with (not a dataclass field)
+_VALIDATED_ATTR = "_deltatune_validated"
+
+
+@dataclasses.dataclass
+class DeltaConfig:
+    """Fields shared by all methods that attach to modules.
+
+    Attributes:
+        target_modules: which modules to adapt. A list of entries, each an exact module name or
+            name suffix (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``), a shell-style
+            wildcard (``"*.attn.c_attn"``), or a regex written ``"re:<pattern>"`` (matched in full
+            against the module name). A single string is a regex matched in full, as PEFT does,
+            unless it is ``"all-linear"`` (every linear layer except the output head) or contains
+            no regex syntax (then it is an exact name or suffix). ``None`` uses the method's
+            default for known architectures.
+        exclude_modules: modules never adapted, same syntax as ``target_modules``.
+        layers_to_transform: only adapt modules inside these layer indices.
+        layers_pattern: the name of the layer list (``"layers"``, ``"h"``, ``"layer"``...);
+            ``None`` tries the common ones.
+        modules_to_save: modules (same syntax) trained in full and saved with the delta, e.g. a
+            classification head.
+    """
+
+    method: ClassVar[str] = ""
+
+    target_modules: str | list[str] | None = None
+    exclude_modules: str | list[str] | None = None
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
+    modules_to_save: str | list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self._validate_and_mark()
+
+    def ensure_valid(self) -> None:
+        """Validate unless no field changed since the last validation.
+
+        A config is validated when it is built; :func:`deltatune.methods.make_config` and
+        :func:`deltatune.apply` call this, so a config is checked once on its way to the model and again
+        only when a field was changed (or a list/dict field edited in place) after it was built."""
+        if self.__dict__.get(_VALIDATED_ATTR) != self.to_dict():
+            self._validate_and_mark()
+
+    def _validate_and_mark(self) -> None:
+        self.validate()
+        self.__dict__[_VALIDATED_ATTR] = self.to_dict()
+
+    # -- validation -----------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check every field; raise ``DeltaConfigError`` naming the field, the value and what is expected.
+
+        Subclasses extend it (calling ``super().validate()`` first)."""
+        name = type(self).__name__
+        for field_name in ("target_modules", "exclude_modules", "modules_to_save"):
+            value = getattr(self, field_name)
+            if value is not None:
+                check_str_list(f"{name}.{field_name}", value)
+                check_patterns(f"{name}.{field_name}", value)
+        if self.layers_pattern is not None:
+            check_str_list(f"{name}.layers_pattern", self.layers_pattern)
+        self.layers_to_transform = check_optional_int_list(
+            f"{name}.layers_to_transform", self.layers_to_transform, minimum=0
+        )
+        if self.layers_to_transform is not None and not self.layers_to_transform:
+            raise DeltaConfigError(f"{name}.layers_to_transform must be a non-empty list of int, got []")
+
+    # -- (de)serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict including the ``method`` key."""
+        out: dict[str, Any] = {"method": self.method}
+        for f in dataclasses.fields(self):
+            out[f.name] = _jsonable(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DeltaConfig:
+        """Build from a dict; unknown keys raise ``DeltaConfigError`` listing the known ones."""
+        check_type(f"{cls.__name__} config", data, Mapping, "a mapping")
+        data = dict(data)
+        method = data.pop("method", cls.method)
+        if method != cls.method:
+            raise DeltaConfigError(f"method must be {cls.method!r} for {cls.__name__}, got {method!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise DeltaConfigError(
+                f"unknown {cls.__name__} field(s) {unknown}; expected some of {sorted(known)}"
+            )
+        return cls(**data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the config as JSON (``.json``) or YAML (``.yaml``/``.yml``)."""
+        path = Path(path)
+        atomic_write_text(path, _dump(self.to_dict(), path))
+
+    def replace(self, **changes: Any) -> DeltaConfig:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _dump(data: dict[str, Any], path: Path) -> str:
+    if path.suffix in (".yaml", ".yml"):
+        return yaml.safe_dump(data, sort_keys=False)
+    return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
 
 @dataclass
@@ -46,160 +175,6 @@ class AdapterRecord:
     config: DeltaConfig
     targets: list[str] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)
-
-
-def get_records(model: nn.Module) -> dict[str, AdapterRecord]:
-    """The model's adapters by name (empty dict when none was applied)."""
-    return model.__dict__.setdefault(RECORDS_ATTR, {})
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The original module inside any number of delta wrappers."""
-    while isinstance(module, DeltaLayer):
-        module = module.base_layer
-    return module
-
-
-def logical_param_name(name: str) -> str:
-    """A parameter name with the ``base_layer`` hops of delta wrappers removed."""
-    return ".".join(p for p in name.split(".") if p != "base_layer")
-
-
-class DeltaLayer(nn.Module):
-    """A module wrapper that holds named adapters of one method around ``base_layer``.
-
-    Subclasses set ``method_name`` and ``delta_attrs`` (names of their ``ModuleDict`` /
-    ``ParameterDict`` attributes keyed by adapter name) and implement :meth:`add_adapter` and
-    :meth:`delta_forward`; mergeable ones implement :meth:`get_delta_weight`-style merging through
-    :meth:`_merge_one` / :meth:`_unmerge_one`.
-    """
-
-    method_name: ClassVar[str] = ""
-    delta_attrs: ClassVar[tuple[str, ...]] = ()
-    mergeable: ClassVar[bool] = False
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.adapter_names: list[str] = []
-        self.active_adapters: list[str] = []
-        self.disabled: bool = False
-        self.merged_adapters: list[str] = []
-
-    # -- adapters -------------------------------------------------------------------------
-    def add_adapter(self, name: str, config: DeltaConfig, **kwargs: Any) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _register_adapter(self, name: str) -> None:
-        if name in self.adapter_names:
-            raise DeltaConfigError(f"adapter name {name!r} already exists on this {type(self).__name__}")
-        self.adapter_names.append(name)
-        self.active_adapters = [name] if not self.active_adapters else self.active_adapters
-
-    def delete_adapter(self, name: str) -> None:
-        """Remove adapter ``name`` (it must not be merged)."""
-        if name not in self.adapter_names:
-            raise AdapterNotFoundError(f"adapter {name!r} not found; this layer has {self.adapter_names}")
-        if name in self.merged_adapters:
-            raise DeltaConfigError(f"adapter {name!r} is merged; unmerge before deleting it")
-        for attr in self.delta_attrs:
-            container = getattr(self, attr)
-            if name in container:
-                del container[name]
-        self._delete_extra(name)
-        self.adapter_names.remove(name)
-        self.active_adapters = [a for a in self.active_adapters if a != name]
-
-    def _delete_extra(self, name: str) -> None:
-        """Hook for per-adapter non-parameter state."""
-
-    def set_active(self, names: list[str]) -> None:
-        """Make ``names`` (those this layer has) the active adapters."""
-        if self.merged_adapters:
-            raise DeltaConfigError(
-                f"cannot switch adapters while {self.merged_adapters} are merged; call unmerge() first"
-            )
-        self.active_adapters = [n for n in names if n in self.adapter_names]
-
-    @property
-    def merged(self) -> bool:
-        """True when some adapter's delta is folded into the base weights."""
-        return bool(self.merged_adapters)
-
-    # -- merging --------------------------------------------------------------------------
-    def merge(self, names: list[str] | None = None, *, safe: bool = False) -> None:
-        """Fold the deltas of ``names`` (default: the active adapters) into the base weights."""
-        if not self.mergeable:
-            raise DeltaConfigError(f"method {self.method_name!r} cannot be merged into the base weights")
-        for name in names if names is not None else self.active_adapters:
-            if name in self.merged_adapters:
-                continue
-            self._merge_one(name, safe=safe)
-            self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Undo :meth:`merge` (in reverse order)."""
-        while self.merged_adapters:
-            self._unmerge_one(self.merged_adapters.pop())
-
-    def _merge_one(self, name: str, *, safe: bool) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _unmerge_one(self, name: str) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    # -- forward --------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Base output, plus the active adapters' deltas unless disabled or merged."""
-        if self.disabled:
-            return self.base_layer(*args, **kwargs)
-        active = [a for a in self.active_adapters if a not in self.merged_adapters]
-        if not active:
-            return self.base_layer(*args, **kwargs)
-        return self.delta_forward(active, *args, **kwargs)
-
-    def delta_forward(self, active: list[str], *args: Any, **kwargs: Any) -> Any:  # pragma: no cover
-        raise NotImplementedError
-
-    def extra_repr(self) -> str:
-        return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
-
-
-class ModulesToSaveWrapper(DeltaLayer):
-    """Keeps the original module and one fully trainable copy per adapter (e.g. a classifier head)."""
-
-    method_name = "modules_to_save"
-    delta_attrs = ("modules_to_save",)
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self.modules_to_save = nn.ModuleDict()
-
-    def add_adapter(self, name: str, config: DeltaConfig | None = None, **kwargs: Any) -> None:
-        """Add a trainable copy of the original module for adapter ``name``."""
-        self._register_adapter(name)
-        clone = copy.deepcopy(self.base_layer)
-        for p in clone.parameters():
-            p.requires_grad_(True)
-        self.modules_to_save[name] = clone
-
-    def delta_forward(self, active: list[str], *args: Any, **kwargs: Any) -> Any:
-        return self.modules_to_save[active[0]](*args, **kwargs)
-
-
-def delta_layers(model: nn.Module) -> Iterator[tuple[str, DeltaLayer]]:
-    """Every delta wrapper in the model with its real module path."""
-    for name, module in model.named_modules():
-        if isinstance(module, DeltaLayer):
-            yield name, module
 
 
 class DeltaMethod:
@@ -273,7 +248,7 @@ class DeltaMethod:
             if self.layer_cls is not None and type(layer) is self.layer_cls and adapter_name in layer.adapter_names:
                 layer.delete_adapter(adapter_name)
                 if not layer.adapter_names:
-                    _replace_module(model, name, layer.base_layer)
+                    replace_module(model, name, layer.base_layer)
 
     def keep(self, model: nn.Module, adapter_name: str) -> None:
         """Make adapter ``adapter_name``'s trained values a permanent part of ``model`` and drop this
@@ -298,9 +273,3 @@ def param_adapter_name(name: str, prefixes: tuple[str, ...]) -> str | None:
         if part.startswith(prefixes):
             return parts[i + 1]
     return None
-
-
-def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, attr, new)

@@ -24,11 +24,11 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from ..config import DeltaConfig
+from ..delta_layer import DeltaLayer, get_records
 from ..errors import DeltaConfigError, TargetNotFoundError
 from ..inject import select_targets
 from ..validation import check_str_list
-from .base import DeltaLayer, DeltaMethod, get_records
+from .base import DeltaConfig, DeltaMethod
 
 __all__ = ["BitFitConfig", "BitFitMethod", "METHOD", "bias_parameters"]
 

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ..config import DeltaConfig
+from ..delta_layer import DeltaLayer, unwrap
 from ..errors import DeltaConfigError, DeltaConfigTypeError, UnsupportedModuleError
 from ..inject import (
     ModuleSlot,
@@ -40,7 +40,7 @@ from ..inject import (
     normalise_patterns,
 )
 from ..validation import check_str_list, check_type
-from .base import DeltaLayer, DeltaMethod, unwrap
+from .base import DeltaConfig, DeltaMethod
 
 __all__ = ["IA3Config", "IA3Layer", "IA3Method", "METHOD"]
 

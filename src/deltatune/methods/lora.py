@@ -10,172 +10,36 @@ embeddings; a conv ``lora_A`` with the base kernel and a 1x1 ``lora_B``.
 
 The adapter path runs in the activation dtype: adapter weights (fp32 master copies by default) are
 cast to ``x.dtype``; activations are never upcast.
+
+This module owns the config, the layer (its plain-torch paths and the fast path through
+:func:`~deltatune.kernels.lora_autograd.lora_projection`) and the method; sibling projections that share
+an input are computed together by :mod:`deltatune.methods.lora_group`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import weakref
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import DeltaConfig
+from ..delta_layer import DeltaLayer, unwrap
 from ..errors import DeltaConfigError, DeltaConfigTypeError, TargetNotFoundError, UnsupportedModuleError
 from ..inject import ModuleSlot, check_patterns, is_gpt2_conv1d, match_pattern
-from ..kernels import lora_function as _kernels
-from ..kernels.lora_function import _compute_dtype, _run
+from ..kernels.lora_autograd import LoraProjection, lora_projection
 from ..validation import check_bool, check_choice, check_float, check_positive_int, check_type
-from .base import DeltaLayer, DeltaMethod, unwrap
+from .base import DeltaConfig, DeltaMethod
+from .lora_group import SHARED_INPUT_GROUPS, SharedInputGroup
 
-__all__ = ["LoraConfig", "LoraLayer", "LoraMethod", "METHOD"]
+__all__ = ["LoraConfig", "LoraLayer", "LoraMethod", "METHOD", "SharedInputGroup", "group_shared_inputs"]
 
-#: Use the lean fused autograd function (:func:`deltatune.kernels.lora_function.lora_linear`) for
+#: Use the lean fused autograd function (:func:`deltatune.kernels.lora_autograd.lora_projection`) for
 #: plain linear LoRA (no DoRA, no slices). Its dropout mask comes from a seed (nothing of the input's
 #: size is stored for dropout). Set to False to compute with plain ``torch.nn`` ops instead.
 FAST_PATH = True
-
-#: Sibling projections that read the same input tensor; their LoRA A products are computed with one
-#: matmul against the concatenated A matrices (one shared dropout mask, as loralib's MergedLinear).
-SHARED_INPUT_GROUPS: tuple[frozenset[str], ...] = (
-    frozenset({"q_proj", "k_proj", "v_proj"}),
-    frozenset({"gate_proj", "up_proj"}),
-    frozenset({"query", "key", "value"}),
-    frozenset({"w1", "w3"}),
-)
-
-
-class SharedInputGroup:
-    """LoRA layers that are called on one and the same input tensor (q/k/v, gate/up).
-
-    The first member called with a new input computes the outputs of every eligible member (frozen base
-    projection plus LoRA update) in ONE autograd node, with one matmul against the concatenated A
-    matrices (:func:`~deltatune.kernels.lora_function.fused_lora_A` with ``lora_Bs``); the other members
-    are handed their output when they are called with the identical tensor. An output is handed out at
-    most once, and only when everything it was computed from is unchanged: the same input object at the
-    same version, the same grad/inference/autocast mode, the same adapter, parameter objects and
-    parameter versions, scaling and dropout. Any mismatch computes the member on its own, so results never
-    depend on grouping. Inference tensors (no version counter) are never grouped.
-
-    Groups whose members turn out to read different tensors (e.g. cross-attention k/v) or not to be
-    called at all stop computing ahead after :attr:`MAX_WASTED` wasted computations in a row (a
-    computation is wasted when outputs computed ahead are dropped unused; one whose outputs are all handed
-    out resets the count).
-    """
-
-    #: consecutive wasted group computations after which the group computes its members separately
-    MAX_WASTED = 4
-
-    def __init__(self, members: list[LoraLayer]) -> None:
-        self.members = members
-        self._reset()
-        self.enabled = True
-        self._wasted = 0
-
-    def _reset(self) -> None:
-        self._x: weakref.ref | None = None
-        self._key: tuple | None = None
-        self._pending: dict[int, tuple[tuple, tuple, torch.Tensor]] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        # the per-call cache (a weak reference and graph tensors) is never pickled or deep-copied
-        return {"members": self.members, "enabled": self.enabled, "_wasted": 0}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.__dict__.setdefault("enabled", True)
-        self.__dict__.setdefault("_wasted", 0)
-        self._reset()
-
-    def clear(self) -> None:
-        """Drop any output computed ahead (and the graph it holds)."""
-        self._reset()
-
-    def output(self, layer: LoraLayer, spec: tuple, x: torch.Tensor) -> torch.Tensor | None:
-        """``layer``'s output for ``x``, computed with its siblings; None: compute it on its own."""
-        if torch.compiler.is_compiling() or not self.enabled or x.is_inference():
-            return None
-        key = (x._version, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), _compute_dtype(x))
-        pending = self._pending
-        if pending:
-            hit = pending.pop(id(layer), None)
-            if (
-                hit is not None and self._x() is x and self._key == key
-                and _same_spec(hit[0], spec) and hit[1] == _versions(spec)
-            ):
-                if not pending:
-                    self._reset()
-                    self._wasted = 0
-                return hit[2]
-            # what was computed ahead for the previous input is not going to be used
-            self._reset()
-            pending = self._pending
-            self._wasted += 1
-            if self._wasted >= self.MAX_WASTED:
-                self.enabled = False
-                return None
-        if not any(m is layer for m in self.members):
-            return None  # e.g. a DataParallel replica: the group belongs to the original modules
-        name, p, fifo, in_f = spec[0], spec[6], spec[7], x.shape[-1]
-        specs = []
-        for m in self.members:
-            s = spec if m is layer else m._fast_spec(x)
-            if s is None or s[0] != name or s[6] != p or s[7] != fifo or _weight_in(s) != in_f:
-                continue
-            versions = _versions(s)
-            if versions is None:
-                continue
-            specs.append((m, s, versions))
-        if len(specs) < 2 or not any(m is layer for m, _, _ in specs):
-            return None
-        outs = _kernels.fused_lora_A(  # looked up on the module each call (tests wrap it)
-            x, [s[3] for _, s, _ in specs], p, p > 0.0,
-            lora_Bs=[s[4] for _, s, _ in specs], weights=[s[1] for _, s, _ in specs],
-            biases=[s[2] for _, s, _ in specs], scalings=[s[5] for _, s, _ in specs], fan_in_fan_out=fifo,
-            check=False,
-        )
-        mine = None
-        for (m, s, versions), out in zip(specs, outs):
-            if m is layer:
-                mine = out
-            else:
-                pending[id(m)] = (s, versions, out)
-        self._x, self._key = weakref.ref(x), key
-        return mine
-
-
-def _same_spec(a: tuple, b: tuple) -> bool:
-    """Two fast-path specs (name, W, b, A, B, scaling, p, fifo) with identical tensors and equal values."""
-    return (
-        a[1] is b[1] and a[2] is b[2] and a[3] is b[3] and a[4] is b[4]
-        and a[0] == b[0] and a[5] == b[5] and a[6] == b[6] and a[7] == b[7]
-    )
-
-
-def _versions(spec: tuple) -> tuple[int, ...] | None:
-    """Version counters of a spec's tensors (in-place changes since an output was computed); None when
-    one of them is an inference tensor (no version counter)."""
-    w, b, a, bb = spec[1], spec[2], spec[3], spec[4]
-    if w.is_inference() or a.is_inference() or bb.is_inference() or (b is not None and b.is_inference()):
-        return None
-    return (w._version, -1 if b is None else b._version, a._version, bb._version)
-
-
-def _weight_in(spec: tuple) -> int:
-    """Input features of a spec's base weight (its actual shape: a partitioned weight never matches)."""
-    w = spec[1]
-    if w.dim() != 2:
-        return -1
-    return w.shape[0] if spec[7] else w.shape[1]
-
-
-def _fast_output(x: torch.Tensor, spec: tuple) -> torch.Tensor:
-    """The fast path's output ``x @ W^T + b + scaling * (drop(x) @ A^T) @ B^T`` for a layer's spec."""
-    _, W, b, A, B, scaling, p, fifo = spec
-    return _run(x, A, (W,), (b,), (B,), ((0, 0, B.shape[0], 0, A.shape[0]),), (scaling,), p, True, None, fifo)[0]
 
 
 @dataclasses.dataclass
@@ -468,18 +332,19 @@ class LoraLayer(DeltaLayer):
         """
         if len(args) == 1 and not kwargs and FAST_PATH:
             x = args[0]
-            spec = self._fast_spec(x)
-            if spec is not None:
+            fast = self._fast_spec(x)
+            if fast is not None:
+                adapter, proj = fast
                 group: SharedInputGroup | None = self.__dict__.get("_shared_group")
                 if group is not None:
-                    out = group.output(self, spec, x)
+                    out = group.output(self, adapter, proj, x)
                     if out is not None:
                         return out
-                return _fast_output(x, spec)
+                return lora_projection(x, proj)
         return super().forward(*args, **kwargs)
 
-    def _fast_spec(self, x: Any) -> tuple | None:
-        """The :meth:`_adapter_spec` of the one active, unmerged adapter when the call ``self(x)`` can take
+    def _fast_spec(self, x: Any) -> tuple[str, LoraProjection] | None:
+        """The one active, unmerged adapter and its :meth:`_adapter_spec` when the call ``self(x)`` can take
         the fast path, else None."""
         if self.disabled:
             return None
@@ -489,16 +354,17 @@ class LoraLayer(DeltaLayer):
             active = [a for a in active if a not in merged]
         if len(active) != 1:
             return None
-        return self._adapter_spec(active[0], x)
+        proj = self._adapter_spec(active[0], x)
+        return None if proj is None else (active[0], proj)
 
-    def _adapter_spec(self, name: str, x: Any) -> tuple | None:
-        """``(name, W, b, A, B, scaling, p, fan_in_fan_out)`` when adapter ``name`` applied to ``x`` can take
-        the fast path (a plain linear LoRA on a frozen ``nn.Linear``/GPT-2 ``Conv1D``, no DoRA, no slices,
-        ``nn.Dropout``/``nn.Identity`` dropout, a floating-point input), else None.
+    def _adapter_spec(self, name: str, x: Any) -> LoraProjection | None:
+        """The :class:`~deltatune.kernels.lora_autograd.LoraProjection` of adapter ``name`` when applying it to
+        ``x`` can take the fast path (a plain linear LoRA on a frozen ``nn.Linear``/GPT-2 ``Conv1D``, no DoRA,
+        no slices, ``nn.Dropout``/``nn.Identity`` dropout, a floating-point input), else None.
 
         Read straight from the module dictionaries each call (no ``nn.Module.__getattr__``, nothing cached
-        that adding, deleting, switching or merging adapters could leave stale); ``p`` is the dropout
-        probability in effect (0 in eval mode)."""
+        that adding, deleting, switching or merging adapters could leave stale); its ``dropout_p`` is the
+        dropout probability in effect (0 in eval mode)."""
         if self.kind != "linear" or not isinstance(x, torch.Tensor):
             return None
         if self.use_dora[name] or self.slices[name] is not None or not x.is_floating_point():
@@ -520,12 +386,12 @@ class LoraLayer(DeltaLayer):
             return None
         A = modules["lora_A"]._modules[name]._parameters["weight"]
         B = modules["lora_B"]._modules[name]._parameters["weight"]
-        return (name, W, params.get("bias"), A, B, self.scaling[name], p, self.fan_in_fan_out)
+        return LoraProjection(W, params.get("bias"), A, B, self.scaling[name], p, self.fan_in_fan_out)
 
     def delta_forward(self, active: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        spec = self._adapter_spec(active[0], x) if FAST_PATH and not args and not kwargs else None
-        if spec is not None:  # the first adapter together with the base, in one node
-            result = _fast_output(x, spec)
+        proj = self._adapter_spec(active[0], x) if FAST_PATH and not args and not kwargs else None
+        if proj is not None:  # the first adapter together with the base, in one node
+            result = lora_projection(x, proj)
             active = active[1:]
         else:
             result = self.base_layer(x, *args, **kwargs)

@@ -26,11 +26,11 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ..config import DeltaConfig
 from ..errors import DeltaConfigError
 from ..inject import ModuleSlot
 from ..validation import check_bool, check_choice, check_positive_int
 from .adapter import BottleneckAdapterLayer, BottleneckAdapterMethod, check_adapter_fields
+from .base import DeltaConfig
 
 __all__ = ["LowRankAdapterConfig", "LowRankAdapterLayer", "LowRankAdapterMethod", "LowRankLinear", "METHOD"]
 

@@ -17,9 +17,10 @@ from typing import ClassVar
 
 import torch
 
-from ..config import DeltaConfig
 from ..validation import check_bool, check_float, check_positive_int
-from .prefix import PrefixEncoder, PrefixHolder, PrefixMethodBase, reject_module_fields
+from .base import DeltaConfig
+from .prefix import PrefixMethodBase
+from .prefix_parts import PrefixEncoder, PrefixHolder, reject_module_fields
 
 __all__ = ["METHOD", "PTuningV2Config", "PTuningV2Holder", "PTuningV2Method", "PrefixEncoder"]
 

@@ -38,7 +38,9 @@ from typing import Any
 
 from .._optional import require
 from ..errors import DataFormatError, DeltaConfigError, DeltaConfigTypeError, MissingPackageError
+from ..io_utils import read_text_file
 from ..validation import check_choice, check_path_exists, check_str_list
+from .ter import ter
 
 __all__ = [
     "E2E_METRICS",
@@ -74,8 +76,6 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 
 
 def _read_lines(path: str) -> list[str]:
-    from ..io_utils import read_text_file
-
     text = read_text_file(path, "text file").removeprefix("\ufeff")  # bad UTF-8: FileFormatError with the line
     return [line.strip() for line in text.splitlines()]
 
@@ -350,22 +350,18 @@ def _coco_scores(
 
     scores: dict[str, float] = {}
     if "METEOR" in names:
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        meteor = Meteor()
+        meteor = require("pycocoevalcap.meteor.meteor", "METEOR").Meteor()
         try:
             score, _ = meteor.compute_score(gts, res)
         finally:
             del meteor  # its __del__ ends the Java process
         scores["METEOR"] = float(score)
     if "ROUGE_L" in names:
-        from pycocoevalcap.rouge.rouge import Rouge
-
-        scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+        rouge = require("pycocoevalcap.rouge.rouge", "ROUGE_L").Rouge()
+        scores["ROUGE_L"] = float(rouge.compute_score(gts, res)[0])
     if "CIDEr" in names:
-        from pycocoevalcap.cider.cider import Cider
-
-        scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+        cider = require("pycocoevalcap.cider.cider", "CIDEr").Cider()
+        scores["CIDEr"] = float(cider.compute_score(gts, res)[0])
     return scores
 
 
@@ -409,8 +405,6 @@ def e2e_scores(
         assert java is not None
         scores.update(_coco_scores(preds, refs, coco_names, java))
     if "TER" in names:
-        from .ter import ter
-
         scores["TER"] = ter(preds, refs)
     return {m: scores[m] for m in TEXT_METRICS if m in scores}
 

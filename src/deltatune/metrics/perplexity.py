@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..errors import DeltaConfigError, DeltaConfigTypeError
 from ..validation import check_bool, check_int, check_positive_int
@@ -106,8 +107,6 @@ def perplexity(
 
     windows = sliding_windows(input_ids.numel(), max_length, stride)
     ids = input_ids.to(device=dev, dtype=torch.long)
-
-    from tqdm.auto import tqdm
 
     was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):

@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import DeltaConfigError, DeltaConfigTypeError, MissingPackageError
+from .._optional import require
+from ..errors import DeltaConfigError, DeltaConfigTypeError
 from ..validation import check_bool
 
 __all__ = ["TerStatistics", "ter", "ter_statistics"]
@@ -75,10 +76,7 @@ def ter_statistics(
     """
     _check(predictions, references)
     check_bool("case_sensitive", case_sensitive)
-    try:
-        from sacrebleu.metrics import TER
-    except ImportError as exc:
-        raise MissingPackageError("TER needs the package sacrebleu: `pip install sacrebleu`") from exc
+    TER = require("sacrebleu.metrics", "TER").TER
 
     most = max(len(g) for g in references)
     # sacrebleu takes reference *streams*; None pads the inputs that have fewer references

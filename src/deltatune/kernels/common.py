@@ -1,0 +1,112 @@
+"""What the LoRA kernels share: the compute dtype, cheap casts, and dropout masks (seeded or drawn by
+``torch.native_dropout``) with their one-bit-per-element packing.
+
+Imports only :mod:`deltatune.validation` and torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..validation import check_float, check_int
+
+__all__ = [
+    "cast",
+    "compute_dtype",
+    "drop",
+    "dropout_mask",
+    "pack_mask",
+    "seeded_mask",
+    "undrop",
+    "unpack_mask",
+]
+
+
+def dropout_mask(
+    shape: Sequence[int] | torch.Size, p: float, seed: int, device: torch.device | str
+) -> Tensor:
+    """Keep-mask (bool, True = keep) of inverted dropout with drop probability ``p``, reproducible from ``seed``.
+
+    The same ``(shape, p, seed, device)`` always gives the same mask; the kernels use it for calls with an
+    explicit ``seed`` (without one they draw with ``torch.native_dropout``). Each element is kept with
+    probability ``1 - p`` (``torch.rand(...) >= p`` with a private generator seeded by ``seed``).
+    """
+    check_float("p", p, low=0.0, high=1.0, high_inclusive=False)
+    check_int("seed", seed, minimum=0)
+    return seeded_mask(shape, p, seed, device)
+
+
+def seeded_mask(shape: Sequence[int] | torch.Size, p: float, seed: int, device: torch.device | str) -> Tensor:
+    """:func:`dropout_mask` without the argument checks (the kernels' own calls)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return torch.rand(tuple(shape), generator=gen, device=device, dtype=torch.float32) >= p
+
+
+def drop(x2: Tensor, p: float, seed: int | None) -> tuple[Tensor, Tensor]:
+    """``(drop(x2), keep-mask)`` of inverted dropout: ``torch.native_dropout`` on the default generator, or
+    the :func:`dropout_mask` of an explicit ``seed``."""
+    if seed is None:
+        return torch.native_dropout(x2, p, True)
+    mask = seeded_mask(x2.shape, p, seed, x2.device)
+    return x2.mul(mask).mul_(1.0 / (1.0 - p)), mask
+
+
+def undrop(g: Tensor, mask: Tensor, p: float) -> Tensor:
+    """Gradient through inverted dropout: ``g * mask / (1 - p)`` (one fused kernel)."""
+    return torch.ops.aten.native_dropout_backward(g, mask, 1.0 / (1.0 - p))
+
+
+_BIT_WEIGHTS: dict[torch.device, Tensor] = {}
+
+
+def _bit_weights(device: torch.device) -> Tensor:
+    """``[1, 2, 4, ..., 128]`` as uint8 on ``device``, made once per device (so that no host-to-device copy
+    happens inside a CUDA graph capture after the first, eager, call)."""
+    if torch.compiler.is_compiling():  # a constant of the traced graph (no side effect on the cache)
+        return _new_bit_weights(device)
+    w = _BIT_WEIGHTS.get(device)
+    if w is None:
+        w = _BIT_WEIGHTS[device] = _new_bit_weights(device)
+    return w
+
+
+def _new_bit_weights(device: torch.device) -> Tensor:
+    return torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """A bool ``(..., n)`` mask packed to uint8 ``(..., n / 8)``, one bit per element (little-endian within a
+    byte); returned unchanged when ``n`` is not a multiple of 8. :func:`unpack_mask` inverts it."""
+    n = mask.shape[-1]
+    if n % 8:
+        return mask
+    bits = mask.reshape(*mask.shape[:-1], n // 8, 8).view(torch.uint8)
+    return torch.sum(bits * _bit_weights(mask.device), dim=-1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: Tensor) -> Tensor:
+    """The bool mask :func:`pack_mask` packed (a bool tensor is returned unchanged)."""
+    if packed.dtype == torch.bool:
+        return packed
+    bits = torch.bitwise_and(packed.unsqueeze(-1), _bit_weights(packed.device)).ne_(0).view(torch.bool)
+    return bits.reshape(*packed.shape[:-1], packed.shape[-1] * 8)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: the autocast dtype when autocast is on for its device, else ``x.dtype``."""
+    dev = x.device.type
+    try:
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+    except (RuntimeError, TypeError):  # device type without autocast support
+        pass
+    return x.dtype
+
+
+def cast(t: Tensor, cdt: torch.dtype) -> Tensor:
+    """``t.to(cdt)`` without the dispatcher round trip when ``t`` already has that dtype."""
+    return t if t.dtype == cdt else t.to(cdt)
