@@ -60,7 +60,7 @@ LAYERS: list[tuple[str, tuple[str, ...], str]] = [
      "exporting merged models / adapters to GGUF"),
     ("train", ("train", "train.*"),
      "the Trainer, its configs, losses, optimisers, schedules, distributed and FSDP support"),
-    ("generate", ("generate",),
+    ("generate", ("generate", "score_processors"),
      "decoding (greedy / beam search) for the pipelines"),
     ("compat_shells", ("compat.mindpet", "compat.*"),
      "MindPet-compatible shells over methods, freezing and the Trainer"),
