@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import DeltaConfigError
+from ..models import load
 from ..validation import check_choice, check_float, check_positive_int, check_type
 
 __all__ = [
@@ -208,8 +209,6 @@ def build_classifier(
     Raises:
         DeltaConfigError: pooling ``"cls"`` on a decoder (its first token sees no other token).
     """
-    from ..models import load
-
     check_choice("pooling", pooling, POOLINGS)
     check_positive_int("num_labels", num_labels)
     check_float("dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
