@@ -94,31 +94,18 @@ def test_evaluate_and_generate_take_the_run_directorys_config(tiny, tmp_path, ca
 
 def test_a_yaml_file_given_to_the_wrong_subcommand_names_the_right_one(capsys):
     sst2, e2e, wiki = CONFIGS / "glue" / "sst2_cpu.yaml", CONFIGS / "e2e_cpu.yaml", CONFIGS / "wikitext_lora.yaml"
-    code, _, err = _run(capsys, "run", sst2)
-    assert code == 2
-    assert err == (
-        f"deltatune: error: {sst2} is a classification sweep config, which `deltatune run` does not take: use "
-        f"`deltatune sweep {sst2}`\n"
-    )
-    code, _, err = _run(capsys, "sweep", e2e)
-    assert code == 2
-    assert err == (
-        f"deltatune sweep: error: {e2e} is a data-to-text recipe (one run), which `deltatune sweep` does not take: "
-        f"use `deltatune run {e2e}` (to sweep methods over a recipe, give it a 'sweep: {{methods: [...], seeds: "
-        f"[...]}}' section)\n"
-    )
-    code, _, err = _run(capsys, "perplexity", sst2)
-    assert code == 2
-    assert err == (
-        f"deltatune: error: {sst2} is a classification sweep config, which `deltatune perplexity` does not take: "
-        f"use `deltatune sweep {sst2}`\n"
-    )
-    for command in ("finetune", "generate", "evaluate", "align"):
-        code, _, err = _run(capsys, command, wiki)
+    glue = "a classification sweep config"
+    cases = [("run", sst2, glue, "sweep", ""), ("perplexity", sst2, glue, "sweep", "")]
+    cases += [(c, wiki, "a perplexity config", "perplexity", "") for c in ("finetune", "generate", "evaluate", "align")]
+    cases.append(("sweep", e2e, "a data-to-text recipe (one run)", "run",
+                  " (to sweep methods over a recipe, give it a 'sweep: {methods: [...], seeds: [...]}' section)"))
+    for command, path, what, right, hint in cases:
+        code, _, err = _run(capsys, command, path)
+        prog = "deltatune sweep" if command == "sweep" else "deltatune"
         assert code == 2
         assert err == (
-            f"deltatune: error: {wiki} is a perplexity config, which `deltatune {command}` does not take: use "
-            f"`deltatune perplexity {wiki}`\n"
+            f"{prog}: error: {path} is {what}, which `deltatune {command}` does not take: use "
+            f"`deltatune {right} {path}`{hint}\n"
         )
 
 
