@@ -369,20 +369,29 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: data}
 
 
-#: fields a continuing step may give differently without changing the run: where the run directory
-#: is (the command line names it) and where the data folder is (its spelling depends on the CWD)
-_LOCATION_FIELDS = ("output_dir", "data.data_dir")
+#: fields a continuing step may give differently without contradicting the run: where the run directory
+#: and the data folder are (their spelling depends on the machine and the CWD), how many threads and how
+#: large a decoding batch it uses, and the training settings (``train.*``: generate and evaluate read
+#: none of them but ``train.device``, where to decode)
+_EXECUTION_FIELDS = ("output_dir", "data.data_dir", "num_threads", "eval.batch_size")
+_EXECUTION_PREFIXES = ("train.",)
+
+
+def _compared(field: str) -> bool:
+    return field not in _EXECUTION_FIELDS and not field.startswith(_EXECUTION_PREFIXES)
 
 
 def resolve_run_recipe(recipe: Recipe, *, override_run_config: bool = False) -> tuple[Recipe, dict[str, Any]]:
     """The recipe a step that continues the run in ``recipe.run_dir`` (generate, evaluate) must use.
 
     When the run directory holds ``config.yaml`` (written by ``run`` / ``finetune``), that file is the
-    run's settings: a ``recipe`` that differs from it in any field other than ``output_dir`` and
-    ``data.data_dir`` raises :class:`~deltatune.errors.DeltaConfigError` naming each differing field
-    with both values, unless ``override_run_config``; then ``recipe`` is used and the differences are
-    returned (``{field: {"run": value, "given": value}}``) to be recorded. Without ``config.yaml``,
-    ``recipe`` is used as it is.
+    run's settings: a ``recipe`` that differs from it in any field that generate or evaluate read
+    (``name``, ``model.*``, ``delta.*``, ``data.*``, ``generate.*``, ``eval.*``, ``export.*``; not the
+    locations ``output_dir`` / ``data.data_dir``, nor ``num_threads``, ``eval.batch_size`` and the
+    training settings ``train.*``) raises :class:`~deltatune.errors.DeltaConfigError` naming each
+    differing field with both values, unless ``override_run_config``; then ``recipe`` is used and the
+    differences are returned (``{field: {"run": value, "given": value}}``) to be recorded. Without
+    ``config.yaml``, ``recipe`` is used as it is.
     """
     path = recipe.run_dir / CONFIG_FILE
     if not path.is_file():
@@ -392,7 +401,7 @@ def resolve_run_recipe(recipe: Recipe, *, override_run_config: bool = False) -> 
     diff = {
         k: {"run": theirs.get(k), "given": mine.get(k)}
         for k in sorted(set(mine) | set(theirs))
-        if k not in _LOCATION_FIELDS and mine.get(k) != theirs.get(k)
+        if _compared(k) and mine.get(k) != theirs.get(k)
     }
     if not diff:
         return recipe, {}
