@@ -15,7 +15,11 @@ only the learning rate and the method's own config differ (``methods.<name>.lr``
   ``delta.method`` replaced (the recipe's own delta fields are kept for its own method,
   ``methods.<name>.config`` adds fields), ``train.seed`` set to the seed and its own run directory
   ``runs/<method>_seed<k>/``; the learning rate defaults to the recipe's ``train.lr``; scored on
-  ``eval.split`` with ``eval.metrics``.
+  ``eval.split`` with ``eval.metrics``;
+* **perplexity** (WikiText-2): the YAML is a perplexity config (``configs/wikitext_lora.yaml``) plus
+  ``methods`` and a ``sweep`` section; each run has its own ``delta`` (as for recipes) and ``seed``;
+  the table gives the tuned and the base perplexity (lower is better; full fine-tuning is not a
+  perplexity method).
 
 It writes, in ``output_dir``: ``runs/<method>_seed<k>.json`` (one result per run, or its error);
 ``results.md`` / ``results.csv`` (one row per method: trainable parameters and %, peak memory, time
@@ -50,6 +54,7 @@ from .metrics import GLUE_TASK_METRICS
 from .sweep_tables import MethodRow, SweepResult, aggregate, write_tables
 from .tasks.classification import DEFAULT_LR, ClassificationConfig, run_classification, sweep_method_names
 from .tasks.data_to_text import run_recipe
+from .tasks.lm import PERPLEXITY_SCHEMA, PerplexityConfig, load_perplexity_config, run_perplexity
 from .tasks.loader import load_recipe, resolve_data_dir
 from .tasks.overrides import OverrideSchema, apply_overrides
 from .tasks.rundir import GENERATION_INFO_FILE, RUN_INFO_FILE, read_json
@@ -91,10 +96,34 @@ RECIPE_SWEEP_SCHEMA = OverrideSchema(
 )
 
 
+#: ``--set`` in a perplexity sweep: the perplexity config's keys and ``methods`` / ``sweep``.
+PERPLEXITY_SWEEP_SCHEMA = OverrideSchema(
+    "sweep perplexity config",
+    (*PERPLEXITY_SCHEMA.keys, "methods", "sweep"),
+    (*PERPLEXITY_SCHEMA.mapping_keys, "methods", "sweep"),
+    (*PERPLEXITY_SCHEMA.fixed_sections, "sweep"),
+)
+_SCHEMAS = {
+    "classification": CLASSIFICATION_SWEEP_SCHEMA,
+    "data-to-text": RECIPE_SWEEP_SCHEMA,
+    "perplexity": PERPLEXITY_SWEEP_SCHEMA,
+}
+
+
+def _delta(own: Mapping[str, Any], method: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's delta section: the config's own one (with ``fields`` added) for its own method, else
+    ``fields`` with ``method``; ``{"method": "full"}`` for full fine-tuning."""
+    if method == FULL:
+        return {"method": FULL}
+    if own.get("method") == method:
+        return {**own, **fields}
+    return {**fields, "method": method}
+
+
 @dataclass
 class SweepSpec:
     """A parsed sweep: the shared run fields, per-method overrides, methods, seeds, output folder and
-    the kind of task (``"classification"`` or ``"data-to-text"``)."""
+    the kind of task (``"classification"``, ``"data-to-text"`` or ``"perplexity"``)."""
 
     name: str
     base: dict[str, Any]
@@ -105,21 +134,18 @@ class SweepSpec:
     kind: str = "classification"
 
     def run_config(self, method: str, seed: int) -> dict[str, Any]:
-        """The config of one run: a ClassificationConfig dict, or a recipe mapping for data-to-text."""
+        """The config of one run: a ClassificationConfig dict, a recipe mapping, or a perplexity config mapping."""
         ov = self.overrides.get(method, {})
         train = {**dict(self.base.get("train") or {}), **dict(ov.get("train") or {})}
         out = os.path.join(self.output_dir, "runs", f"{method}_seed{seed}")
+        delta = _delta(dict(self.base.get("delta") or {}), method, dict(ov.get("config") or {}))
+        if self.kind == "perplexity":
+            if "lr" in ov:
+                train["lr"] = ov["lr"]
+            return {**copy.deepcopy(self.base), "delta": delta, "train": train, "seed": seed, "output_dir": out}
         if self.kind == "data-to-text":
             if "lr" in ov:
                 train["lr"] = ov["lr"]
-            own = dict(self.base.get("delta") or {})
-            fields = dict(ov.get("config") or {})
-            if method == FULL:
-                delta: dict[str, Any] = {"method": FULL}
-            elif own.get("method") == method:
-                delta = {**own, **fields}
-            else:
-                delta = {**fields, "method": method}
             return {
                 **copy.deepcopy(self.base),
                 "name": f"{self.name}_{method}_seed{seed}",
@@ -210,14 +236,22 @@ def load_sweep(
         check_type("config", source, (str, os.PathLike), "a YAML path or a dict")
         path = Path(source)
         raw, default_name, base_dir = read_yaml(path, "sweep config"), path.stem, path.resolve().parent
-    check_config_kind(raw, source, "sweep", ("classification", "data-to-text-sweep"))
-    kind = "data-to-text" if config_kind(raw) == "data-to-text-sweep" else "classification"
+    check_config_kind(raw, source, "sweep", ("classification", "data-to-text-sweep", "perplexity-sweep"))
+    kind = {"data-to-text-sweep": "data-to-text", "perplexity-sweep": "perplexity"}.get(
+        config_kind(raw) or "", "classification"
+    )
     if isinstance(overrides, Mapping):
         raw = _apply_mapping_overrides(raw, overrides)
     elif overrides:
-        schema = RECIPE_SWEEP_SCHEMA if kind == "data-to-text" else CLASSIFICATION_SWEEP_SCHEMA
-        raw = apply_overrides(raw, list(overrides), schema)
-    if kind == "classification":
+        raw = apply_overrides(raw, list(overrides), _SCHEMAS[kind])
+    if kind == "perplexity":
+        check_known_keys("sweep", raw, [*PERPLEXITY_SCHEMA.keys, *SWEEP_KEYS])
+        if "seed" in raw:
+            raise DeltaConfigError(
+                f"sweep perplexity config must not set 'seed' (got {raw['seed']!r}): the sweep sets it per run "
+                f"(sweep.seeds / --seeds)"
+            )
+    elif kind == "classification":
         check_known_keys("sweep", raw, [*ClassificationConfig.known_keys(), *SWEEP_KEYS])
         bad = [k for k in _NOT_IN_SWEEP if k in raw and k != "output_dir"]
         if bad:
@@ -256,6 +290,10 @@ def load_sweep(
         methods = _check_methods(sweep.get("methods") or sweep_method_names(), "sweep.methods")
     else:
         methods = _check_methods(methods, "--methods")
+    if kind == "perplexity" and FULL in methods:
+        raise DeltaConfigError(
+            f"a perplexity sweep trains delta methods; {FULL!r} (full fine-tuning) is not one, got methods {methods}"
+        )
     if seeds is None:
         seeds = _check_seeds(sweep.get("seeds") or [42], "sweep.seeds")
     else:
@@ -281,6 +319,8 @@ def load_sweep(
         cfg = spec.run_config(m, spec.seeds[0])
         if kind == "data-to-text":
             load_recipe(cfg, command="sweep")
+        elif kind == "perplexity":
+            load_perplexity_config(cfg)
         else:
             ClassificationConfig.from_dict(cfg)
     return spec
@@ -320,9 +360,30 @@ def _run_data_to_text(cfg: dict[str, Any], progress: bool) -> dict[str, Any]:
     }
 
 
+def _run_perplexity(cfg: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """One perplexity run of a sweep: :func:`~deltatune.tasks.lm.run_perplexity`, summarised in the fields
+    of a classification result (scores: the tuned and the base perplexity)."""
+    pcfg = load_perplexity_config(cfg, progress=None if progress else False)
+    r = run_perplexity(pcfg, overwrite=True)
+    return {
+        **{k: r[k] for k in ("model", "method", "trainable_params", "total_params", "trainable_percent",
+                             "peak_memory_mb", "memory_kind", "steps", "lr", "batch_size", "device")},
+        "task": "wikitext-2",
+        "seed": pcfg.seed,
+        "metrics": {"perplexity": r["tuned"]["perplexity"], "base_perplexity": r["base"]["perplexity"]},
+        "time_per_step_s": math.nan if r["time_per_step_s"] is None else r["time_per_step_s"],
+        "train_examples": r["train_blocks"],
+        "eval_examples": r["eval_tokens"],
+        "run_dir": pcfg.output_dir,
+    }
+
+
 def _run_config(cfg: dict[str, Any], progress: bool) -> dict[str, Any]:
-    if config_kind(cfg) == "classification":
+    kind = config_kind(cfg)
+    if kind == "classification":
         return run_classification({**cfg, "progress": bool(cfg.get("progress", True)) and progress})
+    if kind == "perplexity":
+        return _run_perplexity(cfg, progress)
     return _run_data_to_text(cfg, progress)
 
 
@@ -364,7 +425,13 @@ def _budget_notes(spec: SweepSpec, runs: Sequence[Mapping[str, Any]], split: str
     base = spec.base
     train = dict(base.get("train") or {})
     budget = ", ".join(f"{k}={v}" for k, v in train.items() if k not in ("lr", "seed"))
-    if spec.kind == "data-to-text":
+    if spec.kind == "perplexity":
+        first = (
+            f"WikiText-2 `{base.get('eval_split', 'valid')}`, model `{base.get('model', 'smollm2-135m')}`, windows of "
+            f"{base.get('max_length', 256)} with stride {base.get('stride', 128)} (train examples: packed blocks; "
+            f"eval examples: tokens)"
+        )
+    elif spec.kind == "data-to-text":
         model = (base.get("model") or {}).get("name_or_path", "smollm2-135m")
         data = base.get("data") or {}
         first = f"Dataset `{data.get('dataset', 'e2e')}`, model `{model}`, sample_fraction {data.get('sample_fraction', 1.0)}"
@@ -390,6 +457,10 @@ def _budget_notes(spec: SweepSpec, runs: Sequence[Mapping[str, Any]], split: str
 def _task_metrics(spec: SweepSpec) -> tuple[str, list[str], str]:
     """(task name, score names, scored split) of a sweep."""
     cfg = spec.run_config(spec.methods[0], spec.seeds[0])
+    if spec.kind == "perplexity":
+        return "wikitext-2", ["perplexity", "base_perplexity"], PerplexityConfig.from_dict(
+            {k: v for k, v in cfg.items() if k not in ("task", "name")}
+        ).eval_split
     if spec.kind == "data-to-text":
         recipe = load_recipe(cfg, command="sweep", check_data=False)
         return recipe.data.dataset, list(recipe.eval.metrics), recipe.eval.split

@@ -52,7 +52,8 @@ class SweepResult:
     split: str = "dev"  #: the split the scores are on (named in the table's headers)
 
     def scale(self, metric: str) -> float:
-        """The factor a score is shown with: 100 (a percentage) for scores in [0, 1], 1 for NIST and CIDEr."""
+        """The factor a score is shown with: 100 (a percentage) for scores in [0, 1], 1 for NIST, CIDEr and
+        perplexities."""
         return 1.0 if metric in UNSCALED_METRICS else 100.0
 
 
@@ -93,7 +94,7 @@ def aggregate(runs: Sequence[Mapping[str, Any]], methods: Sequence[str], metrics
 
 _METRIC_LABELS = {"accuracy": "Acc", "f1": "F1", "mcc": "MCC", "pearson": "Pearson", "spearman": "Spearman"}
 #: scores not in [0, 1], shown as they are (not as percentages)
-UNSCALED_METRICS = ("NIST", "CIDEr")
+UNSCALED_METRICS = ("NIST", "CIDEr", "perplexity", "base_perplexity")
 
 
 def _fmt_score(mean: float, std: float, n: int, factor: float = 100.0) -> str:

@@ -131,15 +131,16 @@ KINDS: dict[str, tuple[str, str]] = {
     "data-to-text-sweep": ("a data-to-text method sweep", "sweep"),
     "classification": ("a classification sweep config", "sweep"),
     "perplexity": ("a perplexity config", "perplexity"),
+    "perplexity-sweep": ("a perplexity method sweep", "sweep"),
 }
 
 
 def config_kind(raw: Mapping[str, Any]) -> str | None:
     """Which kind of YAML ``raw`` is: ``"data-to-text"``, ``"data-to-text-sweep"`` (a recipe with a
-    ``sweep`` section), ``"classification"`` (a GLUE / CSV sweep config), ``"perplexity"``, or
-    ``None`` when nothing identifies it."""
+    ``sweep`` section), ``"classification"`` (a GLUE / CSV sweep config), ``"perplexity"``,
+    ``"perplexity-sweep"``, or ``None`` when nothing identifies it."""
     if raw.get("task") == "perplexity" or any(k in raw for k in _PERPLEXITY_ONLY):
-        return "perplexity"
+        return "perplexity-sweep" if "sweep" in raw or "methods" in raw else "perplexity"
     if "task" in raw:
         return "classification"
     if any(k in raw for k in _RECIPE_ONLY) or isinstance(raw.get("model"), Mapping):
@@ -158,7 +159,7 @@ def check_config_kind(raw: Mapping[str, Any], source: Any, command: str, accepte
     hint = ""
     if kind == "data-to-text" and command == "sweep":
         hint = " (to sweep methods over a recipe, give it a 'sweep: {methods: [...], seeds: [...]}' section)"
-    elif kind == "data-to-text-sweep":
+    elif kind.endswith("-sweep"):
         hint = " (or remove its 'sweep' and 'methods' sections to run it once)"
     raise WrongCommandError(
         f"{where} is {what}, which `deltatune {command}` does not take: use `deltatune {right} {where}`{hint}"
