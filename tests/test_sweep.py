@@ -7,12 +7,11 @@ import json
 import statistics
 
 import pytest
-import yaml
 
 from deltatune.errors import DeltaConfigError
 from deltatune.sweep import aggregate, load_sweep, main, run_sweep
 from deltatune.tasks import sweep_method_names
-from tests.tasks._tasks_helpers import tiny_bert_dir, write_glue
+from tests.tasks._tasks_helpers import tiny_bert_dir, write_glue, write_yaml
 
 ALL = ["full", "lora", "adapter", "low_rank_adapter", "bitfit", "prefix", "ptuning_v2", "ia3"]
 
@@ -34,9 +33,7 @@ def _config(tmp_path, task="sst2", **extra):
         "output_dir": str(tmp_path / "out"),
         **extra,
     }
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
+    return write_yaml(tmp_path / "sweep.yaml", cfg)
 
 
 def test_sweep_end_to_end_every_method(tmp_path, capsys):

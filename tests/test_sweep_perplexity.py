@@ -6,13 +6,12 @@ import csv
 import json
 
 import pytest
-import yaml
 
 from deltatune.errors import DeltaConfigError
 from deltatune.sweep import load_sweep, main
 from deltatune.tasks.lm import load_perplexity_config
 from deltatune.tasks.spec import WrongCommandError
-from tests.tasks._tasks_helpers import tiny_llama_dir, write_wikitext
+from tests.tasks._tasks_helpers import tiny_llama_dir, write_wikitext, write_yaml
 
 
 def _config(tmp_path):
@@ -27,9 +26,7 @@ def _config(tmp_path):
         "sweep": {"methods": ["lora", "ia3"], "seeds": [1]},
         "output_dir": str(tmp_path / "out"),
     }
-    path = tmp_path / "ppl_sweep.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
+    return write_yaml(tmp_path / "ppl_sweep.yaml", cfg)
 
 
 def test_perplexity_method_sweep(tmp_path, capsys):
