@@ -42,12 +42,12 @@ __all__ = ["build_parser", "main"]
 EXIT_USAGE = 2
 
 
-def _add_recipe_args(p: argparse.ArgumentParser, *, config_optional: bool = False) -> None:
+def _add_recipe_args(p: argparse.ArgumentParser, *, config_optional: bool = False, scored_files: bool = False) -> None:
     if config_optional:
         p.add_argument(
             "config", nargs="?",
-            help="recipe YAML file (optional when --output-dir holds the run's config.yaml, or with --predictions "
-            "and --references)",
+            help="recipe YAML file (optional when --output-dir holds the run's config.yaml"
+            + (", or with --predictions and --references)" if scored_files else ")"),
         )
     else:
         p.add_argument("config", help="recipe YAML file (see configs/)")
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("evaluate", help="score a predictions file against references; write metrics.json and report.md")
-    _add_recipe_args(p, config_optional=True)
+    _add_recipe_args(p, config_optional=True, scored_files=True)
     p.add_argument("--predictions", help="predictions file, one output per line (default: RUN_DIR/predictions.txt)")
     p.add_argument("--references", help="references file, groups separated by blank lines (default: RUN_DIR/references.txt)")
     p.add_argument("--metrics", nargs="+", metavar="METRIC", help="BLEU NIST METEOR ROUGE_L CIDEr (default: the recipe's)")
