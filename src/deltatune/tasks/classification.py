@@ -41,6 +41,7 @@ from ..metrics import glue_metrics
 from ..train import TrainConfig, Trainer, set_seed
 from ..validation import check_bool, check_choice, check_float, check_int, check_known_keys, check_type
 from .heads import POOLINGS, build_classifier
+from .rundir import DELTA_DIR, RESULT_FILE
 from .spec import FULL, check_run_fields
 
 __all__ = [
@@ -517,8 +518,8 @@ def run_classification(cfg: ClassificationConfig | Mapping[str, Any]) -> dict[st
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         if cfg.save_delta and method_cfg is not None:
-            save_delta(trainer.model, out / "delta")
-            result["delta_dir"] = str(out / "delta")
-        atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
+            save_delta(trainer.model, out / DELTA_DIR)
+            result["delta_dir"] = str(out / DELTA_DIR)
+        atomic_write_text(out / RESULT_FILE, json.dumps(result, indent=2) + "\n")
     return result
 
