@@ -28,7 +28,7 @@
 #                      train:RUN again later), "DONE" once the final delta/model is written
 #   generate:RUN       decode the run's whole eval split and score BLEU and NIST (and TER for WebNLG/DART;
 #                      WebNLG also per seen/unseen split) here; METEOR, ROUGE-L and CIDEr need Java: score
-#                      those on a CPU machine with `deltatune evaluate configs/RUN.yaml --output-dir DIR`
+#                      those on a CPU machine with `deltatune evaluate --output-dir DIR --metrics ...`
 #   bundle:RUN         $OUT/RUN.tar.gz: config, logs, summaries, predictions, references, sources, categories,
 #                      metrics, report and plots (and the final LoRA delta, a few MB); never checkpoints
 #   ckpt:RUN           $OUT/RUN-ckpt.tar.gz: the latest LoRA checkpoint and the logs, to resume in another

@@ -62,9 +62,9 @@ def test_run_produces_every_artefact_and_prints_scores(tiny, tmp_path, capsys):
     assert any(ln.startswith("NIST ") and ln.endswith(f" {metrics['NIST']:.4f}") for ln in lines)
     assert "trainable %" in out and "report:" in out
 
-    # steps alone: generate with the saved delta, evaluate the files (also without a config)
-    code, out, err = _run(capsys, "generate", cfg, "--output-dir", out_dir, "--no-progress",
-                          "--set", "generate.num_beams=1")
+    # steps alone: generate with the saved delta (the run's own config.yaml: no recipe needed), evaluate the
+    # files (also without a config)
+    code, out, err = _run(capsys, "generate", "--output-dir", out_dir, "--no-progress")
     assert code == 0, err
     assert f"decoded {len(TEST)} inputs of 'test'" in out
     code, out, err = _run(capsys, "evaluate", "--predictions", out_dir / "predictions.txt",
@@ -94,15 +94,21 @@ def test_finetune_full_then_generate(tiny, tmp_path, capsys):
     assert code == 0, err
     assert "trained 2 steps" in out and "(100.0000%)" in out
     assert (tmp_path / "run" / "model" / "config.json").is_file()
+    # greedy decoding differs from the run's config.yaml (2 beams): refused, then used and recorded on request
     code, out, err = _run(capsys, "generate", cfg, "--no-progress", "--set", "generate.num_beams=1")
+    assert code == 2 and "generate.num_beams: run 2, given 1" in err
+    code, out, err = _run(capsys, "generate", cfg, "--no-progress", "--set", "generate.num_beams=1",
+                          "--override-run-config")
     assert code == 0, err
     assert len(read_predictions_file(tmp_path / "run" / "predictions.txt")) == len(TEST)
+    info = json.loads((tmp_path / "run" / "generation_info.json").read_text())
+    assert info["run_config_overrides"] == {"generate.num_beams": {"run": 2, "given": 1}}
 
 
 @pytest.mark.parametrize(
     ("extra", "sections", "message"),
     [
-        (["--set", "train.lrr=1"], {}, "unknown key 'train.lrr'; known train keys: lr"),
+        (["--set", "train.lrr=1"], {}, "unknown key(s) 'train.lrr' in recipe section 'train'; known keys: lr"),
         ([], {"eval": {"split": "test", "nope": 1}}, "unknown key(s) 'eval.nope' in recipe section 'eval'; known keys"),
         ([], {"delta": {"method": "lorax"}}, "delta.method must be one of"),
         (["--set", "data.data_dir=/nonexistent/data"], {}, "data.data_dir must be an existing directory"),
@@ -127,7 +133,15 @@ def test_missing_config_and_generate_before_finetune(tiny, tmp_path, capsys):
     code, _, err = _run(capsys, "generate", cfg, "--no-progress")
     assert code == 2 and "no delta checkpoint at" in err and "deltatune finetune" in err
     code, _, err = _run(capsys, "evaluate")
-    assert code == 2 and "evaluate needs a CONFIG, or both --predictions and --references" in err
+    assert err == (
+        "deltatune: error: evaluate needs a CONFIG, an --output-dir holding a run's config.yaml, or both "
+        "--predictions and --references\n"
+    )
+    code, _, err = _run(capsys, "generate", "--output-dir", tmp_path / "nothing")
+    assert err == (
+        f"deltatune: error: generate needs a CONFIG or an --output-dir holding a run's config.yaml; "
+        f"{tmp_path / 'nothing' / 'config.yaml'} does not exist\n"
+    )
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
     code, _, err = _run(capsys, "run", bad)

@@ -53,9 +53,13 @@ def test_every_config_in_configs_is_read_without_loading(path, monkeypatch):
     setups = _info_config(str(path), [])
     assert [s.method for s in setups] == _expected_methods(raw)
     for s in setups:
-        if "methods" in raw:  # a GLUE sweep: the model, the head and each method's own fields
+        own = ((raw.get("methods") or {}).get(s.method) or {}).get("config") or {}
+        if "methods" in raw and "delta" in raw:  # a recipe sweep: the recipe's delta for its own method
+            assert (s.model, s.task) == (raw["model"]["name_or_path"], "causal-lm")
+            given = {**raw["delta"], **own} if s.method == raw["delta"]["method"] else {**own, "method": s.method}
+        elif "methods" in raw:  # a GLUE sweep: the model, the head and each method's own fields
             assert (s.model, s.task, s.pooling) == (raw["model"], None, raw["pooling"])
-            given = {**DEFAULT_METHOD_CONFIGS[s.method], **((raw["methods"].get(s.method) or {}).get("config") or {})}
+            given = {**DEFAULT_METHOD_CONFIGS[s.method], **own}
         else:  # a recipe or a perplexity config: the causal LM it names and its delta section
             spec = raw["model"]
             assert s.model == (spec["name_or_path"] if isinstance(spec, dict) else spec)

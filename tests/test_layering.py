@@ -64,7 +64,7 @@ LAYERS: list[tuple[str, tuple[str, ...], str]] = [
      "decoding (greedy / beam search) for the pipelines"),
     ("compat_shells", ("compat.mindpet", "compat.*"),
      "MindPet-compatible shells over methods, freezing and the Trainer"),
-    ("tasks", ("tasks", "tasks.*", "recipes", "sweep", "report", "preflight"),
+    ("tasks", ("tasks", "tasks.*", "recipes", "sweep", "sweep_tables", "report", "preflight"),
      "the pipelines: run specifications, loaders, overrides, run directories, tasks, sweeps, reports"),
     ("jittor", ("jittor", "jittor.*"),
      "the Jittor port and its alignment with the torch pipeline"),

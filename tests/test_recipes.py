@@ -1,4 +1,5 @@
-"""Tests for deltatune.recipes: schema validation, overrides, data preparation and the pipeline."""
+"""Tests for the data-to-text task (deltatune.tasks: spec, loader, overrides, rundir, data_to_text, evaluate):
+schema validation, overrides, data preparation and the pipeline."""
 
 from __future__ import annotations
 
@@ -10,17 +11,18 @@ import yaml
 
 from deltatune.errors import CheckpointError, DeltaConfigError, DeltaConfigTypeError
 from deltatune.metrics import e2e_scores, read_predictions_file, read_references_file
-from deltatune.recipes import (
-    DATA_DIR_ENV_VAR,
-    apply_overrides,
-    evaluate_run,
+from deltatune.tasks.data_to_text import (
+    CUDA_GRAPH_PAD_MULTIPLE,
     generate_predictions,
-    load_recipe,
-    parse_override,
     prepare_data,
     run_recipe,
-    write_references,
+    train_collator,
 )
+from deltatune.tasks.evaluate import evaluate_run
+from deltatune.tasks.loader import load_recipe
+from deltatune.tasks.overrides import apply_overrides, parse_override
+from deltatune.tasks.rundir import write_references
+from deltatune.tasks.spec import DATA_DIR_ENV_VAR
 from tests.recipe_fixtures import (
     DEV,
     TEST,
@@ -73,8 +75,8 @@ def test_apply_overrides():
     assert out == {"delta": {"method": "lora", "r": 8, "rank_pattern": {"q_proj": 2}}, "train": {"lr": 0.5},
                    "eval": {"split": "dev"}, "output_dir": "/x", "model": {"name_or_path": "m"}}
     assert raw["train"]["lr"] == 1.0  # the input is not changed
-    with pytest.raises(DeltaConfigError, match=r"unknown key 'train.lrr'; known train keys: lr, weight_decay"):
-        apply_overrides(raw, ["train.lrr=1"])
+    # the keys inside a section are checked once, by the loader (test_unknown_train_key_is_checked_once)
+    assert apply_overrides(raw, ["train.lrr=1"])["train"] == {"lr": 1.0, "lrr": 1}
     with pytest.raises(DeltaConfigError, match=r"unknown recipe key 'trian'; known keys: name, output_dir"):
         apply_overrides(raw, ["trian.lr=1"])
     with pytest.raises(DeltaConfigError, match="'train' is a section"):
@@ -317,7 +319,6 @@ def test_generate_without_training_and_evaluate_missing_files(tiny, tmp_path):
 
 
 def test_train_collator_pads_to_few_shapes_only_when_steps_are_captured():
-    from deltatune.recipes import CUDA_GRAPH_PAD_MULTIPLE, train_collator
     from deltatune.train import TrainConfig
 
     feats = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}]
@@ -338,3 +339,12 @@ def test_cuda_graph_on_cpu_is_refused_before_any_work(tiny, tmp_path):
         run_recipe(recipe)
     assert not (tmp_path / "run").exists()  # nothing written
 
+
+
+def test_unknown_train_key_is_checked_once_by_the_loader(tiny, tmp_path):
+    raw = _recipe(tiny, tmp_path)
+    msg = r"^unknown key\(s\) 'train.lrr' in recipe section 'train'; known keys: lr, weight_decay, "
+    with pytest.raises(DeltaConfigError, match=msg):
+        load_recipe(raw, ["train.lrr=1"])  # from --set
+    with pytest.raises(DeltaConfigError, match=msg):
+        load_recipe({**raw, "train": {**raw["train"], "lrr": 1}})  # from the YAML: the same check, the same message

@@ -7,12 +7,11 @@ import json
 import statistics
 
 import pytest
-import yaml
 
 from deltatune.errors import DeltaConfigError
 from deltatune.sweep import aggregate, load_sweep, main, run_sweep
 from deltatune.tasks import sweep_method_names
-from tests.tasks._tasks_helpers import tiny_bert_dir, write_glue
+from tests.tasks._tasks_helpers import tiny_bert_dir, write_glue, write_yaml
 
 ALL = ["full", "lora", "adapter", "low_rank_adapter", "bitfit", "prefix", "ptuning_v2", "ia3"]
 
@@ -34,9 +33,7 @@ def _config(tmp_path, task="sst2", **extra):
         "output_dir": str(tmp_path / "out"),
         **extra,
     }
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
+    return write_yaml(tmp_path / "sweep.yaml", cfg)
 
 
 def test_sweep_end_to_end_every_method(tmp_path, capsys):
@@ -149,13 +146,14 @@ def test_set_override_errors(tmp_path, capsys):
     assert capsys.readouterr().err == (
         "deltatune sweep: error: --set expects KEY=VALUE (e.g. train.lr=1e-3), got 'train'\n"
     )
-    assert main([str(path), "--set", "methods.lora.lr=1"]) == 2
+    assert main([str(path), "--set", "train.max_steps.x=1"]) == 2
     assert capsys.readouterr().err == (
-        "deltatune sweep: error: --set 'methods.lora.lr=1': a sweep override is a run field "
-        "(e.g. max_train_examples=2000) or train.KEY=VALUE\n"
+        "deltatune sweep: error: --set 'train.max_steps.x=1': 'train.max_steps' takes a value, not sub-keys\n"
     )
     assert main([str(path), "--set", "max_lenght=3"]) == 2
-    assert "unknown sweep key(s) 'max_lenght'" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith(
+        "deltatune sweep: error: --set 'max_lenght=3': unknown sweep config key 'max_lenght'; known keys: task, model,"
+    )
 
 
 def test_tables_are_written_after_every_run(tmp_path, monkeypatch):
@@ -166,12 +164,12 @@ def test_tables_are_written_after_every_run(tmp_path, monkeypatch):
     real = sweep_mod._run_one
     seen = []
 
-    def run_one(cfg, isolate, tmp):
+    def run_one(cfg, isolate, tmp, progress=True):
         if cfg["method"] == "lora":  # by now bitfit's row must be on disk
             rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open(encoding="utf-8")))
             seen.append({r["method"]: r["seeds_ok"] for r in rows})
             raise KeyboardInterrupt
-        return real(cfg, isolate, tmp)
+        return real(cfg, isolate, tmp, progress)
 
     monkeypatch.setattr(sweep_mod, "_run_one", run_one)
     with pytest.raises(KeyboardInterrupt):

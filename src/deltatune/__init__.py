@@ -60,11 +60,13 @@ from .peft_io import export_peft, import_peft
 from .train import CapturedStep, TrainConfig, Trainer, TrainerCallback, read_log
 
 if TYPE_CHECKING:  # bound on first use at run time (``__getattr__`` below); imported here for type checkers
-    from .recipes import Recipe, load_recipe, run_recipe
     from .report import compare_runs, plot_run, write_report
     from .sweep import load_sweep, run_sweep
     from .tasks.classification import ClassificationConfig, run_classification
+    from .tasks.data_to_text import run_recipe
     from .tasks.lm import PerplexityConfig, run_perplexity
+    from .tasks.loader import load_recipe
+    from .tasks.spec import Recipe
 
 #: the pipeline layer (recipes, tasks, sweeps, reports) is imported on first use, so that
 #: ``import deltatune`` stays light; ``from deltatune import *`` and attribute access bind these names.
@@ -73,9 +75,9 @@ _LAZY = {
     "run_classification": "tasks.classification",
     "PerplexityConfig": "tasks.lm",
     "run_perplexity": "tasks.lm",
-    "Recipe": "recipes",
-    "load_recipe": "recipes",
-    "run_recipe": "recipes",
+    "Recipe": "tasks.spec",
+    "load_recipe": "tasks.loader",
+    "run_recipe": "tasks.data_to_text",
     "load_sweep": "sweep",
     "run_sweep": "sweep",
     "compare_runs": "report",

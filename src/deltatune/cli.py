@@ -4,17 +4,23 @@
 
     deltatune run CONFIG [--set KEY=VALUE ...] [--output-dir DIR] [--overwrite]
     deltatune finetune CONFIG [--set ...] [--output-dir DIR] [--overwrite]
-    deltatune generate CONFIG [--set ...] [--output-dir DIR] [--checkpoint PATH]
+    deltatune generate [CONFIG] [--set ...] [--output-dir DIR] [--checkpoint PATH] [--override-run-config]
     deltatune evaluate [CONFIG] [--set ...] [--output-dir DIR] [--predictions FILE] [--references FILE]
+                       [--override-run-config]
     deltatune compare RUN_DIR RUN_DIR ... --out DIR
     deltatune export-gguf RUN_DIR --kind adapter|merged [--quant Q] [--out FILE]
     deltatune align CONFIG [--mode exact|seed] [--set ...] [--output-dir DIR] [--overwrite]
+    deltatune sweep CONFIG [--methods ...] [--seeds ...] [--set ...] [--output-dir DIR]
+    deltatune perplexity CONFIG [--set ...] [--output-dir DIR] [--overwrite] [--no-progress]
     deltatune methods
     deltatune info [MODEL] [--model MODEL] [--config FILE] [--method NAME] [--task TASK] [--set ...] [--per-module]
 
 Every error deltatune raises on purpose (:class:`~deltatune.errors.DeltaError`) is printed as one
 ``deltatune: error: ...`` line on stderr and exits with status 2, without a traceback (``--debug``
-shows it). ``python -m deltatune`` runs the same program.
+shows it); a YAML file given to the wrong subcommand names the right one. ``generate`` and ``evaluate``
+continue a run: its directory's ``config.yaml`` is the source of truth of its settings (a differing
+recipe is refused, or used with ``--override-run-config`` and recorded). ``python -m deltatune`` runs
+the same program. The subcommands import their modules when they run (start-up time).
 """
 
 from __future__ import annotations
@@ -36,9 +42,13 @@ __all__ = ["build_parser", "main"]
 EXIT_USAGE = 2
 
 
-def _add_recipe_args(p: argparse.ArgumentParser, *, config_optional: bool = False) -> None:
+def _add_recipe_args(p: argparse.ArgumentParser, *, config_optional: bool = False, scored_files: bool = False) -> None:
     if config_optional:
-        p.add_argument("config", nargs="?", help="recipe YAML file (optional when --predictions and --references are given)")
+        p.add_argument(
+            "config", nargs="?",
+            help="recipe YAML file (optional when --output-dir holds the run's config.yaml"
+            + (", or with --predictions and --references)" if scored_files else ")"),
+        )
     else:
         p.add_argument("config", help="recipe YAML file (see configs/)")
     p.add_argument(
@@ -46,6 +56,14 @@ def _add_recipe_args(p: argparse.ArgumentParser, *, config_optional: bool = Fals
         help="override a recipe value, e.g. --set train.lr=1e-3 --set eval.max_examples=50 (values are YAML)",
     )
     p.add_argument("--output-dir", help="run directory (replaces the recipe's output_dir)")
+
+
+def _add_override_run_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--override-run-config", action="store_true",
+        help="use the given recipe where it differs from the run directory's config.yaml (the differences are "
+        "recorded in metrics.json and report.md); without it a difference is an error",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,15 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("generate", help="decode the recipe's eval split with a trained run")
-    _add_recipe_args(p)
+    _add_recipe_args(p, config_optional=True)
     p.add_argument("--checkpoint", help="delta directory (or full model directory) to use instead of the run's")
+    _add_override_run_config(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("evaluate", help="score a predictions file against references; write metrics.json and report.md")
-    _add_recipe_args(p, config_optional=True)
+    _add_recipe_args(p, config_optional=True, scored_files=True)
     p.add_argument("--predictions", help="predictions file, one output per line (default: RUN_DIR/predictions.txt)")
     p.add_argument("--references", help="references file, groups separated by blank lines (default: RUN_DIR/references.txt)")
     p.add_argument("--metrics", nargs="+", metavar="METRIC", help="BLEU NIST METEOR ROUGE_L CIDEr (default: the recipe's)")
+    _add_override_run_config(p)
 
     p = sub.add_parser("compare", help="overlay the loss curves of runs and tabulate their metrics")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories")
@@ -111,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("perplexity", help="sliding-window perplexity before and after tuning (e.g. WikiText-2)")
     p.add_argument("config", help="perplexity config YAML (see configs/wikitext_lora.yaml)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set eval_max_tokens=512 --set train.lr=1e-3 --set delta.r=16",
+    )
+    p.add_argument("--output-dir", help="run directory: result.json, the training log, delta/ (replaces output_dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser(
         "info", help="trainable-parameter summary of a model after applying a delta config (or each method of a sweep)"
@@ -138,13 +165,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe(args: argparse.Namespace, *, check_data: bool = True) -> Any:
-    from .recipes import load_recipe
+    from .tasks.loader import load_recipe
 
-    return load_recipe(args.config, args.overrides, output_dir=args.output_dir, check_data=check_data)
+    return load_recipe(args.config, args.overrides, output_dir=args.output_dir, check_data=check_data, command=args.command)
+
+
+def _continued_recipe(args: argparse.Namespace, *, check_data: bool) -> tuple[Any, dict[str, Any]]:
+    """The recipe of a step that continues a run (generate, evaluate) and the recorded overrides: the
+    given recipe checked against the run directory's config.yaml, or that file when no recipe is given
+    (``(None, {})`` when there is neither)."""
+    from .errors import DeltaConfigError
+    from .tasks.data_to_text import resolve_run_recipe
+    from .tasks.loader import load_recipe
+    from .tasks.rundir import CONFIG_FILE
+
+    source = args.config
+    if source is None:
+        run_config = Path(args.output_dir) / CONFIG_FILE if args.output_dir is not None else None
+        if run_config is None or not run_config.is_file():
+            if args.command == "evaluate":
+                return None, {}
+            where = f"; {os.fspath(run_config)} does not exist" if run_config is not None else ""
+            raise DeltaConfigError(f"{args.command} needs a CONFIG or an --output-dir holding a run's {CONFIG_FILE}{where}")
+        source = run_config
+    recipe = load_recipe(source, args.overrides, output_dir=args.output_dir, check_data=check_data, command=args.command)
+    return resolve_run_recipe(recipe, override_run_config=args.override_run_config)
 
 
 def _print_scores(metrics: dict[str, Any], run_dir: Path) -> None:
-    from .recipes import format_scores
+    from .tasks.evaluate import format_scores
 
     print(f"\nscores ({run_dir}):")
     print(format_scores(metrics))
@@ -152,7 +201,7 @@ def _print_scores(metrics: dict[str, Any], run_dir: Path) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .recipes import run_recipe
+    from .tasks.data_to_text import run_recipe
 
     recipe = _recipe(args)
     metrics = run_recipe(recipe, overwrite=args.overwrite, progress=not args.no_progress)
@@ -162,7 +211,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from .recipes import finetune
+    from .tasks.data_to_text import finetune
 
     recipe = _recipe(args)
     summary = finetune(recipe, overwrite=args.overwrite, progress=not args.no_progress)
@@ -177,10 +226,13 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .recipes import PREDICTIONS_FILE, generate_predictions
+    from .tasks.data_to_text import generate_predictions
+    from .tasks.rundir import PREDICTIONS_FILE
 
-    recipe = _recipe(args)
-    info = generate_predictions(recipe, checkpoint=args.checkpoint, progress=not args.no_progress)
+    recipe, overrides = _continued_recipe(args, check_data=True)
+    info = generate_predictions(
+        recipe, checkpoint=args.checkpoint, progress=not args.no_progress, run_config_overrides=overrides
+    )
     print(
         f"decoded {info['num_inputs']} inputs of {info['split']!r} in {info['generate_time_s']:.1f} s: "
         f"{recipe.run_dir / PREDICTIONS_FILE}"
@@ -190,19 +242,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .errors import DeltaConfigError
-    from .recipes import evaluate_run
+    from .tasks.evaluate import evaluate_run
 
-    recipe = None
-    if args.config is not None:
-        recipe = _recipe(args, check_data=False)
-    elif args.predictions is None or args.references is None:
-        raise DeltaConfigError("evaluate needs a CONFIG, or both --predictions and --references")
+    recipe, overrides = _continued_recipe(args, check_data=False)
+    if recipe is None and (args.predictions is None or args.references is None):
+        raise DeltaConfigError(
+            "evaluate needs a CONFIG, an --output-dir holding a run's config.yaml, or both --predictions and --references"
+        )
     metrics = evaluate_run(
         recipe,
         predictions=args.predictions,
         references=args.references,
         run_dir=args.output_dir if recipe is None else None,
         metrics=args.metrics,
+        run_config_overrides=overrides,
     )
     run_dir = recipe.run_dir if recipe is not None else Path(args.output_dir or Path(args.predictions).resolve().parent)
     _print_scores(metrics, run_dir)
@@ -220,13 +273,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_export_gguf(args: argparse.Namespace) -> int:
     from .errors import DeltaConfigError
-    from .recipes import CONFIG_FILE, export_run_gguf, load_recipe
+    from .tasks.data_to_text import export_run_gguf
+    from .tasks.loader import load_recipe
+    from .tasks.rundir import CONFIG_FILE
 
     run_dir = Path(args.run_dir)
     config = run_dir / CONFIG_FILE
     if not config.is_file():
         raise DeltaConfigError(f"RUN_DIR must be a run directory holding {CONFIG_FILE}, got {args.run_dir!r} (no {config})")
-    recipe = load_recipe(config, output_dir=run_dir, check_data=False)
+    recipe = load_recipe(config, output_dir=run_dir, check_data=False, command="export-gguf")
     out = export_run_gguf(recipe, args.kind, args.quant, path=args.out, progress=not args.no_progress)
     print(f"written: {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return 0
@@ -241,7 +296,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
         doc = (m.config_cls.__doc__ or "").strip().splitlines()
         fields = [f.name for f in dataclasses.fields(m.config_cls)]
         rows.append((name, m.config_cls.__name__, "yes" if m.mergeable else "no", doc[0] if doc else "", fields))
-    rows.append(("full", "-", "-", "full fine-tuning (recipes only: delta: {method: full})", []))
+    rows.append(("full", "-", "-", "full fine-tuning (delta: {method: full}; in sweeps: full)", []))
     w = max(len(r[0]) for r in rows)
     wc = max(len(r[1]) for r in rows)
     print(f"{'method':<{w}}  {'config':<{wc}}  mergeable  description")
@@ -369,8 +424,8 @@ def _info_config(path: str, overrides: Sequence[str], method: str | None = None)
     from .data import glue_task
     from .errors import DataFormatError, DeltaConfigError
     from .io_utils import load_json_file, load_yaml_file
-    from .recipes import parse_override
     from .tasks.classification import DEFAULT_METHOD_CONFIGS, FULL, sweep_method_names
+    from .tasks.overrides import parse_override
 
     p = Path(path)
     if not p.is_file():
@@ -402,7 +457,8 @@ def _info_config(path: str, overrides: Sequence[str], method: str | None = None)
             return None
         return config_from_dict({**defaults, **given, **fields})
 
-    is_sweep = "methods" in data or ("task" in data and "method_config" in data)
+    recipe_sweep = isinstance(data.get("delta"), Mapping) and isinstance(data.get("methods"), Mapping)
+    is_sweep = not recipe_sweep and ("methods" in data or ("task" in data and "method_config" in data))
     if not is_sweep and per_method:
         raise DeltaConfigError(f"--set methods.NAME.config.KEY=VALUE needs a sweep config, got {path!r}")
     if is_sweep:
@@ -443,6 +499,23 @@ def _info_config(path: str, overrides: Sequence[str], method: str | None = None)
             cfg = build(m, mine if m == FULL else {**mine, "method": m}, f"{path} methods.{m}", DEFAULT_METHOD_CONFIGS.get(m, {}))
             out.append(_InfoSetup(f"methods.{m}", m, cfg, **common))
         return out
+    if recipe_sweep:  # a data-to-text / perplexity recipe with a sweep: the recipe's delta, then each method
+        spec = data.get("model")
+        model = spec.get("name_or_path") if isinstance(spec, Mapping) else spec
+        dtype = spec.get("dtype") if isinstance(spec, Mapping) else data.get("dtype")
+        base = dict(data["delta"])
+        names = list(dict.fromkeys([*data["methods"], *((data.get("sweep") or {}).get("methods") or [])]))
+        if method is not None:
+            if method not in names:
+                raise DeltaConfigError(f"--method {method!r}: {path} sweeps the methods {names}")
+            names = [method]
+        out = []
+        for m in names:
+            own = (data["methods"].get(m) or {}).get("config") or {}
+            given = {**base, **own} if m == base.get("method") else {**own, "method": m}
+            cfg = build(m, {} if m == FULL else given, f"{path} methods.{m}")
+            out.append(_InfoSetup(f"methods.{m}", m, cfg, model, "causal-lm", dtype))
+        return out
     if "method" in data or is_pet_config(data) or not isinstance(data.get("delta"), Mapping):
         delta, model, task, dtype, where = data, None, None, None, "--config"
     else:  # a recipe (model: {name_or_path}) or a perplexity config (model: NAME)
@@ -471,9 +544,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_perplexity(args: argparse.Namespace) -> int:
-    from .tasks.lm import PerplexityConfig, run_perplexity
+    from .tasks.lm import load_perplexity_config, run_perplexity
 
-    result = run_perplexity(PerplexityConfig.from_yaml(args.config))
+    cfg = load_perplexity_config(
+        args.config, args.overrides, output_dir=args.output_dir, progress=False if args.no_progress else None
+    )
+    result = run_perplexity(cfg, overwrite=args.overwrite)
     print(f"perplexity base {result['base']['perplexity']:.3f} -> tuned {result['tuned']['perplexity']:.3f} "
           f"({result['trainable_percent']:.3f}% of the parameters trained)")
     return 0

@@ -1,46 +1,64 @@
 """Method comparison on one task: every method, the same budget, several seeds, one table.
 
 ``deltatune sweep configs/glue/sst2.yaml --methods full,lora,bitfit --seeds 1,2,3`` (or
-:func:`main` / :func:`run_sweep`) trains each method on one classification task with the same
-budget (``train``: epochs or steps, batch size; ``max_length``; train/dev subsets) and seeds; only
-the learning rate and the method's own config differ (``methods.<name>.lr`` / ``.config`` in the
-YAML, else :data:`~deltatune.tasks.classification.DEFAULT_LR` and
-:data:`~deltatune.tasks.classification.DEFAULT_METHOD_CONFIGS`). It writes, in ``output_dir``:
+:func:`main` / :func:`run_sweep`) trains each method on one task with the same budget and seeds;
+only the learning rate and the method's own config differ (``methods.<name>.lr`` / ``.config`` /
+``.train`` in the YAML). Two kinds of task are swept:
 
-* ``runs/<method>_seed<k>.json``: one result per run (or its error);
-* ``results.md`` / ``results.csv``: one row per method: trainable parameters and %, peak memory,
-  time per step, each dev score as mean ± std over the seeds (in %, as GLUE tables print them),
-  and an error column (a failing method is reported there; the sweep goes on);
-* ``results.png``: bar charts of the dev scores (error bars: std over seeds) and of the
-  trainable-parameter share.
+* **classification / regression** (GLUE, CSV): the YAML is a
+  :class:`~deltatune.tasks.classification.ClassificationConfig` (``task``, ``model``, ``pooling``,
+  ``max_length``, ``train``, subsets ...) plus ``name``, ``methods`` and ``sweep``; the learning rate
+  and method config default to :data:`~deltatune.tasks.classification.DEFAULT_LR` and
+  :data:`~deltatune.tasks.classification.DEFAULT_METHOD_CONFIGS`; scored on the dev split;
+* **data-to-text** (E2E, WebNLG, DART): the YAML is a recipe (``model``, ``delta``, ``data``, ``train``,
+  ``generate``, ``eval``) plus ``methods`` and a ``sweep`` section; each run is the recipe with
+  ``delta.method`` replaced (the recipe's own delta fields are kept for its own method,
+  ``methods.<name>.config`` adds fields), ``train.seed`` set to the seed and its own run directory
+  ``runs/<method>_seed<k>/``; the learning rate defaults to the recipe's ``train.lr``; scored on
+  ``eval.split`` with ``eval.metrics``;
+* **perplexity** (WikiText-2): the YAML is a perplexity config (``configs/wikitext_lora.yaml``) plus
+  ``methods`` and a ``sweep`` section; each run has its own ``delta`` (as for recipes) and ``seed``;
+  the table gives the tuned and the base perplexity (lower is better; full fine-tuning is not a
+  perplexity method).
 
-The sweep YAML is a :class:`~deltatune.tasks.classification.ClassificationConfig` (``task``,
-``model``, ``pooling``, ``max_length``, ``train``, subsets ...) plus ``name``, ``methods`` (per-method
-overrides ``{lr, config}``) and ``sweep`` (default ``methods`` and ``seeds`` lists). By default
-every run is done in a fresh process, so the CPU peak resident memory is that run's own.
+It writes, in ``output_dir``: ``runs/<method>_seed<k>.json`` (one result per run, or its error);
+``results.md`` / ``results.csv`` (one row per method: trainable parameters and %, peak memory, time
+per step, each score as mean ± std over the seeds, an error column: a failing method is reported
+there and the sweep goes on) and ``results.png`` (see :mod:`deltatune.sweep_tables`). By default every
+run is done in a fresh process, so the CPU peak resident memory is that run's own. ``--set`` overrides
+use the one parser of :mod:`deltatune.tasks.overrides`.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
+import copy
 import json
 import math
 import multiprocessing
 import os
-import statistics
 import sys
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._optional import require
-from .errors import DeltaConfigError, DeltaConfigTypeError, DeltaError
-from .io_utils import atomic_write_bytes, atomic_write_text, read_text_file, yaml_load
+from tqdm.auto import tqdm
+
+from .data import glue_task
+from .errors import DeltaConfigError, DeltaError
+from .io_utils import atomic_write_text
+from .metrics import GLUE_TASK_METRICS
+from .sweep_tables import MethodRow, SweepResult, aggregate, write_tables
+from .tasks.classification import DEFAULT_LR, ClassificationConfig, run_classification, sweep_method_names
+from .tasks.data_to_text import run_recipe
+from .tasks.lm import PERPLEXITY_SCHEMA, PerplexityConfig, load_perplexity_config, run_perplexity
+from .tasks.loader import load_recipe, resolve_data_dir
+from .tasks.overrides import OverrideSchema, apply_overrides
+from .tasks.rundir import GENERATION_INFO_FILE, RUN_INFO_FILE, read_json
+from .tasks.spec import FULL, MAPPING_SECTIONS, SECTIONS, check_config_kind, config_kind, read_yaml
 from .validation import check_bool, check_int, check_known_keys, check_run_name, check_type
 
 __all__ = [
@@ -52,20 +70,60 @@ __all__ = [
     "load_sweep",
     "main",
     "run_sweep",
-    "set_overrides",
     "write_tables",
 ]
 
-#: Keys of a sweep YAML besides the ClassificationConfig fields.
+#: Keys of a sweep YAML besides the run fields (ClassificationConfig fields or recipe sections).
 SWEEP_KEYS: tuple[str, ...] = ("name", "methods", "sweep")
 _METHOD_OVERRIDE_KEYS = ("lr", "config", "train")
 _NOT_IN_SWEEP = ("method", "method_config", "seed", "output_dir")
 _BUDGET_KEYS = ("epochs", "max_steps", "batch_size", "grad_accum_steps")
 
+#: ``--set`` in a classification sweep: a run field (``max_train_examples=2000``), ``train.KEY``,
+#: ``methods.lora.lr`` ...
+CLASSIFICATION_SWEEP_SCHEMA = OverrideSchema(
+    "sweep config",
+    tuple(dict.fromkeys((*ClassificationConfig.known_keys(), *SWEEP_KEYS))),
+    ("train", "method_config", "csv", "methods", "sweep"),
+    ("train", "sweep"),
+)
+#: ``--set`` in a data-to-text sweep: the recipe's keys (``train.lr``, ``eval.max_examples``) and ``methods`` / ``sweep``.
+RECIPE_SWEEP_SCHEMA = OverrideSchema(
+    "sweep recipe",
+    (*SECTIONS, "methods", "sweep"),
+    (*MAPPING_SECTIONS, "methods", "sweep"),
+    (*(s for s in MAPPING_SECTIONS if s != "delta"), "sweep"),
+)
+
+
+#: ``--set`` in a perplexity sweep: the perplexity config's keys and ``methods`` / ``sweep``.
+PERPLEXITY_SWEEP_SCHEMA = OverrideSchema(
+    "sweep perplexity config",
+    (*PERPLEXITY_SCHEMA.keys, "methods", "sweep"),
+    (*PERPLEXITY_SCHEMA.mapping_keys, "methods", "sweep"),
+    (*PERPLEXITY_SCHEMA.fixed_sections, "sweep"),
+)
+_SCHEMAS = {
+    "classification": CLASSIFICATION_SWEEP_SCHEMA,
+    "data-to-text": RECIPE_SWEEP_SCHEMA,
+    "perplexity": PERPLEXITY_SWEEP_SCHEMA,
+}
+
+
+def _delta(own: Mapping[str, Any], method: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's delta section: the config's own one (with ``fields`` added) for its own method, else
+    ``fields`` with ``method``; ``{"method": "full"}`` for full fine-tuning."""
+    if method == FULL:
+        return {"method": FULL}
+    if own.get("method") == method:
+        return {**own, **fields}
+    return {**fields, "method": method}
+
 
 @dataclass
 class SweepSpec:
-    """A parsed sweep: the shared run fields, per-method overrides, methods, seeds, output folder."""
+    """A parsed sweep: the shared run fields, per-method overrides, methods, seeds, output folder and
+    the kind of task (``"classification"``, ``"data-to-text"`` or ``"perplexity"``)."""
 
     name: str
     base: dict[str, Any]
@@ -73,16 +131,31 @@ class SweepSpec:
     methods: list[str]
     seeds: list[int]
     output_dir: str
+    kind: str = "classification"
 
     def run_config(self, method: str, seed: int) -> dict[str, Any]:
-        """The ClassificationConfig dict of one run."""
+        """The config of one run: a ClassificationConfig dict, a recipe mapping, or a perplexity config mapping."""
         ov = self.overrides.get(method, {})
         train = {**dict(self.base.get("train") or {}), **dict(ov.get("train") or {})}
+        out = os.path.join(self.output_dir, "runs", f"{method}_seed{seed}")
+        delta = _delta(dict(self.base.get("delta") or {}), method, dict(ov.get("config") or {}))
+        if self.kind == "perplexity":
+            if "lr" in ov:
+                train["lr"] = ov["lr"]
+            return {**copy.deepcopy(self.base), "delta": delta, "train": train, "seed": seed, "output_dir": out}
+        if self.kind == "data-to-text":
+            if "lr" in ov:
+                train["lr"] = ov["lr"]
+            return {
+                **copy.deepcopy(self.base),
+                "name": f"{self.name}_{method}_seed{seed}",
+                "delta": delta,
+                "train": {**train, "seed": seed},
+                "output_dir": out,
+            }
         if "lr" in ov:
             train["lr"] = ov["lr"]
         elif "lr" not in train:
-            from .tasks.classification import DEFAULT_LR
-
             train["lr"] = DEFAULT_LR[method]
         return {
             **self.base,
@@ -90,7 +163,7 @@ class SweepSpec:
             "method": method,
             "method_config": dict(ov.get("config") or {}),
             "seed": seed,
-            "output_dir": os.path.join(self.output_dir, "runs", f"{method}_seed{seed}"),
+            "output_dir": out,
         }
 
 
@@ -102,8 +175,6 @@ def _parse_list(text: str, what: str) -> list[str]:
 
 
 def _check_methods(methods: Sequence[str], where: str) -> list[str]:
-    from .tasks.classification import sweep_method_names
-
     known = sweep_method_names()
     methods = list(methods)
     if not methods:
@@ -127,26 +198,17 @@ def _check_seeds(seeds: Sequence[Any], where: str) -> list[int]:
     return out
 
 
-def set_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """Turn ``--set`` arguments (``key=value`` or ``train.key=value``; values are YAML) into run-field overrides.
-
-    Top-level keys replace the YAML's value; ``train.KEY`` sets one key of the ``train`` mapping (the
-    rest of the YAML's ``train`` is kept). Raises :class:`DeltaConfigError` for a malformed item.
-    """
-    from .recipes import parse_override
-
-    out: dict[str, Any] = {}
-    for text in items:
-        parts, value = parse_override(text)
-        if len(parts) == 1:
-            out[parts[0]] = value
-        elif len(parts) == 2 and parts[0] == "train":
-            out.setdefault("train.", {})[parts[1]] = value
-        else:
-            raise DeltaConfigError(
-                f"--set {text!r}: a sweep override is a run field (e.g. max_train_examples=2000) or train.KEY=VALUE"
-            )
-    return out
+def _apply_mapping_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Programmatic overrides: top-level run fields replaced; the key ``"train."`` holds single
+    ``train`` keys to replace (the rest of the YAML's ``train`` is kept)."""
+    overrides = dict(overrides)
+    train_keys = overrides.pop("train.", None)
+    raw = {**raw, **overrides}
+    if train_keys:
+        base_train = raw.get("train") or {}
+        check_type("train", base_train, Mapping, "a mapping of TrainConfig fields")
+        raw["train"] = {**dict(base_train), **train_keys}
+    return raw
 
 
 def load_sweep(
@@ -155,49 +217,60 @@ def load_sweep(
     methods: Sequence[str] | None = None,
     seeds: Sequence[int] | None = None,
     output_dir: str | os.PathLike | None = None,
-    overrides: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
 ) -> SweepSpec:
     """Read and validate a sweep YAML (or dict); every run config is checked before anything runs.
 
     ``methods`` / ``seeds`` / ``output_dir`` replace the YAML's ``sweep.methods`` / ``sweep.seeds`` /
-    ``output_dir``; ``overrides`` replaces top-level run fields (e.g. ``{"device": "cpu"}``); its key
-    ``"train."`` (as :func:`set_overrides` builds it) holds single ``train`` keys to replace.
-    """
-    from .tasks.classification import ClassificationConfig
+    ``output_dir``. ``overrides`` is a list of ``--set`` strings (``train.max_steps=3``,
+    ``max_train_examples=200``, ``methods.lora.lr=1e-3``), or a mapping of top-level run fields to
+    replace whose key ``"train."`` holds single ``train`` keys.
 
+    Raises:
+        WrongCommandError: ``source`` is a recipe without a ``sweep`` section or a perplexity config.
+        DeltaConfigError: any invalid key or value, in the sweep or in one of its runs.
+    """
     if isinstance(source, Mapping):
-        raw = dict(source)
-        default_name = "sweep"
+        raw, default_name, base_dir = dict(source), "sweep", None
     else:
         check_type("config", source, (str, os.PathLike), "a YAML path or a dict")
         path = Path(source)
-        if not path.is_file():
-            raise DeltaConfigError(f"config must be an existing YAML file, got {os.fspath(source)!r}")
-        import yaml
-
-        try:
-            raw = yaml_load(read_text_file(path, "sweep config"))
-        except yaml.YAMLError as exc:
-            raise DeltaConfigError(f"config {os.fspath(path)!r} is not valid YAML: {exc}") from None
-        if not isinstance(raw, Mapping):
-            raise DeltaConfigTypeError(f"config {os.fspath(path)!r} must hold a YAML mapping, got {type(raw).__name__}")
-        raw = dict(raw)
-        default_name = path.stem
-    if overrides:
-        overrides = dict(overrides)
-        train_keys = overrides.pop("train.", None)
-        raw.update(overrides)
-        if train_keys:
-            base_train = raw.get("train") or {}
-            check_type("train", base_train, Mapping, "a mapping of TrainConfig fields")
-            raw["train"] = {**dict(base_train), **train_keys}
-    check_known_keys("sweep", raw, [*ClassificationConfig.known_keys(), *SWEEP_KEYS])
-    bad = [k for k in _NOT_IN_SWEEP if k in raw and k != "output_dir"]
-    if bad:
-        raise DeltaConfigError(
-            f"sweep config must not set {', '.join(map(repr, bad))}: the sweep sets them per run "
-            f"(use methods.<name>.config for method fields and sweep.seeds / --seeds for seeds)"
-        )
+        raw, default_name, base_dir = read_yaml(path, "sweep config"), path.stem, path.resolve().parent
+    check_config_kind(raw, source, "sweep", ("classification", "data-to-text-sweep", "perplexity-sweep"))
+    kind = {"data-to-text-sweep": "data-to-text", "perplexity-sweep": "perplexity"}.get(
+        config_kind(raw) or "", "classification"
+    )
+    if isinstance(overrides, Mapping):
+        raw = _apply_mapping_overrides(raw, overrides)
+    elif overrides:
+        raw = apply_overrides(raw, list(overrides), _SCHEMAS[kind])
+    if kind == "perplexity":
+        check_known_keys("sweep", raw, [*PERPLEXITY_SCHEMA.keys, *SWEEP_KEYS])
+        if "seed" in raw:
+            raise DeltaConfigError(
+                f"sweep perplexity config must not set 'seed' (got {raw['seed']!r}): the sweep sets it per run "
+                f"(sweep.seeds / --seeds)"
+            )
+    elif kind == "classification":
+        check_known_keys("sweep", raw, [*ClassificationConfig.known_keys(), *SWEEP_KEYS])
+        bad = [k for k in _NOT_IN_SWEEP if k in raw and k != "output_dir"]
+        if bad:
+            raise DeltaConfigError(
+                f"sweep config must not set {', '.join(map(repr, bad))}: the sweep sets them per run "
+                f"(use methods.<name>.config for method fields and sweep.seeds / --seeds for seeds)"
+            )
+    else:
+        check_known_keys("sweep", raw, [*SECTIONS, *SWEEP_KEYS])
+        train = raw.get("train") or {}
+        check_type("train", train, Mapping, "a mapping of TrainConfig fields")
+        if "seed" in train:
+            raise DeltaConfigError(
+                f"sweep recipe must not set 'train.seed' (got {train['seed']!r}): the sweep sets it per run "
+                f"(sweep.seeds / --seeds)"
+            )
+        data = raw.get("data") or {}
+        check_type("data", data, Mapping, "a mapping (the recipe's data section)")
+        raw["data"] = {**dict(data), "data_dir": resolve_data_dir(data.get("data_dir"), base_dir)}
     name = raw.pop("name", default_name)
     check_run_name("name", name)
     per_method = raw.pop("methods", None) or {}
@@ -213,13 +286,14 @@ def load_sweep(
         out_dir = os.path.join("runs", "sweep", name)
     check_type("output_dir", out_dir, (str, os.PathLike), "a directory path")
 
-    from .tasks.classification import sweep_method_names
-
     if methods is None:
-        methods = sweep.get("methods") or sweep_method_names()
-        methods = _check_methods(methods, "sweep.methods")
+        methods = _check_methods(sweep.get("methods") or sweep_method_names(), "sweep.methods")
     else:
         methods = _check_methods(methods, "--methods")
+    if kind == "perplexity" and FULL in methods:
+        raise DeltaConfigError(
+            f"a perplexity sweep trains delta methods; {FULL!r} (full fine-tuning) is not one, got methods {methods}"
+        )
     if seeds is None:
         seeds = _check_seeds(sweep.get("seeds") or [42], "sweep.seeds")
     else:
@@ -238,36 +312,100 @@ def load_sweep(
             raise DeltaConfigError(
                 f"methods.{m}.train must not change the shared budget ({', '.join(_BUDGET_KEYS)}), got {budget}"
             )
-    spec = SweepSpec(name, raw, {m: dict(v) for m, v in per_method.items()}, list(methods), list(seeds), os.fspath(out_dir))
+    spec = SweepSpec(
+        name, raw, {m: dict(v) for m, v in per_method.items()}, list(methods), list(seeds), os.fspath(out_dir), kind
+    )
     for m in spec.methods:  # validate every run before the first one starts
-        ClassificationConfig.from_dict(spec.run_config(m, spec.seeds[0]))
+        cfg = spec.run_config(m, spec.seeds[0])
+        if kind == "data-to-text":
+            load_recipe(cfg, command="sweep")
+        elif kind == "perplexity":
+            load_perplexity_config(cfg)
+        else:
+            ClassificationConfig.from_dict(cfg)
     return spec
 
 
 # ------------------------------------------------------------------------------------------ running
-def _child(cfg: dict[str, Any], result_path: str) -> None:
+def _run_data_to_text(cfg: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """One data-to-text run of a sweep: :func:`~deltatune.tasks.data_to_text.run_recipe`, summarised
+    in the fields of a classification result."""
+    recipe = load_recipe(cfg, command="sweep")
+    m = run_recipe(recipe, overwrite=True, progress=progress)
+    info = read_json(recipe.run_dir / RUN_INFO_FILE)
+    gen = read_json(recipe.run_dir / GENERATION_INFO_FILE)
+    steps = int(m.get("steps") or 0)
+    device = str(gen.get("device", recipe.train.device))
+    return {
+        "task": recipe.data.dataset,
+        "method": recipe.method,
+        "seed": recipe.train.seed,
+        "model": recipe.model.name_or_path,
+        "metrics": {k: m[k] for k in recipe.eval.metrics if k in m},
+        "trainable_params": m.get("trainable_params"),
+        "total_params": m.get("total_params"),
+        "trainable_percent": m.get("trainable_percent"),
+        "peak_memory_mb": float(m.get("peak_memory_mb", math.nan)),
+        "memory_kind": "cuda_allocated" if device.startswith("cuda") else "cpu_rss",
+        "time_per_step_s": float(m["train_time_s"]) / steps if steps and "train_time_s" in m else math.nan,
+        "steps": steps,
+        "lr": recipe.train.lr,
+        "batch_size": recipe.train.batch_size,
+        "train_examples": info.get("train_examples"),
+        "eval_examples": m.get("num_eval_inputs"),
+        "eval_split": recipe.eval.split,
+        "train_time_s": m.get("train_time_s"),
+        "device": device,
+        "run_dir": os.fspath(recipe.run_dir),
+    }
+
+
+def _run_perplexity(cfg: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """One perplexity run of a sweep: :func:`~deltatune.tasks.lm.run_perplexity`, summarised in the fields
+    of a classification result (scores: the tuned and the base perplexity)."""
+    pcfg = load_perplexity_config(cfg, progress=None if progress else False)
+    r = run_perplexity(pcfg, overwrite=True)
+    return {
+        **{k: r[k] for k in ("model", "method", "trainable_params", "total_params", "trainable_percent",
+                             "peak_memory_mb", "memory_kind", "steps", "lr", "batch_size", "device")},
+        "task": "wikitext-2",
+        "seed": pcfg.seed,
+        "metrics": {"perplexity": r["tuned"]["perplexity"], "base_perplexity": r["base"]["perplexity"]},
+        "time_per_step_s": math.nan if r["time_per_step_s"] is None else r["time_per_step_s"],
+        "train_examples": r["train_blocks"],
+        "eval_examples": r["eval_tokens"],
+        "run_dir": pcfg.output_dir,
+    }
+
+
+def _run_config(cfg: dict[str, Any], progress: bool) -> dict[str, Any]:
+    kind = config_kind(cfg)
+    if kind == "classification":
+        return run_classification({**cfg, "progress": bool(cfg.get("progress", True)) and progress})
+    if kind == "perplexity":
+        return _run_perplexity(cfg, progress)
+    return _run_data_to_text(cfg, progress)
+
+
+def _child(cfg: dict[str, Any], result_path: str, progress: bool) -> None:
     """Entry point of an isolated run (a spawned process): writes ``{"result": ...}`` or ``{"error": ...}``."""
     try:
-        from .tasks.classification import run_classification
-
-        payload: dict[str, Any] = {"result": run_classification(cfg)}
+        payload: dict[str, Any] = {"result": _run_config(cfg, progress)}
     except Exception as exc:  # reported in the table, not raised
         payload = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-    atomic_write_text(result_path, json.dumps(payload) + "\n")
+    atomic_write_text(result_path, json.dumps(payload, default=str) + "\n")
 
 
-def _run_one(cfg: dict[str, Any], isolate: bool, tmp_path: Path) -> dict[str, Any]:
+def _run_one(cfg: dict[str, Any], isolate: bool, tmp_path: Path, progress: bool = True) -> dict[str, Any]:
     if not isolate:
         try:
-            from .tasks.classification import run_classification
-
-            return {"result": run_classification(cfg)}
+            return {"result": _run_config(cfg, progress)}
         except Exception as exc:
             return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
     if tmp_path.exists():
         tmp_path.unlink()
     ctx = multiprocessing.get_context("spawn")
-    proc = ctx.Process(target=_child, args=(cfg, str(tmp_path)), daemon=False)
+    proc = ctx.Process(target=_child, args=(cfg, str(tmp_path), progress), daemon=False)
     proc.start()
     try:
         proc.join()
@@ -282,194 +420,55 @@ def _run_one(cfg: dict[str, Any], isolate: bool, tmp_path: Path) -> dict[str, An
     return payload
 
 
-@dataclass
-class MethodRow:
-    """One row of the sweep table (a method aggregated over its seeds)."""
-
-    method: str
-    seeds: list[int]
-    ok_seeds: list[int]
-    trainable_params: int | None
-    trainable_percent: float | None
-    peak_memory_mb: float | None
-    time_per_step_s: float | None
-    scores: dict[str, tuple[float, float]]  # metric -> (mean, std) over ok seeds (fractions)
-    error: str | None = None
-
-
-@dataclass
-class SweepResult:
-    """What :func:`run_sweep` returns: the rows, the per-run records and the files written."""
-
-    task: str
-    metrics: list[str]
-    rows: list[MethodRow]
-    runs: list[dict[str, Any]]
-    files: dict[str, Path] = field(default_factory=dict)
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def aggregate(runs: Sequence[Mapping[str, Any]], methods: Sequence[str], metrics: Sequence[str]) -> list[MethodRow]:
-    """Aggregate per-run records (``{"method", "seed", "result"|"error"}``) into one row per method.
-
-    Scores are mean and sample standard deviation over the seeds that succeeded; the error column
-    holds the first error (prefixed by its seed) when any seed failed.
-    """
-    rows = []
-    for m in methods:
-        mine = [r for r in runs if r["method"] == m]
-        ok = [r for r in mine if "result" in r]
-        errs = [f"seed {r['seed']}: {r['error']}" for r in mine if "error" in r]
-        res = [r["result"] for r in ok]
-        scores = {k: _mean_std([float(x["metrics"][k]) for x in res if k in x["metrics"]]) for k in metrics}
-        rows.append(
-            MethodRow(
-                method=m,
-                seeds=[r["seed"] for r in mine],
-                ok_seeds=[r["seed"] for r in ok],
-                trainable_params=res[0]["trainable_params"] if res else None,
-                trainable_percent=res[0]["trainable_percent"] if res else None,
-                peak_memory_mb=statistics.fmean(x["peak_memory_mb"] for x in res) if res else None,
-                time_per_step_s=statistics.fmean(x["time_per_step_s"] for x in res) if res else None,
-                scores=scores,
-                error=(errs[0] + (f" (+{len(errs) - 1} more)" if len(errs) > 1 else "")) if errs else None,
-            )
-        )
-    return rows
-
-
-_METRIC_LABELS = {"accuracy": "Acc", "f1": "F1", "mcc": "MCC", "pearson": "Pearson", "spearman": "Spearman"}
-
-
-def _fmt_score(mean: float, std: float, n: int) -> str:
-    if math.isnan(mean):
-        return "–"
-    return f"{100 * mean:.2f}" if n <= 1 else f"{100 * mean:.2f} ± {100 * std:.2f}"
-
-
-def _fmt_int(n: int | None) -> str:
-    return "–" if n is None else f"{n:,}"
-
-
-def _table_rows(rows: Sequence[MethodRow], metrics: Sequence[str]) -> tuple[list[str], list[list[str]]]:
-    header = ["Method", "Trainable params", "Trainable %", "Peak memory (MiB)", "Time / step (ms)"]
-    header += [f"{_METRIC_LABELS.get(k, k)} (dev)" for k in metrics]
-    header += ["Seeds", "Error"]
-    body = []
-    for r in rows:
-        cells = [
-            r.method,
-            _fmt_int(r.trainable_params),
-            "–" if r.trainable_percent is None else f"{r.trainable_percent:.3f}%",
-            "–" if r.peak_memory_mb is None else f"{r.peak_memory_mb:,.0f}",
-            "–" if r.time_per_step_s is None else f"{1000 * r.time_per_step_s:,.0f}",
-        ]
-        cells += [_fmt_score(*r.scores[k], len(r.ok_seeds)) for k in metrics]
-        cells += [f"{len(r.ok_seeds)}/{len(r.seeds)}", (r.error or "").replace("|", "\\|").replace("\n", " ")]
-        body.append(cells)
-    return header, body
-
-
-def _markdown(title: str, notes: Sequence[str], header: list[str], body: list[list[str]]) -> str:
-    lines = [f"# {title}", ""]
-    lines += [f"{n}" for n in notes]
-    lines += ["", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(lines) + "\n"
-
-
-def _csv_text(rows: Sequence[MethodRow], metrics: Sequence[str]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(
-        ["method", "trainable_params", "trainable_percent", "peak_memory_mb", "time_per_step_s"]
-        + [f"{k}_{s}" for k in metrics for s in ("mean", "std")]
-        + ["seeds_ok", "seeds", "error"]
-    )
-    for r in rows:
-        def num(x: float | None) -> str:
-            return "" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(float(x))
-
-        w.writerow(
-            [r.method, "" if r.trainable_params is None else r.trainable_params, num(r.trainable_percent),
-             num(r.peak_memory_mb), num(r.time_per_step_s)]
-            + [num(v) for k in metrics for v in r.scores[k]]
-            + [" ".join(map(str, r.ok_seeds)), " ".join(map(str, r.seeds)), r.error or ""]
-        )
-    return buf.getvalue()
-
-
-def _png_bytes(title: str, rows: Sequence[MethodRow], metrics: Sequence[str]) -> bytes:
-    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "sweep plots").FigureCanvasAgg  # noqa: N806
-    Figure = require("matplotlib.figure", "sweep plots").Figure  # noqa: N806
-
-    n = len(metrics) + 1
-    fig = Figure(figsize=(4.2 * n, 4.0), dpi=100)
-    FigureCanvasAgg(fig)
-    names = [r.method for r in rows]
-    xs = list(range(len(rows)))
-    for i, k in enumerate(metrics):
-        ax = fig.add_subplot(1, n, i + 1)
-        means = [0.0 if math.isnan(r.scores[k][0]) else 100 * r.scores[k][0] for r in rows]
-        stds = [0.0 if math.isnan(r.scores[k][1]) else 100 * r.scores[k][1] for r in rows]
-        colors = ["#b0b0b0" if r.error and not r.ok_seeds else "#4c72b0" for r in rows]
-        ax.bar(xs, means, yerr=stds, capsize=3, color=colors)
-        ax.set_title(f"{_METRIC_LABELS.get(k, k)} (dev, %)")
-        ax.set_xticks(xs)
-        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-    ax = fig.add_subplot(1, n, n)
-    pct = [r.trainable_percent or 0.0 for r in rows]
-    ax.bar(xs, pct, color="#dd8452")
-    if any(p > 0 for p in pct):
-        ax.set_yscale("log")
-    ax.set_title("trainable parameters (%)")
-    ax.set_xticks(xs)
-    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def write_tables(
-    result: SweepResult, output_dir: str | os.PathLike, *, title: str, notes: Sequence[str] = ()
-) -> dict[str, Path]:
-    """Write ``results.md``, ``results.csv`` and ``results.png`` (atomically) and return their paths."""
-    out = Path(output_dir)
-    header, body = _table_rows(result.rows, result.metrics)
-    files = {"md": out / "results.md", "csv": out / "results.csv", "png": out / "results.png"}
-    atomic_write_text(files["md"], _markdown(title, notes, header, body))
-    atomic_write_text(files["csv"], _csv_text(result.rows, result.metrics))
-    atomic_write_bytes(files["png"], _png_bytes(title, result.rows, result.metrics))
-    return files
-
-
-def _budget_notes(spec: SweepSpec, runs: Sequence[Mapping[str, Any]]) -> list[str]:
+def _budget_notes(spec: SweepSpec, runs: Sequence[Mapping[str, Any]], split: str) -> list[str]:
     ok = [r["result"] for r in runs if "result" in r]
     base = spec.base
     train = dict(base.get("train") or {})
-    budget = ", ".join(f"{k}={v}" for k, v in train.items() if k != "lr")
-    notes = [
-        f"Task `{base['task']}`, model `{base.get('model', 'minilm-l6')}`, pooling `{base.get('pooling', 'auto')}`, "
-        f"max_length {base.get('max_length', 128)}; budget: {budget or 'TrainConfig defaults'}; seeds {spec.seeds}.",
-    ]
+    budget = ", ".join(f"{k}={v}" for k, v in train.items() if k not in ("lr", "seed"))
+    if spec.kind == "perplexity":
+        first = (
+            f"WikiText-2 `{base.get('eval_split', 'valid')}`, model `{base.get('model', 'smollm2-135m')}`, windows of "
+            f"{base.get('max_length', 256)} with stride {base.get('stride', 128)} (train examples: packed blocks; "
+            f"eval examples: tokens)"
+        )
+    elif spec.kind == "data-to-text":
+        model = (base.get("model") or {}).get("name_or_path", "smollm2-135m")
+        data = base.get("data") or {}
+        first = f"Dataset `{data.get('dataset', 'e2e')}`, model `{model}`, sample_fraction {data.get('sample_fraction', 1.0)}"
+    else:
+        first = (
+            f"Task `{base['task']}`, model `{base.get('model', 'minilm-l6')}`, pooling `{base.get('pooling', 'auto')}`, "
+            f"max_length {base.get('max_length', 128)}"
+        )
+    notes = [f"{first}; budget: {budget or 'TrainConfig defaults'}; seeds {spec.seeds}."]
     if ok:
         r0 = ok[0]
         mem = "GPU max allocated" if r0["memory_kind"] == "cuda_allocated" else "CPU peak RSS of the run's process"
         notes.append(
-            f"Train examples {r0['train_examples']}, dev examples {r0['eval_examples']}, {r0['steps']} optimiser steps "
-            f"per run, device {r0['device']}; peak memory = {mem}. Scores in %, mean ± std over seeds."
+            f"Train examples {r0['train_examples']}, {split} examples {r0['eval_examples']}, {r0['steps']} optimiser "
+            f"steps per run, device {r0['device']}; peak memory = {mem}. Scores in [0, 1] shown in %, "
+            f"mean ± std over seeds."
         )
         lrs = {r["method"]: r["result"]["lr"] for r in runs if "result" in r}
         notes.append("Learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in lrs.items()) + ".")
     return notes
+
+
+def _task_metrics(spec: SweepSpec) -> tuple[str, list[str], str]:
+    """(task name, score names, scored split) of a sweep."""
+    cfg = spec.run_config(spec.methods[0], spec.seeds[0])
+    if spec.kind == "perplexity":
+        return "wikitext-2", ["perplexity", "base_perplexity"], PerplexityConfig.from_dict(
+            {k: v for k, v in cfg.items() if k not in ("task", "name")}
+        ).eval_split
+    if spec.kind == "data-to-text":
+        recipe = load_recipe(cfg, command="sweep", check_data=False)
+        return recipe.data.dataset, list(recipe.eval.metrics), recipe.eval.split
+    task_cfg = ClassificationConfig.from_dict(cfg)
+    if task_cfg.task == "csv":
+        return "csv", ["accuracy"], "dev"
+    task_name = glue_task(task_cfg.task).name
+    return task_name, list(GLUE_TASK_METRICS[task_name]), "dev"
 
 
 def run_sweep(
@@ -483,23 +482,11 @@ def run_sweep(
     A run that raises is recorded with its error (in its JSON and the table's error column); the
     sweep continues with the next run. ``isolate`` runs each in a fresh process (spawn).
     """
-    from tqdm.auto import tqdm
-
-    from .metrics import GLUE_TASK_METRICS
-    from .tasks.classification import ClassificationConfig
-
     if not isinstance(spec, SweepSpec):
         spec = load_sweep(spec)
     check_bool("isolate", isolate)
     check_bool("progress", progress)
-    task_cfg = ClassificationConfig.from_dict(spec.run_config(spec.methods[0], spec.seeds[0]))
-    if task_cfg.task == "csv":
-        task_name, metrics = "csv", ["accuracy"]
-    else:
-        from .data import glue_task
-
-        task_name = glue_task(task_cfg.task).name
-        metrics = list(GLUE_TASK_METRICS[task_name])
+    task_name, metrics, split = _task_metrics(spec)
     out = Path(spec.output_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
@@ -509,17 +496,16 @@ def run_sweep(
     for m, s in bar:
         bar.set_postfix(method=m, seed=s, refresh=True)
         cfg = spec.run_config(m, s)
-        cfg["progress"] = bool(cfg.get("progress", True)) and progress
         t0 = time.perf_counter()
-        payload = _run_one(cfg, isolate, out / "runs" / f".{m}_seed{s}.child.json")
+        payload = _run_one(cfg, isolate, out / "runs" / f".{m}_seed{s}.child.json", progress)
         record = {"method": m, "seed": s, "config": cfg, "wall_time_s": time.perf_counter() - t0, **payload}
         atomic_write_text(out / "runs" / f"{m}_seed{s}.json", json.dumps(record, indent=2, default=str) + "\n")
         runs.append(record)
         if "error" in payload:
             tqdm.write(f"sweep: {m} seed {s} failed: {payload['error']}", file=sys.stderr)
         # the tables are rewritten after every run: an interrupted sweep keeps a table of what finished
-        result = SweepResult(task_name, metrics, aggregate(runs, spec.methods, metrics), runs)
-        result.files = write_tables(result, out, title=title, notes=_budget_notes(spec, runs))
+        result = SweepResult(task_name, metrics, aggregate(runs, spec.methods, metrics), runs, split=split)
+        result.files = write_tables(result, out, title=title, notes=_budget_notes(spec, runs, split))
     bar.close()
     return result
 
@@ -532,14 +518,14 @@ def build_parser(prog: str = "deltatune sweep") -> argparse.ArgumentParser:
         description="Compare fine-tuning methods on one task with the same budget and seeds; "
         "writes results.md, results.csv, results.png and per-run JSON.",
     )
-    p.add_argument("config", help="sweep YAML (e.g. configs/glue/sst2.yaml)")
+    p.add_argument("config", help="sweep YAML (e.g. configs/glue/sst2.yaml, or a recipe with a 'sweep' section)")
     p.add_argument("--methods", help="comma-separated methods (default: the YAML's sweep.methods, else all)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the YAML's sweep.seeds, else 42)")
     p.add_argument("--output-dir", help="where the tables and runs go (default: the YAML's output_dir)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a run field of the YAML, e.g. --set train.epochs=2 --set max_train_examples=20000 "
-        "--set model=/path/to/model (values are YAML)",
+        help="override a key of the YAML, e.g. --set train.epochs=2 --set max_train_examples=20000 "
+        "--set methods.lora.lr=1e-3 (values are YAML)",
     )
     p.add_argument("--device", help="override the run device ('cpu', 'cuda', 'auto')")
     p.add_argument("--num-threads", type=int, help="torch threads per run (CPU)")
@@ -560,11 +546,13 @@ def main(argv: list[str] | None = None) -> int:
                 seeds = [int(s) for s in items]
             except ValueError:
                 raise DeltaConfigError(f"--seeds must be comma-separated ints, got {args.seeds!r}") from None
-        overrides = set_overrides(args.overrides)
-        if args.device is not None:
-            overrides["device"] = args.device
-        if args.num_threads is not None:
-            overrides["num_threads"] = args.num_threads
+        overrides = list(args.overrides)
+        if args.device is not None or args.num_threads is not None:
+            recipe = config_kind(read_yaml(args.config, "sweep config")) == "data-to-text-sweep"
+            if args.device is not None:
+                overrides.append(f"train.device={args.device}" if recipe else f"device={args.device}")
+            if args.num_threads is not None:
+                overrides.append(f"num_threads={args.num_threads}")
         spec = load_sweep(args.config, methods=methods, seeds=seeds, output_dir=args.output_dir, overrides=overrides)
         result = run_sweep(spec, isolate=not args.no_isolate, progress=not args.no_progress)
     except DeltaError as exc:

@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import torch
+import yaml
 
 WORDS = (
     "the a movie film was is good great bad awful fun boring plot actors story loved hated it this "
@@ -114,3 +115,9 @@ def write_wikitext(root: Path, seed: int = 0) -> Path:
             lines.append(" " + _sentence(rng, rng.randint(8, 16)) + " . ")
         (d / f"wiki.{split}.tokens").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    """Write ``data`` as a YAML file (a sweep or task config) and return its path."""
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path

@@ -154,7 +154,7 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 def _train_torch(recipe: Any, mode: str, model: Any, tok: Any, feats: Any, dev_feats: Any, out: Path, progress: bool) -> dict[str, Any]:
     import torch
 
-    from ..recipes import train_collator
+    from ..tasks.data_to_text import train_collator
     from ..train import Trainer
 
     if mode == "exact":
@@ -260,7 +260,7 @@ def _train_jittor(
                "peak_mem_mb": round(_peak_rss_mb(), 2)}
     if evals:
         summary.update({"eval_loss": evals[-1]["loss"], "eval_ppl": evals[-1]["ppl"]})
-    from ..recipes import _write_json
+    from ..tasks.rundir import write_json as _write_json
 
     _write_json(out / "train_summary.json", summary)
     return {"rows": rows, "evals": evals, "summary": summary, "wall_s": wall, "peak_rss_mb": _peak_rss_mb()}
@@ -269,16 +269,16 @@ def _train_jittor(
 def _decode_jittor(recipe: Any, jmodel: Any, tok: Any, torch_model: Any, examples: list[Any], out: Path, progress: bool) -> dict[str, Any]:
     from ..data import build_generation_prompts
     from ..generate import _resolve_special_ids
-    from ..recipes import (
+    from ..tasks.data_to_text import feature_kwargs as _feature_kwargs
+    from ..tasks.rundir import (
         GENERATION_INFO_FILE,
         PREDICTIONS_FILE,
         REFERENCES_FILE,
         SOURCES_FILE,
-        _feature_kwargs,
-        _write_json,
-        _write_lines,
         write_references,
     )
+    from ..tasks.rundir import write_json as _write_json
+    from ..tasks.rundir import write_lines as _write_lines
     from .generate import generate
 
     prompts = build_generation_prompts(examples, tok, max_length=recipe.data.max_length, **_feature_kwargs(recipe))
@@ -317,7 +317,7 @@ def _crossover(recipe: Any, jmodel: Any, jittor_delta: Path, batch: dict[str, An
     import torch
 
     from ..checkpoint import load_delta
-    from ..recipes import _load_model
+    from ..tasks.data_to_text import load_model as _load_model
 
     model, _ = _load_model(recipe)
     load_delta(model, jittor_delta)
@@ -406,15 +406,13 @@ def align(recipe: Any, mode: str = "exact", *, overwrite: bool = False, progress
     """Run ``recipe`` in PyTorch and Jittor and compare them (see the module docstring); returns the summary."""
     from ..checkpoint import save_delta as torch_save_delta
     from ..data import build_causal_lm_features
-    from ..recipes import (
-        _apply_delta,
-        _feature_kwargs,
-        _generate,
-        _load_model,
-        _write_json,
-        evaluate_run,
-        prepare_data,
-    )
+    from ..tasks.data_to_text import apply_delta as _apply_delta
+    from ..tasks.data_to_text import feature_kwargs as _feature_kwargs
+    from ..tasks.data_to_text import generate_outputs as _generate
+    from ..tasks.data_to_text import load_model as _load_model
+    from ..tasks.data_to_text import prepare_data
+    from ..tasks.evaluate import evaluate_run
+    from ..tasks.rundir import write_json as _write_json
     from .lora import load_delta
     from .models import check_architecture, load_pretrained
 

@@ -20,7 +20,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from ..api import apply
+from ..checkpoint import save_delta
+from ..config import DeltaConfig, config_from_dict
 from ..data import (
     ClassificationCollator,
     TextPairExample,
@@ -30,9 +34,16 @@ from ..data import (
     stratified_sample,
 )
 from ..errors import DeltaConfigError, DeltaConfigTypeError
+from ..freeze import trainable_summary
+from ..io_utils import atomic_write_text
+from ..methods import method_names
+from ..metrics import glue_metrics
 from ..preflight import check_applicable
+from ..train import TrainConfig, Trainer, set_seed
 from ..validation import check_bool, check_choice, check_float, check_int, check_known_keys, check_type
 from .heads import POOLINGS, build_classifier
+from .rundir import DELTA_DIR, RESULT_FILE
+from .spec import FULL, check_run_fields
 
 __all__ = [
     "ClassificationLoss",
@@ -49,9 +60,6 @@ __all__ = [
     "subset_examples",
     "sweep_method_names",
 ]
-
-#: The method name meaning full fine-tuning (no delta method; every parameter trains).
-FULL = "full"
 
 #: Learning rate per method when neither the run nor the sweep gives one (AdamW, small encoders,
 #: short budgets: delta methods with few parameters and a fresh head need larger steps than full
@@ -93,24 +101,7 @@ CSV_KEYS: tuple[str, ...] = (
 
 def sweep_method_names() -> list[str]:
     """``"full"`` followed by every registered delta method name."""
-    from ..methods import method_names
-
     return [FULL, *[m for m in method_names() if m != FULL]]
-
-
-def check_run_fields(cfg: Any) -> None:
-    """Check the run settings task configs share (seed, device, dtype, num_threads, output_dir);
-    normalises ``output_dir`` to a str."""
-    n = type(cfg).__name__
-    check_int(f"{n}.seed", cfg.seed, minimum=0)
-    check_type(f"{n}.device", cfg.device, str, "'auto', 'cpu', 'cuda' or 'cuda:N'")
-    if cfg.dtype is not None:
-        check_choice(f"{n}.dtype", cfg.dtype, (None, "float32", "bfloat16", "float16"))
-    if cfg.num_threads is not None:
-        check_int(f"{n}.num_threads", cfg.num_threads, minimum=1)
-    if cfg.output_dir is not None:
-        check_type(f"{n}.output_dir", cfg.output_dir, (str, os.PathLike), "None or a directory path")
-        cfg.output_dir = os.fspath(cfg.output_dir)
 
 
 @dataclasses.dataclass
@@ -244,10 +235,8 @@ class ClassificationConfig:
         """The learning rate: ``train["lr"]`` or the method's default."""
         return self.train.get("lr", DEFAULT_LR.get(self.method, 1e-3))
 
-    def train_config(self) -> Any:
+    def train_config(self) -> TrainConfig:
         """The :class:`~deltatune.train.TrainConfig` of the run (validated)."""
-        from ..train import TrainConfig
-
         fields = {"lr": self.lr(), "tensorboard": False, "log_every": 10, **dict(self.train)}
         fields.update(
             seed=self.seed,
@@ -259,12 +248,10 @@ class ClassificationConfig:
         )
         return TrainConfig.from_dict(fields)
 
-    def method_config_obj(self, head_modules: Sequence[str] | None = None) -> Any:
+    def method_config_obj(self, head_modules: Sequence[str] | None = None) -> DeltaConfig | None:
         """The delta method config (``None`` for ``full``); ``modules_to_save`` defaults to ``head_modules``."""
         if self.method == FULL:
             return None
-        from ..config import config_from_dict
-
         data = {**DEFAULT_METHOD_CONFIGS.get(self.method, {}), **dict(self.method_config), "method": self.method}
         if head_modules is not None and data.get("modules_to_save") is None:
             data["modules_to_save"] = list(head_modules)
@@ -421,8 +408,6 @@ def predict(
     progress: bool = False,
 ) -> list[float] | list[int]:
     """Predicted class ids (argmax) or regression scores for ``examples``, in order (eval mode)."""
-    from tqdm.auto import tqdm
-
     was_training = model.training
     model.eval()
     out: list[Any] = []
@@ -442,8 +427,6 @@ def predict(
 
 
 def _trainable_counts(model: nn.Module) -> tuple[int, int]:
-    from ..freeze import trainable_summary
-
     s = trainable_summary(model)
     return int(s.trainable), int(s.total)
 
@@ -458,9 +441,6 @@ def run_classification(cfg: ClassificationConfig | Mapping[str, Any]) -> dict[st
     ``train_examples``, ``eval_examples``, ``train_loss``, ``train_time_s``, ``eval_time_s``,
     ``device`` and ``delta_dir`` (where the delta with the head was saved, or ``None``).
     """
-    from ..metrics import glue_metrics
-    from ..train import Trainer, set_seed
-
     if isinstance(cfg, Mapping):
         cfg = ClassificationConfig.from_dict(cfg)
     check_type("cfg", cfg, ClassificationConfig, "a ClassificationConfig or a dict")
@@ -474,15 +454,14 @@ def run_classification(cfg: ClassificationConfig | Mapping[str, Any]) -> dict[st
 
     set_seed(cfg.seed)
     bundle = build_classifier(
-        cfg.model, data.num_labels, pooling=cfg.pooling, dropout=cfg.head_dropout, dtype=cfg.dtype
+        cfg.model, data.num_labels, pooling=cfg.pooling, dropout=cfg.head_dropout, dtype=cfg.dtype,
+        progress=cfg.progress,
     )
     model, tokenizer = bundle.model, bundle.tokenizer
     method_cfg = cfg.method_config_obj(bundle.head_modules)
     if method_cfg is None:
         model.requires_grad_(True)
     else:
-        from ..api import apply
-
         apply(model, method_cfg)
     trainable, total = _trainable_counts(model)
 
@@ -542,12 +521,8 @@ def run_classification(cfg: ClassificationConfig | Mapping[str, Any]) -> dict[st
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         if cfg.save_delta and method_cfg is not None:
-            from ..checkpoint import save_delta
-
-            save_delta(trainer.model, out / "delta")
-            result["delta_dir"] = str(out / "delta")
-        from ..io_utils import atomic_write_text
-
-        atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
+            save_delta(trainer.model, out / DELTA_DIR)
+            result["delta_dir"] = str(out / DELTA_DIR)
+        atomic_write_text(out / RESULT_FILE, json.dumps(result, indent=2) + "\n")
     return result
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import DeltaConfigError
+from ..models import load
 from ..validation import check_choice, check_float, check_positive_int, check_type
 
 __all__ = [
@@ -193,6 +194,7 @@ def build_classifier(
     pooling: str = "auto",
     dropout: float = 0.1,
     dtype: str | None = None,
+    progress: bool = True,
 ) -> ClassifierBundle:
     """Load ``model_name_or_path`` (see :func:`deltatune.models.load`) with a classification head.
 
@@ -204,16 +206,15 @@ def build_classifier(
             ``*ForSequenceClassification``; encoders only), ``"mean"`` or ``"last"``.
         dropout: dropout before the head of :class:`PooledClassifier` (``cls`` uses the model's own).
         dtype: model dtype (``None`` = float32).
+        progress: the loading bars (``False``: none).
 
     Raises:
         DeltaConfigError: pooling ``"cls"`` on a decoder (its first token sees no other token).
     """
-    from ..models import load
-
     check_choice("pooling", pooling, POOLINGS)
     check_positive_int("num_labels", num_labels)
     check_float("dropout", dropout, low=0.0, high=1.0, high_inclusive=False)
-    base, tokenizer = load(model_name_or_path, task="base", dtype=dtype)
+    base, tokenizer = load(model_name_or_path, task="base", dtype=dtype, progress=progress)
     decoder = is_decoder_model(base)
     if pooling == "auto":
         pooling = "last" if decoder else "cls"
@@ -225,7 +226,8 @@ def build_classifier(
                 f"use pooling 'last' (or 'mean')"
             )
         del base
-        model, tokenizer = load(model_name_or_path, task="sequence-classification", num_labels=num_labels, dtype=dtype)
+        model, tokenizer = load(model_name_or_path, task="sequence-classification", num_labels=num_labels, dtype=dtype,
+                                 progress=progress)
         return ClassifierBundle(model, tokenizer, [_hf_head_name(model)], "cls", decoder)
     model = PooledClassifier(base, num_labels, pooling, dropout=dropout)
     if dtype is not None:

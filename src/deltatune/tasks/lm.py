@@ -2,7 +2,10 @@
 
 :func:`run_perplexity` measures the perplexity of the base model on a WikiText-2 split, fine-tunes
 a delta method (LoRA by default) on packed blocks of a slice of the training text, and measures
-the perplexity again with the same windows.
+the perplexity again with the same windows. :func:`load_perplexity_config` reads its YAML file
+(``configs/wikitext_lora.yaml``) with the shared loader, ``--set`` overrides, ``--output-dir`` and
+``--no-progress`` (the ``deltatune perplexity`` command); a run directory that already holds a run is
+replaced only with ``overwrite=True``.
 """
 
 from __future__ import annotations
@@ -11,19 +14,37 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..api import apply
+from ..checkpoint import save_delta
+from ..config import config_from_dict
+from ..data import read_wikitext
+from ..device import resolve_device
 from ..errors import DeltaConfigError, DeltaConfigTypeError
-from ..io_utils import load_yaml_file
-from ..train.distributed import resolve_device
+from ..freeze import trainable_summary
+from ..io_utils import atomic_write_text
+from ..metrics import perplexity
+from ..models import load
+from ..train import TrainConfig, Trainer, set_seed
 from ..validation import check_bool, check_choice, check_int, check_known_keys, check_type
-from .classification import check_run_fields
+from .overrides import OverrideSchema, apply_overrides
+from .rundir import DELTA_DIR, RESULT_FILE, prepare_run_dir
+from .spec import check_config_kind, check_run_fields, read_yaml
 
-__all__ = ["PerplexityConfig", "WIKITEXT_FILES", "pack_token_blocks", "run_perplexity", "wikitext_path"]
+__all__ = [
+    "PERPLEXITY_SCHEMA",
+    "PerplexityConfig",
+    "WIKITEXT_FILES",
+    "load_perplexity_config",
+    "pack_token_blocks",
+    "run_perplexity",
+    "wikitext_path",
+]
 
 #: WikiText-2 split -> file name inside ``<data_dir>/wikitext-2``.
 WIKITEXT_FILES: dict[str, str] = {
@@ -113,15 +134,11 @@ class PerplexityConfig:
                 raise DeltaConfigError(f"{n}.train must not set {key!r} (use the run's own field), got {self.train[key]!r}")
         check_run_fields(self)
         check_bool(f"{n}.progress", self.progress)
-        from ..config import config_from_dict
-
         config_from_dict(self.delta)
         self.train_config()
 
-    def train_config(self) -> Any:
+    def train_config(self) -> TrainConfig:
         """The validated :class:`~deltatune.train.TrainConfig`."""
-        from ..train import TrainConfig
-
         fields = {"tensorboard": False, "save_final": False, "lr": 1e-3, **dict(self.train)}
         fields.update(seed=self.seed, device=self.device, output_dir=self.output_dir)
         fields.setdefault("progress_bar", self.progress)
@@ -137,18 +154,52 @@ class PerplexityConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> PerplexityConfig:
-        """Read a YAML file (``name`` and ``task: perplexity`` keys are allowed and ignored)."""
-        p = Path(path)
-        if not p.is_file():
-            raise DeltaConfigError(f"config must be an existing YAML file, got {os.fspath(path)!r}")
-        data = load_yaml_file(p, "config")
-        if not isinstance(data, Mapping):
-            raise DeltaConfigTypeError(f"config {os.fspath(path)!r} must hold a YAML mapping")
-        data = dict(data)
-        data.pop("name", None)
-        if data.pop("task", "perplexity") != "perplexity":
-            raise DeltaConfigError(f"config {os.fspath(path)!r}: task must be 'perplexity'")
-        return cls.from_dict(data)
+        """Read a YAML file (``name`` and ``task: perplexity`` keys are allowed and ignored); see
+        :func:`load_perplexity_config`."""
+        return load_perplexity_config(path)
+
+
+#: ``--set`` in a perplexity config: a field (``eval_max_tokens=512``), ``train.KEY`` or ``delta.KEY``.
+PERPLEXITY_SCHEMA = OverrideSchema(
+    "perplexity config",
+    ("name", "task", *(f.name for f in dataclasses.fields(PerplexityConfig))),
+    ("delta", "train"),
+    ("train",),
+)
+
+
+def load_perplexity_config(
+    source: str | os.PathLike | Mapping[str, Any],
+    overrides: Sequence[str] = (),
+    *,
+    output_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+) -> PerplexityConfig:
+    """Read a perplexity YAML file (or mapping), apply ``--set`` overrides (see
+    :func:`deltatune.tasks.overrides.apply_overrides`), then ``output_dir`` / ``progress`` when given.
+
+    Raises:
+        WrongCommandError: ``source`` is a recipe or a sweep config (the message names its subcommand).
+        DeltaConfigError: unknown or invalid fields, ``task`` other than ``perplexity``.
+    """
+    if isinstance(source, Mapping):
+        data = dict(source)
+    else:
+        check_type("config", source, (str, os.PathLike), "a YAML file path or a mapping")
+        data = read_yaml(source, "perplexity config")
+    check_config_kind(data, source, "perplexity", ("perplexity",))
+    data = apply_overrides(data, list(overrides), PERPLEXITY_SCHEMA)
+    data.pop("name", None)
+    task = data.pop("task", "perplexity")
+    if task != "perplexity":
+        raise DeltaConfigError(f"perplexity config: task must be 'perplexity', got {task!r}")
+    if output_dir is not None:
+        data["output_dir"] = os.fspath(output_dir)
+    if progress is not None:
+        data["progress"] = progress
+        if not progress and isinstance(data.get("train"), Mapping):
+            data["train"] = {**data["train"], "progress_bar": False}
+    return PerplexityConfig.from_dict(data)
 
 
 def pack_token_blocks(ids: list[int], block_size: int) -> list[dict[str, list[int]]]:
@@ -167,20 +218,16 @@ def _tokens(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def run_perplexity(cfg: PerplexityConfig | Mapping[str, Any]) -> dict[str, Any]:
+def run_perplexity(cfg: PerplexityConfig | Mapping[str, Any], *, overwrite: bool = False) -> dict[str, Any]:
     """Perplexity of the base model, a delta fine-tune on WikiText-2 train, perplexity again.
 
     Returns ``{"base": {"perplexity", "nll", "tokens"}, "tuned": {...}, "method", "trainable_params",
     "trainable_percent", "train_blocks", "steps", "train_loss", "time_per_step_s", "peak_memory_mb",
     "eval_split", "max_length", "stride", "eval_tokens", "base_eval_time_s", "tuned_eval_time_s"}``.
+    With ``output_dir``, ``result.json``, the training log and ``delta/`` are written there; a directory
+    that already holds a run (``result.json`` or ``train_log.jsonl``) raises ``DeltaConfigError`` before
+    any work unless ``overwrite``.
     """
-    from ..api import apply
-    from ..data import read_wikitext
-    from ..freeze import trainable_summary
-    from ..metrics import perplexity
-    from ..models import load
-    from ..train import Trainer, set_seed
-
     if isinstance(cfg, Mapping):
         cfg = PerplexityConfig.from_dict(cfg)
     check_type("cfg", cfg, PerplexityConfig, "a PerplexityConfig or a dict")
@@ -189,9 +236,11 @@ def run_perplexity(cfg: PerplexityConfig | Mapping[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(cfg.num_threads)
     tcfg = cfg.train_config()
     tcfg.check_cuda_graph_device()  # before the model is loaded
+    if cfg.output_dir is not None:
+        prepare_run_dir(cfg.output_dir, overwrite=overwrite)
     set_seed(cfg.seed)
-    model, tokenizer = load(cfg.model, task="causal-lm", dtype=cfg.dtype)
-    device = resolve_device(cfg.device)
+    model, tokenizer = load(cfg.model, task="causal-lm", dtype=cfg.dtype, progress=cfg.progress)
+    device = resolve_device(cfg.device, field="device")
     model.to(device)
 
     eval_ids = _tokens(tokenizer, read_wikitext(wikitext_path(cfg.data_dir, cfg.eval_split)))
@@ -249,11 +298,8 @@ def run_perplexity(cfg: PerplexityConfig | Mapping[str, Any]) -> dict[str, Any]:
         "delta_dir": None,
     }
     if cfg.output_dir is not None:
-        from ..checkpoint import save_delta
-        from ..io_utils import atomic_write_text
-
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        save_delta(trainer.model, Path(cfg.output_dir) / "delta")
-        result["delta_dir"] = str(Path(cfg.output_dir) / "delta")
-        atomic_write_text(Path(cfg.output_dir) / "result.json", json.dumps(result, indent=2) + "\n")
+        out = Path(cfg.output_dir)
+        save_delta(trainer.model, out / DELTA_DIR)
+        result["delta_dir"] = str(out / DELTA_DIR)
+        atomic_write_text(out / RESULT_FILE, json.dumps(result, indent=2) + "\n")
     return result

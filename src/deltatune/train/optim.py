@@ -97,7 +97,7 @@ class AdamW(torch.optim.Optimizer):
         bias_correction: bool = True,
         capturable: bool = False,
     ) -> None:
-        lr = check_float("lr", lr, low=0.0)
+        lr = check_float("lr", lr, low=0.0, low_inclusive=False)  # > 0, as TrainConfig.lr
         check_float("betas[0]", betas[0], low=0.0, high=1.0, high_inclusive=False)
         check_float("betas[1]", betas[1], low=0.0, high=1.0, high_inclusive=False)
         check_float("eps", eps, low=0.0, low_inclusive=False)
