@@ -55,10 +55,10 @@ def _check_examples(examples: Any) -> Sequence[DataToTextExample]:
     return examples
 
 
-def _encode_many(tokenizer: Any, texts: list[str], desc: str) -> list[list[int]]:
+def _encode_many(tokenizer: Any, texts: list[str], desc: str, progress: bool = True) -> list[list[int]]:
     out: list[list[int]] = []
     starts = range(0, len(texts), _CHUNK)
-    for s in tqdm(starts, desc=desc, disable=len(texts) <= _CHUNK, leave=False):
+    for s in tqdm(starts, desc=desc, disable=not progress or len(texts) <= _CHUNK, leave=False):
         enc = tokenizer(texts[s : s + _CHUNK], add_special_tokens=False)
         out.extend(list(ids) for ids in enc["input_ids"])
     return out
@@ -120,6 +120,7 @@ def build_causal_lm_features(
     add_bos: bool = False,
     use_chat_template: bool = False,
     system_prompt: str | None = None,
+    progress: bool = True,
 ) -> list[dict]:
     """Tokenise examples into causal-LM training features with the prompt masked out of the labels.
 
@@ -138,6 +139,7 @@ def build_causal_lm_features(
             that already write it.
         use_chat_template: format the prompt as a user turn with ``tokenizer.apply_chat_template``.
         system_prompt: optional system message for the chat template.
+        progress: the tokenising bar for large inputs (``False``: none).
 
     Returns:
         One dict per feature: ``input_ids`` and ``labels`` (lists of int, same length),
@@ -169,8 +171,8 @@ def build_causal_lm_features(
             pairs.append((i, j))
             targets.append(target_prefix + ref)
     used = sorted({i for i, _ in pairs})
-    prompt_ids = dict(zip(used, _encode_many(tokenizer, [prompts[i] for i in used], "tokenising prompts")))
-    target_ids = _encode_many(tokenizer, targets, "tokenising targets")
+    prompt_ids = dict(zip(used, _encode_many(tokenizer, [prompts[i] for i in used], "tokenising prompts", progress)))
+    target_ids = _encode_many(tokenizer, targets, "tokenising targets", progress)
 
     head = [bos] if bos is not None else []
     features = []
@@ -211,11 +213,13 @@ def build_generation_prompts(
     add_bos: bool = False,
     use_chat_template: bool = False,
     system_prompt: str | None = None,
+    progress: bool = True,
 ) -> list[dict]:
     """Tokenise the prompts for generation: one per unique ``source`` (first-seen order).
 
     The prompt is built exactly as in :func:`build_causal_lm_features` (same arguments), without any
     target. ``max_length`` (optional) cuts long prompts from the left, keeping a BOS token.
+    ``progress=False`` hides the tokenising bar.
 
     Returns:
         One dict per unique source: ``input_ids``, ``example_index`` (of the first example with that
@@ -237,7 +241,7 @@ def build_generation_prompts(
             first[ex.source] = item
             order.append(item)
         item["references"].extend(ex.references)
-    ids = _encode_many(tokenizer, [prompts[item["example_index"]] for item in order], "tokenising prompts")
+    ids = _encode_many(tokenizer, [prompts[item["example_index"]] for item in order], "tokenising prompts", progress)
     head = [bos] if bos is not None else []
     for item, body in zip(order, ids):
         if max_length is not None and len(head) + len(body) > max_length:

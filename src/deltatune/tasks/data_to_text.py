@@ -255,10 +255,11 @@ def _train(recipe: Recipe, model: Any, tokenizer: Any, data: RunData, run_dir: P
     d = recipe.data
     feats = build_causal_lm_features(
         data.train, tokenizer, max_length=d.max_length, target_prefix=d.target_prefix,
-        expand_references=d.expand_references, **kw,
+        expand_references=d.expand_references, progress=progress, **kw,
     )
     dev_feats = (
-        build_causal_lm_features(data.dev, tokenizer, max_length=d.max_length, target_prefix=d.target_prefix, **kw)
+        build_causal_lm_features(data.dev, tokenizer, max_length=d.max_length, target_prefix=d.target_prefix,
+                                 progress=progress, **kw)
         if data.dev
         else None
     )
@@ -327,7 +328,8 @@ def generate_outputs(
     if recipe.eval.merge and not recipe.is_full and get_method(recipe.method).mergeable:
         merge(model)
         merged = True
-    prompts = build_generation_prompts(examples, tokenizer, max_length=recipe.data.max_length, **feature_kwargs(recipe))
+    prompts = build_generation_prompts(examples, tokenizer, max_length=recipe.data.max_length, progress=progress,
+                                       **feature_kwargs(recipe))
     reset_peak_memory(device)
     t0 = time.perf_counter()
     texts = generate_text(
