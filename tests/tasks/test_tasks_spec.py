@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import deltatune as dt
 from deltatune.errors import DeltaConfigError
+from deltatune.methods.lora import LoraConfig
 from deltatune.sweep import load_sweep
 from deltatune.tasks import classification, spec
 from deltatune.tasks.lm import PerplexityConfig, load_perplexity_config
@@ -116,3 +118,22 @@ def test_one_override_parser_for_every_kind(tmp_path):
         load_perplexity_config(CONFIGS / "wikitext_lora.yaml", ["stride.x=1"])
     # the same function applies a recipe's --set
     assert apply_overrides({"train": {"lr": 1.0}}, ["train.lr=2"]) == {"train": {"lr": 2}}
+
+
+def test_recipe_delta_config_is_built_and_validated_once(monkeypatch):
+    """load_recipe builds the LoRA config once; Recipe.delta_config() hands back that object while the
+    recipe's delta is unchanged, and apply does not check it again."""
+    calls: list[int] = []
+    real = LoraConfig.validate
+    monkeypatch.setattr(LoraConfig, "validate", lambda self: (calls.append(1), real(self))[1])
+    r = load_recipe(CONFIGS / "e2e_cpu.yaml", check_data=False)
+    assert len(calls) == 1
+    cfg = r.delta_config()
+    assert isinstance(cfg, LoraConfig) and cfg is r.delta_config() and len(calls) == 1
+    model = torch.nn.Sequential()
+    model.add_module("q_proj", torch.nn.Linear(4, 4))
+    model.add_module("v_proj", torch.nn.Linear(4, 4))
+    dt.apply(model, cfg)
+    assert len(calls) == 1
+    r.delta["r"] = 8  # the dict changed: a new config, built from it (and validated)
+    assert r.delta_config().r == 8 and len(calls) == 2

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..compat.pet_config import from_pet_config, is_pet_config
-from ..config import config_from_dict
+from ..config import DeltaConfig, config_from_dict
 from ..data import data_to_text_path
 from ..errors import DeltaConfigError, DeltaConfigTypeError, MissingPackageError
 from ..export_gguf import ExportSpec
@@ -53,15 +53,16 @@ from .spec import (
     section_keys,
 )
 
-__all__ = ["JAVA_METRICS", "check_delta", "check_java", "load_recipe", "recipe_mapping", "resolve_data_dir"]
+__all__ = ["JAVA_METRICS", "build_delta", "check_delta", "check_java", "load_recipe", "recipe_mapping", "resolve_data_dir"]
 
 #: the metrics that need Java (pycocoevalcap's METEOR and PTB tokeniser jars)
 JAVA_METRICS = ("METEOR", "ROUGE_L", "CIDEr")
 
 
-def check_delta(delta: Any) -> dict[str, Any]:
-    """Check the ``delta`` section; returns the method config dict (``{"method": "full"}`` for full
-    fine-tuning; a MindFormers ``pet_config`` is translated)."""
+def build_delta(delta: Any) -> tuple[dict[str, Any], DeltaConfig | None]:
+    """Check the ``delta`` section and build its method config once (validated once): returns the config
+    dict (``{"method": "full"}`` for full fine-tuning; a MindFormers ``pet_config`` is translated) and
+    the config object (``None`` for full fine-tuning)."""
     if delta is None:
         raise DeltaConfigError(
             "recipe needs a 'delta' section with a 'method' key (a registered method, or 'full' for full fine-tuning)"
@@ -71,17 +72,24 @@ def check_delta(delta: Any) -> dict[str, Any]:
     delta = dict(delta)
     method = delta.get("method")
     if method is None and is_pet_config(delta):  # a MindFormers pet_config in the delta section
-        return from_pet_config(delta).to_dict()
+        cfg = from_pet_config(delta)
+        return cfg.to_dict(), cfg
     if method == FULL:
         extra = sorted(k for k in delta if k != "method")
         if extra:
             raise DeltaConfigError(f"delta.method 'full' (full fine-tuning) takes no other keys, got {extra}")
-        return delta
+        return delta, None
     if method is None:
         raise DeltaConfigError(f"delta.method is required: one of {method_names() + [FULL]}; got keys {sorted(delta)}")
     if not isinstance(method, str) or method not in method_names():
         raise DeltaConfigError(f"delta.method must be one of {method_names() + [FULL]}, got {method!r}")
-    return config_from_dict(delta).to_dict()
+    cfg = config_from_dict(delta)
+    return cfg.to_dict(), cfg
+
+
+def check_delta(delta: Any) -> dict[str, Any]:
+    """Check the ``delta`` section; returns the method config dict (see :func:`build_delta`)."""
+    return build_delta(delta)[0]
 
 
 def check_java(metrics: Sequence[str]) -> None:
@@ -164,7 +172,7 @@ def load_recipe(
     if num_threads is not None:
         check_int("num_threads", num_threads, minimum=1)
     model = from_mapping(ModelSpec, "model", raw.get("model"))
-    delta = check_delta(raw.get("delta"))
+    delta, delta_obj = build_delta(raw.get("delta"))
     export = from_mapping(ExportSpec, "export", raw.get("export"))
     if export.gguf == "adapter" and delta["method"] != "lora":
         raise DeltaConfigError(
@@ -201,7 +209,7 @@ def load_recipe(
         check_java(ev.metrics)
     elif data.data_dir is None:
         data.data_dir = DEFAULT_DATA_DIR
-    return Recipe(
+    recipe = Recipe(
         name=name,
         output_dir=out,
         model=model,
@@ -214,6 +222,8 @@ def load_recipe(
         num_threads=num_threads,
         export=export,
     )
+    recipe.keep_delta_config(delta_obj)
+    return recipe
 
 
 def resolve_data_dir(value: str | None, base: Path | None) -> str:

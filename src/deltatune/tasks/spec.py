@@ -373,10 +373,18 @@ class Recipe:
         """The run directory."""
         return Path(self.output_dir)
 
+    def keep_delta_config(self, config: DeltaConfig | None) -> None:
+        """Remember the config object the loader built from ``delta`` (so it is not built and validated again)."""
+        self.__dict__["_delta_config"] = config
+
     def delta_config(self) -> DeltaConfig | None:
-        """The method config object (``None`` for full fine-tuning)."""
+        """The method config object (``None`` for full fine-tuning): the one the loader built while
+        ``delta`` is unchanged, else built (and validated) from ``delta``."""
         if self.is_full:
             return None
+        kept = self.__dict__.get("_delta_config")
+        if kept is not None and kept.to_dict() == self.delta:
+            return kept
         return config_from_dict(self.delta)
 
     def to_dict(self) -> dict[str, Any]:
