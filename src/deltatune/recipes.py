@@ -30,10 +30,7 @@ from .tasks.rundir import (
     prepare_run_dir,
     write_references,
 )
-from .tasks.spec import DATA_DIR_ENV_VAR, FULL, DataSpec, EvalSpec, ModelSpec, Recipe
-
-#: the name ``deltatune info`` imports (cli._info_config); the same object as :data:`deltatune.tasks.spec.FULL`
-FULL_METHOD = FULL
+from .tasks.spec import DATA_DIR_ENV_VAR, DataSpec, EvalSpec, ModelSpec, Recipe
 
 __all__ = [
     "CONFIG_FILE",
