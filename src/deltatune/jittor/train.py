@@ -22,12 +22,12 @@ import numpy as np
 from . import require_jittor
 from .models import to_jt
 
-__all__ = ["AdamW", "causal_lm_loss", "clip_grad_norm", "evaluate", "train_step"]
+__all__ = ["AdamW", "logits_loss_sum", "clip_grad_norm", "evaluate", "train_step"]
 
 IGNORE_INDEX = -100
 
 
-def causal_lm_loss(logits: Any, labels: np.ndarray, label_smoothing: float = 0.0) -> tuple[Any, int]:
+def logits_loss_sum(logits: Any, labels: np.ndarray, label_smoothing: float = 0.0) -> tuple[Any, int]:
     """(summed token loss as a Jittor scalar, number of counted tokens) for next-token prediction."""
     jt = require_jittor()
     labels = np.asarray(labels, dtype=np.int64)[:, 1:].reshape(-1)
@@ -111,7 +111,7 @@ def train_step(
     jt = require_jittor()
     ids, mask, labels = (_np(batch[k]) for k in ("input_ids", "attention_mask", "labels"))
     logits, _ = model(ids, attention_mask=mask)
-    total, n = causal_lm_loss(logits, labels, label_smoothing)
+    total, n = logits_loss_sum(logits, labels, label_smoothing)
     objective = total / float(max(n, 1))
     grads = jt.grad(objective, list(params))
     grads, norm = clip_grad_norm(grads, max_grad_norm)
@@ -131,7 +131,7 @@ def evaluate(model: Any, dataset: Sequence[Any], collate: Any, batch_size: int) 
             for i in range(0, len(dataset), batch_size):
                 batch = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
                 logits, _ = model(_np(batch["input_ids"]), attention_mask=_np(batch["attention_mask"]))
-                s, n = causal_lm_loss(logits, _np(batch["labels"]), 0.0)
+                s, n = logits_loss_sum(logits, _np(batch["labels"]), 0.0)
                 total += float(s.item())
                 n_total += n
     finally:
