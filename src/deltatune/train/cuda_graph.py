@@ -26,6 +26,7 @@ then replays. Like eager steps, replays are asynchronous: the returned loss is a
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -141,14 +142,36 @@ class CapturedStep:
         self.optimizer.zero_grad(set_to_none=True)  # the captured backward assigns fresh gradients
         torch.cuda.current_stream().synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            loss = self.step_fn(self._static)
+        rng = _cuda_rng_states()
+        try:
+            with torch.cuda.graph(graph, stream=stream):
+                loss = self.step_fn(self._static)
+        except BaseException:
+            # A capture that fails leaves the device's random generator in capture mode (CUDA's end of
+            # capture raised before the generator was told the capture ended), so every later random
+            # op (dropout, randint) would raise "Offset increment outside graph capture": give the
+            # generator back the state it had before the capture.
+            _restore_cuda_rng_states(rng)
+            self._signature = {}
+            self._static = {}
+            raise
         if not isinstance(loss, Tensor):
             raise DeltaConfigError(f"step_fn must return the loss as a tensor, got {type(loss).__name__}")
         self._loss = loss.detach()
         self.graph = graph
         graph.replay()  # capture records the work without running it
         return self._loss.clone()
+
+
+def _cuda_rng_states() -> list[tuple[torch.Generator, Any]]:
+    """A detached copy of each CUDA default generator's state (``Generator.clone_state``)."""
+    gens = getattr(torch.cuda, "default_generators", ())
+    return [(g, g.clone_state()) for g in gens if hasattr(g, "clone_state")]
+
+
+def _restore_cuda_rng_states(states: list[tuple[torch.Generator, Any]]) -> None:
+    for gen, state in states:
+        gen.graphsafe_set_state(state)
 
 
 def _describe(sig: dict[str, tuple]) -> str:

@@ -202,7 +202,9 @@ class PadCollator:
                     f"example {i} has {sorted(f.keys())}"
                 )
         batch: dict[str, Any] = {}
-        seq_keys = [k for k in keys if k == "input_ids" or k in _SEQ_PAD]
+        # a key of _SEQ_PAD is padded only when it holds sequences: a classification batch's
+        # ``labels`` are one number per example and are stacked as they are
+        seq_keys = [k for k in keys if k == "input_ids" or (k in _SEQ_PAD and _is_sequence(features[0][k]))]
         lengths = None
         if "input_ids" in keys:
             lengths = [len(f["input_ids"]) for f in features]
@@ -220,6 +222,13 @@ class PadCollator:
             if "labels" not in batch and "label" not in batch:
                 batch["labels"] = batch["input_ids"].masked_fill(~valid, IGNORE_INDEX)
         return batch
+
+
+def _is_sequence(value: Any) -> bool:
+    """Whether one example's field is a sequence (padded) rather than a single number (stacked)."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() > 0
+    return isinstance(value, Sequence) and not isinstance(value, str)
 
 
 def _pad(seqs: list[Any], value: int, multiple: int | None = None) -> torch.Tensor:
