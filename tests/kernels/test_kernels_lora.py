@@ -15,6 +15,7 @@ from deltatune.kernels import (
     lora_linear_multi,
     lora_merged_linear,
     pack_mask,
+    saved_mask,
     unpack_mask,
 )
 from deltatune.kernels.lora_autograd import run_lora
@@ -577,3 +578,16 @@ def test_projections_computed_together_must_share_dropout_and_layout():
             r"\[\(0\.0, False\), \(0\.1, False\)\]$")):
         lora_projections(torch.randn(3, 8), [LoraProjection(W, b, A, B, 1.0, 0.0, False),
                                              LoraProjection(W, b, A, B, 1.0, 0.1, False)])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_saved_mask_packs_on_cpu_and_keeps_bytes_on_cuda(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    m = torch.rand(4, 6, 16, device=device) >= 0.3
+    kept = saved_mask(m)
+    if device == "cpu":
+        assert kept.dtype == torch.uint8 and tuple(kept.shape) == (4, 6, 2)
+    else:
+        assert kept is m
+    assert torch.equal(unpack_mask(kept), m)

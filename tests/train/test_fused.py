@@ -125,14 +125,24 @@ def test_liger_refused_without_cuda():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or bool(liger_available()), reason="needs CUDA + liger-kernel")
 def test_liger_bf16_equals_unfused_on_gpu():
-    model = _lora_llama().cuda().to(torch.bfloat16)
+    """Within bf16 tolerance, measured against the fp32 model: liger's bf16 error is no larger than twice the
+    unfused bf16 model's (outputs and every trainable gradient, relative Frobenius norms). One bf16 ulp of a
+    logit of magnitude 10 is 0.06, so an absolute tolerance on the bf16 logits tests rounding, not fusion."""
+    ref32 = _lora_llama().cuda()
+    model = copy.deepcopy(ref32).to(torch.bfloat16)
     fused = copy.deepcopy(model)
     fuse_llama(fused, "liger")
     ids = torch.randint(3, 32, (2, 64), device="cuda")
-    ref, out = model(input_ids=ids).logits.float(), fused(input_ids=ids).logits.float()
-    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
-    dy = torch.randn_like(ref)
-    g_ref = torch.autograd.grad(ref, [p for p in model.parameters() if p.requires_grad], dy)
-    g_out = torch.autograd.grad(out, [p for p in fused.parameters() if p.requires_grad], dy)
-    for a, b in zip(g_out, g_ref):
-        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
+    outs = [m(input_ids=ids).logits.float() for m in (ref32, model, fused)]
+    dy = torch.randn_like(outs[0])
+    grads = [torch.autograd.grad(o, [p for p in m.parameters() if p.requires_grad], dy)
+             for o, m in zip(outs, (ref32, model, fused))]
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+    e_unfused, e_fused = rel(outs[1], outs[0]), rel(outs[2], outs[0])
+    assert e_fused <= 2 * e_unfused + 1e-3, (e_fused, e_unfused)
+    for g32, g16, gl in zip(*grads):
+        e_unfused, e_fused = rel(g16, g32), rel(gl, g32)
+        assert e_fused <= 2 * e_unfused + 1e-2, (e_fused, e_unfused)

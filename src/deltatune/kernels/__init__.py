@@ -11,7 +11,7 @@ This package imports only :mod:`deltatune.errors`, :mod:`deltatune.validation` a
 
 from __future__ import annotations
 
-from .common import compute_dtype, dropout_mask, pack_mask, unpack_mask
+from .common import compute_dtype, dropout_mask, pack_mask, saved_mask, unpack_mask
 from .cross_entropy import causal_lm_loss, default_chunk_size, linear_cross_entropy
 from .lora_autograd import LoraProjection, lora_projection, lora_projections
 from .lora_function import fused_lora_A, lora_linear, lora_linear_multi, lora_merged_linear
@@ -30,5 +30,6 @@ __all__ = [
     "lora_projection",
     "lora_projections",
     "pack_mask",
+    "saved_mask",
     "unpack_mask",
 ]

@@ -13,9 +13,10 @@ element of the compute dtype):
 
 * without dropout: the input ``x`` once, in the compute dtype: ``in * s`` bytes (it is needed for ``dA``);
 * with dropout: the dropped input ``drop(x)`` **instead of** ``x`` (``in * s`` bytes; ``x`` itself is not
-  needed, the frozen base matmul keeps nothing) and the keep-mask packed to one bit per element
-  (``in / 8`` bytes; a bool mask, ``in`` bytes, when ``in`` is not a multiple of 8), so dropout costs
-  an eighth of a byte per input element. (A naive ``lora_B(lora_A(dropout(x)))`` after a base layer
+  needed, the frozen base matmul keeps nothing) and the keep-mask: on the CPU packed to one bit per
+  element (``in / 8`` bytes; a bool mask, ``in`` bytes, when ``in`` is not a multiple of 8), so dropout
+  costs an eighth of a byte per input element; on CUDA one byte per element (``in`` bytes), because
+  packing it costs more time there than the memory is worth (``common.saved_mask``). (A naive ``lora_B(lora_A(dropout(x)))`` after a base layer
   that saved ``x`` keeps ``x``, the dropped copy *and* a 1-byte mask.)
 * the small product ``xa = drop(x) @ A^T``: ``R * s`` bytes (needed for ``dB``);
 * references to ``W``, ``A``, ``B`` (parameters: no extra memory). ``W`` is never saved as a cast copy; if
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import DeltaConfigError
-from .common import cast, compute_dtype, drop, pack_mask, undrop, unpack_mask
+from .common import cast, compute_dtype, drop, saved_mask, undrop, unpack_mask
 
 __all__ = [
     "LoraProjection",
@@ -149,7 +150,7 @@ class _LoRAFn(torch.autograd.Function):
         # them again
         if n_As > 1:
             As = (lora_A,)
-        kept = None if mask is None else pack_mask(mask)
+        kept = None if mask is None else saved_mask(mask)
         if recompute_xa:
             ctx.save_for_backward(xd, kept, *As, *weights, *Bs)
         else:
@@ -168,7 +169,7 @@ class _LoRAFn(torch.autograd.Function):
         plan, scalings, p, seed, fifo, cdt, recompute_xa, n_groups, n_As, has_bias = ctx.meta
         whole, x_shape, x_dtype = ctx.extra
         saved = ctx.saved_tensors
-        x_saved, mask = saved[0], saved[1]  # x (dropped when p > 0) and the packed keep-mask (None when p == 0)
+        x_saved, mask = saved[0], saved[1]  # x (dropped when p > 0) and the keep-mask (None when p == 0)
         rest = saved[2:] if recompute_xa else saved[3:]
         A_saved = rest[0]  # the one A, or the concatenation (compute dtype) of several
         weights, Bs = rest[1 : 1 + n_groups], rest[1 + n_groups :]
@@ -374,7 +375,7 @@ class _FusedAFn(torch.autograd.Function):
         xd, mask = drop(x2, p, seed) if p > 0.0 else (x2, None)
         xa = xd @ A_cat.to(cdt).t()
         x_saved = x if (xd.data_ptr() == x.data_ptr() and x.dtype == cdt) else xd
-        ctx.save_for_backward(x_saved, None if mask is None else pack_mask(mask), A_cat)
+        ctx.save_for_backward(x_saved, None if mask is None else saved_mask(mask), A_cat)
         ctx.meta = (p, cdt, x.shape, x.dtype)
         return xa.reshape(*x.shape[:-1], xa.shape[-1])
 
