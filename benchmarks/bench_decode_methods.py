@@ -82,6 +82,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     base, prompts, cfg = decode_setup(args)
+    _time(base, prompts, cfg, args.device, 1)  # warm-up (CUDA context, kernels, first-call allocations)
     seconds = {"base": _time(base, prompts, cfg, args.device, args.repeats)}
     for name in args.methods:
         config, how = METHODS[name]
