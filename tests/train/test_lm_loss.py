@@ -13,7 +13,7 @@ from _train_utils import single_thread as _single_thread  # noqa: F401
 from torch import nn
 
 from deltatune.train import PadCollator, TrainConfig, Trainer, chunked_head, lm_loss_sum, logits_loss_sum
-from deltatune.train import trainer as trainer_mod
+from deltatune.train import step as step_mod
 
 
 def _gpt2():
@@ -156,7 +156,7 @@ def test_trainer_default_loss_is_chunked_and_trains_as_the_logits_loss():
 
 
 def test_auto_cuda_graph_says_once_why_it_runs_eagerly(caplog, monkeypatch):
-    monkeypatch.setattr(trainer_mod, "_SAID", set())
+    monkeypatch.setattr(step_mod, "_SAID", set())
     cfg = TrainConfig(progress_bar=False, tensorboard=False, device="cpu")
     assert cfg.cuda_graph == "auto"
     with caplog.at_level(logging.INFO, logger="deltatune.train"):
