@@ -59,7 +59,8 @@ LAYERS: list[tuple[str, tuple[str, ...], str]] = [
     ("export", ("export_gguf", "export_gguf.*"),
      "exporting merged models / adapters to GGUF"),
     ("train", ("train", "train.*"),
-     "the Trainer, its configs, losses, optimisers, schedules, distributed and FSDP support"),
+     "the Trainer (trainer, with its parts step, evaluation, trainer_checkpoints), its configs, losses, "
+     "optimisers, schedules, the resume checkpoint format (resume), distributed and FSDP support"),
     ("generate", ("generate", "score_processors"),
      "decoding (greedy / beam search) for the pipelines"),
     ("compat_shells", ("compat.mindpet", "compat.*"),

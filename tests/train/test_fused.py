@@ -38,6 +38,22 @@ def test_rms_norm_and_swiglu_functions_equal_the_formulas(dtype):
     torch.testing.assert_close(torch.autograd.grad(out, (g, u), dy), torch.autograd.grad(ref, (g, u), dy))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_swiglu_is_bitwise_the_unfused_expression(dtype):
+    # the CPU default under fused_kernels="auto" relies on this: outputs and both gradients to the bit
+    torch.manual_seed(1)
+    g = (torch.randn(6, 7, 40) * 4).to(dtype).requires_grad_(True)  # also large |gate| (sigmoid saturated)
+    u = torch.randn(6, 7, 40, dtype=dtype, requires_grad=True)
+    out, ref = swiglu(g, u), torch.nn.functional.silu(g) * u
+    assert torch.equal(out, ref)
+    dy = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (g, u), dy), torch.autograd.grad(ref, (g, u), dy)):
+        assert torch.equal(a, b)
+    # only the gradient asked for is formed
+    ref = torch.nn.functional.silu(g) * u.detach()
+    assert torch.equal(torch.autograd.grad(swiglu(g, u.detach()), g, dy)[0], torch.autograd.grad(ref, g, dy)[0])
+
+
 def _lora_llama():
     model = tiny_llama(seed=4)
     dt.apply(model, dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"]))
@@ -98,9 +114,35 @@ def test_trainer_with_fused_torch_trains_as_unfused():
     assert losses == pytest.approx(ref, rel=1e-5)
 
 
+def test_auto_on_cpu_fuses_swiglu_only_and_trains_bitwise_as_unfused():
+    def run(choice):
+        model = _lora_llama()
+        cfg = TrainConfig(progress_bar=False, tensorboard=False, device="cpu", lr=5e-3, batch_size=4, max_steps=3,
+                          log_every=1, shuffle=False, fused_kernels=choice)
+        tr = Trainer(model, cfg, lm_examples(12, seed=2, min_len=3, max_len=12))
+        tr.train()
+        losses = [r["loss"] for r in tr.log_history if r["split"] == "train"]
+        return tr.fused_kernels, model, losses, [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    used, model, losses, params = run("auto")
+    ref_used, ref_model, ref_losses, ref_params = run("none")
+    assert (used, ref_used) == ("torch-swiglu", "none")
+    assert getattr(model, fused_mod._MARK) == {"rms_norm": 0, "swiglu": 2, "rope": 0}
+    assert not hasattr(ref_model, fused_mod._MARK)
+    assert losses == ref_losses and len(losses) == 3
+    assert all(torch.equal(a, b) for a, b in zip(params, ref_params))
+    # the other sites can still be fused later (by any backend); the fused MLPs are left as they are
+    assert fuse_llama(model, "torch") == {"rms_norm": 5, "swiglu": 2, "rope": 2}
+
+
 def test_errors():
     with pytest.raises(DeltaConfigError, match=r"^fuse_llama backend must be 'liger' or 'torch', got 'triton'$"):
         fuse_llama(tiny_llama(), "triton")
+    with pytest.raises(DeltaConfigError, match=r"^fuse_llama sites must be a non-empty subset of \['rms_norm', "
+                                                r"'swiglu', 'rope'\], got \['swiglu', 'mlp'\]$"):
+        fuse_llama(tiny_llama(), "torch", sites=("swiglu", "mlp"))
+    with pytest.raises(DeltaConfigError, match=r"got \[\]$"):
+        fuse_llama(tiny_llama(), "torch", sites=())
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32, bos_token_id=0, eos_token_id=1))
@@ -119,7 +161,7 @@ def test_liger_refused_without_cuda():
     assert liger_available() == "CUDA is not available"
     with pytest.raises(DeltaConfigError, match=r"^fused_kernels='liger' cannot run here: CUDA is not available; "):
         Trainer(tiny_llama(), TrainConfig(progress_bar=False, device="cpu", fused_kernels="liger"), lm_examples(2))
-    assert apply_fused_kernels(tiny_llama(), "auto", torch.device("cpu")) == "none"
+    assert apply_fused_kernels(tiny_llama(), "auto", torch.device("cpu")) == "torch-swiglu"
 
 
 @pytest.mark.gpu

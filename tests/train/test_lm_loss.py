@@ -13,7 +13,7 @@ from _train_utils import single_thread as _single_thread  # noqa: F401
 from torch import nn
 
 from deltatune.train import PadCollator, TrainConfig, Trainer, chunked_head, lm_loss_sum, logits_loss_sum
-from deltatune.train import trainer as trainer_mod
+from deltatune.train import step as step_mod
 
 
 def _gpt2():
@@ -65,6 +65,39 @@ def test_chunked_loss_equals_plain_loss_values_and_gradients(make, smoothing, sh
     assert grads.keys() == ref_grads.keys()
     for k, g in ref_grads.items():
         torch.testing.assert_close(grads[k], g, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_cpu_default_chunk_is_cpu_chunk_elems_logits_and_equals_the_plain_loss(monkeypatch):
+    from deltatune.train import losses
+
+    seen = []
+    real = losses.linear_cross_entropy
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["chunk_size"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "linear_cross_entropy", spy)
+    model = tiny_llama().eval()
+    model.requires_grad_(True)
+    batch = _batch()
+    assert losses.CPU_CHUNK_ELEMS // 32 >= 27  # the real default: one chunk for this tiny batch
+    lm_loss_sum(model, batch)
+    monkeypatch.setattr(losses, "CPU_CHUNK_ELEMS", 4 * 32 + 31)  # 4 rows of 32 logits: 7 chunks of 27 rows
+    ref, n_ref = _reference(model, batch, 0.1, True)
+    ref.backward()
+    ref_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    total, n = lm_loss_sum(model, batch, label_smoothing=0.1)
+    total.backward()
+    lm_loss_sum(model, batch, chunk_size=5)  # an explicit chunk size is passed on as it is
+    assert seen == [2**23 // 32, 4, 5]
+    assert int(n) == n_ref
+    torch.testing.assert_close(total, ref, rtol=1e-5, atol=1e-5)
+    for k, p in model.named_parameters():  # (float32 sums in another order: within 1e-6 of the largest)
+        scale = float(ref_grads[k].abs().max())
+        assert scale > 0, k
+        torch.testing.assert_close(p.grad, ref_grads[k], rtol=1e-4, atol=1e-6 * scale, msg=k)
 
 
 def test_logits_path_when_chunked_is_off_or_not_possible():
@@ -123,7 +156,7 @@ def test_trainer_default_loss_is_chunked_and_trains_as_the_logits_loss():
 
 
 def test_auto_cuda_graph_says_once_why_it_runs_eagerly(caplog, monkeypatch):
-    monkeypatch.setattr(trainer_mod, "_SAID", set())
+    monkeypatch.setattr(step_mod, "_SAID", set())
     cfg = TrainConfig(progress_bar=False, tensorboard=False, device="cpu")
     assert cfg.cuda_graph == "auto"
     with caplog.at_level(logging.INFO, logger="deltatune.train"):

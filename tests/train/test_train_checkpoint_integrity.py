@@ -12,7 +12,7 @@ from _train_utils import single_thread as _single_thread  # noqa: F401
 
 from deltatune.errors import CheckpointError, DataFormatError, ForeignFileError
 from deltatune.train import TrainConfig, Trainer
-from deltatune.train.checkpoint import cleanup_stale_checkpoints, verify_checkpoint
+from deltatune.train.resume import cleanup_stale_checkpoints, verify_checkpoint
 
 
 def _cfg(out, **kw):
@@ -84,7 +84,7 @@ def test_checkpoint_of_an_older_version_still_resumes(tmp_path, trained):
 
 
 def test_truncated_safetensors_without_marker_check_is_a_checkpoint_error(trained):
-    from deltatune.train.checkpoint import load_trainable_params
+    from deltatune.train.resume import load_trainable_params
 
     f = trained / "delta.safetensors"
     f.write_bytes(f.read_bytes()[:-9])

@@ -15,7 +15,6 @@ from torch import nn
 import deltatune as dt
 from deltatune.errors import CheckpointError, DeltaConfigError
 from deltatune.train import TrainConfig, Trainer, read_log
-from deltatune.train.checkpoint import save_trainable_params
 from deltatune.train.fsdp import (
     find_block_modules,
     full_optimizer_state_dict,
@@ -29,6 +28,7 @@ from deltatune.train.fsdp import (
     shard_optimizer_state_dict,
 )
 from deltatune.train.optim import AdamW
+from deltatune.train.resume import save_trainable_params
 
 CPU = torch.device("cpu")
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from deltatune.errors import CheckpointError
 from deltatune.train import TrainConfig, Trainer, TrainerCallback, find_latest_checkpoint, list_checkpoints
-from deltatune.train.checkpoint import (
+from deltatune.train.resume import (
     capture_rng_state,
     cleanup_stale_checkpoints,
     load_trainable_params,

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import DataFormatError, DeltaConfigError
 from ..io_utils import atomic_write_text, read_text_file
-from ..train.checkpoint import cleanup_stale_checkpoints, list_checkpoints, remove_checkpoint
+from ..train.resume import cleanup_stale_checkpoints, list_checkpoints, remove_checkpoint
 
 __all__ = [
     "ARTEFACTS",

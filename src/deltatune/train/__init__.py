@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-from .checkpoint import (
-    find_latest_checkpoint,
-    list_checkpoints,
-    load_trainable_params,
-    save_trainable_params,
-)
 from .config import TrainConfig
 from .cuda_graph import CapturedStep, optimizer_is_capturable
 from .distributed import EpochBatchSampler
@@ -17,6 +11,12 @@ from .logging import read_log
 from .losses import PadCollator, chunked_head, lm_loss_sum, logits_loss_sum
 from .optim import AdamW, param_groups
 from .regional_compile import compile_blocks
+from .resume import (
+    find_latest_checkpoint,
+    list_checkpoints,
+    load_trainable_params,
+    save_trainable_params,
+)
 from .schedules import build_scheduler, lr_factor
 from .trainer import Trainer, TrainerCallback, TrainState, set_seed
 

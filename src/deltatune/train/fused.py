@@ -26,7 +26,7 @@ import logging
 import sys
 import threading
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -36,13 +36,15 @@ from torch import Tensor, nn
 from ..errors import DeltaConfigError
 from .regional_compile import compile_blocks
 
-__all__ = ["FUSED_MODEL_TYPES", "apply_fused_kernels", "fuse_llama", "liger_available", "rms_norm", "swiglu"]
+__all__ = ["FUSED_MODEL_TYPES", "SITES", "apply_fused_kernels", "fuse_llama", "liger_available", "rms_norm", "swiglu"]
 
 logger = logging.getLogger("deltatune.train")
 
 #: ``config.model_type`` of the models whose blocks :func:`fuse_llama` knows (Llama-style: RMSNorm with
 #: ``weight * normalised``, SiLU-gated MLP, rotate-half RoPE)
 FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+#: the sites :func:`fuse_llama` can fuse
+SITES = ("rms_norm", "swiglu", "rope")
 _MARK = "_deltatune_fused"
 
 
@@ -71,7 +73,12 @@ class _RMSNormFn(torch.autograd.Function):
 
 
 class _SwiGLUFn(torch.autograd.Function):
-    """``silu(gate) * up``; keeps ``gate`` and ``up`` only (SiLU is recomputed in the backward, in fp32)."""
+    """``silu(gate) * up``; keeps ``gate`` and ``up`` only (SiLU is recomputed in the backward).
+
+    The backward runs the very operations autograd runs for the unfused ``F.silu(gate) * up`` (``dy * up``
+    into ``aten.silu_backward``, ``dy * silu(gate)``) on the same operands, so its gradients are bitwise
+    those of the unfused expression, in every dtype; only the SiLU output is not kept between forward and
+    backward (one ``gate``-sized tensor per MLP)."""
 
     @staticmethod
     def forward(ctx: Any, gate: Tensor, up: Tensor) -> Tensor:
@@ -79,14 +86,14 @@ class _SwiGLUFn(torch.autograd.Function):
         return F.silu(gate) * up
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, Tensor]:
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, Tensor | None]:
         gate, up = ctx.saved_tensors
-        g = gate.float()
-        sig = torch.sigmoid(g)
-        silu = g * sig
-        dyf = dy.float()
-        dgate = dyf * up.float() * (sig * (1.0 + g * (1.0 - sig)))
-        return dgate.to(gate.dtype), (dyf * silu).to(up.dtype)
+        dgate = dup = None
+        if ctx.needs_input_grad[1]:
+            dup = dy * F.silu(gate)
+        if ctx.needs_input_grad[0]:
+            dgate = torch.ops.aten.silu_backward(dy * up, gate)
+        return dgate, dup
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -229,22 +236,28 @@ def _model_type(model: nn.Module) -> Any:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def fuse_llama(model: nn.Module, backend: str = "liger") -> dict[str, int]:
+def fuse_llama(model: nn.Module, backend: str = "liger", *, sites: Iterable[str] = SITES) -> dict[str, int]:
     """Patch the RMSNorm, MLP and attention modules of a Llama-style Hugging Face model in place so that
     RMSNorm, SwiGLU and RoPE each run as one fused function; returns how many modules of each kind were
-    patched (``{"rms_norm": n, "swiglu": n, "rope": n}``). A model already fused is left as it is.
+    patched (``{"rms_norm": n, "swiglu": n, "rope": n}``). Sites fused before (by any backend) are left
+    as they are.
 
     Args:
         model: a transformers model whose ``config.model_type`` is in :data:`FUSED_MODEL_TYPES` (delta
             layers inside it are fine: the projections are still called as modules).
         backend: ``"liger"`` (Triton kernels; needs CUDA, ``triton`` and ``liger-kernel``) or ``"torch"``.
+        sites: which of :data:`SITES` to fuse (default all; the others keep the model's own code).
 
     Raises:
-        DeltaConfigError: unknown backend, a model of another type or with a non-SiLU MLP, or liger asked
-            for where it cannot run.
+        DeltaConfigError: unknown backend or site, a model of another type or with a non-SiLU MLP, or liger
+            asked for where it cannot run.
     """
     if backend not in ("liger", "torch"):
         raise DeltaConfigError(f"fuse_llama backend must be 'liger' or 'torch', got {backend!r}")
+    sites = tuple(sites) if not isinstance(sites, str) else (sites,)
+    unknown = [x for x in sites if x not in SITES]
+    if unknown or not sites:
+        raise DeltaConfigError(f"fuse_llama sites must be a non-empty subset of {list(SITES)}, got {list(sites)!r}")
     model_type = _model_type(model)
     if model_type not in FUSED_MODEL_TYPES:
         raise DeltaConfigError(
@@ -258,20 +271,22 @@ def fuse_llama(model: nn.Module, backend: str = "liger") -> dict[str, int]:
         why = liger_available()
         if why:
             raise DeltaConfigError(f"fused_kernels='liger' cannot run here: {why}; use 'torch', 'compile' or 'none'")
-    existing = getattr(model, _MARK, None)
-    if existing is not None:
-        return dict(existing)
+    counts = dict(getattr(model, _MARK, None) or {"rms_norm": 0, "swiglu": 0, "rope": 0})
+    sites = tuple(x for x in sites if not counts[x])  # sites fused before are left as they are
+    if not sites:
+        return counts
     ops = _liger_ops() if backend == "liger" else _torch_ops()
-    counts = {"rms_norm": 0, "swiglu": 0, "rope": 0}
     for module in model.modules():
         name = type(module).__name__
-        if name.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+        if name.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and "rms_norm" in sites:
             _patch_rms_norm(module, ops["rms_norm"])
             counts["rms_norm"] += 1
-        elif name.endswith("MLP") and all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")):
+        elif name.endswith("MLP") and "swiglu" in sites and all(
+            hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj")
+        ):
             _patch_mlp(module, ops["swiglu"])
             counts["swiglu"] += 1
-        elif name.endswith("Attention"):
+        elif name.endswith("Attention") and "rope" in sites:
             modeling = sys.modules[type(module).__module__]
             if not callable(getattr(modeling, "apply_rotary_pos_emb", None)):
                 continue
@@ -285,8 +300,12 @@ def fuse_llama(model: nn.Module, backend: str = "liger") -> dict[str, int]:
 def apply_fused_kernels(model: nn.Module, choice: str, device: torch.device) -> str:
     """Apply ``TrainConfig.fused_kernels`` to ``model`` (in place); returns the backend used.
 
-    ``"auto"`` is ``"liger"`` where liger can run (:func:`liger_available`) on a CUDA ``device`` and the
-    model is Llama-style, else ``"none"``; ``"compile"`` calls :func:`compile_blocks`.
+    ``"auto"`` fuses only Llama-style models with a SiLU MLP (else ``"none"``): on a CUDA ``device`` it is
+    ``"liger"`` where liger can run (:func:`liger_available`), else ``"none"``; on the CPU it is
+    ``"torch-swiglu"``, the pure-torch SwiGLU alone (:func:`swiglu`: bitwise the unfused gradients, one
+    intermediate-sized activation less kept per block; the fused RMSNorm and RoPE keep no less in fp32
+    and are not exact to the bit, so they are left as they are). ``"compile"`` calls
+    :func:`compile_blocks`.
     """
     if choice == "none":
         return "none"
@@ -294,9 +313,12 @@ def apply_fused_kernels(model: nn.Module, choice: str, device: torch.device) -> 
         compile_blocks(model)
         return "compile"
     if choice == "auto":
-        if device.type != "cuda" or _model_type(model) not in FUSED_MODEL_TYPES:
+        if _model_type(model) not in FUSED_MODEL_TYPES or getattr(model.config, "hidden_act", None) != "silu":
             return "none"
-        if getattr(model.config, "hidden_act", None) != "silu":
+        if device.type == "cpu":
+            fuse_llama(model, "torch", sites=("swiglu",))
+            return "torch-swiglu"
+        if device.type != "cuda":
             return "none"
         why = liger_available()
         if why:

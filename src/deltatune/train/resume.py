@@ -1,4 +1,4 @@
-"""Delta-only training checkpoints, written atomically.
+"""Training checkpoints for resuming (delta-only, written atomically): the directory format of the Trainer.
 
 Layout of ``<output_dir>/checkpoint-<step>/``::
 
