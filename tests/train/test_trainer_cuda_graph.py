@@ -145,3 +145,46 @@ def test_auto_falls_back_to_eager_when_the_capture_fails():
     assert torch.nn.functional.dropout(torch.ones(64, device="cuda"), 0.5).eq(0).any()
     _, ref = run(False)
     assert losses == pytest.approx(ref, rel=1e-4)
+
+
+def test_capture_is_faster_compares_best_times():
+    from deltatune.train.step import capture_is_faster
+
+    assert capture_is_faster([0.010, 0.009], [0.004, 0.005, 0.004])
+    assert not capture_is_faster([0.050, 0.040], [0.045, 0.044, 0.046])
+    assert capture_is_faster([0.02], [0.02])  # a tie keeps the capture
+    with pytest.raises(ValueError, match=r"^need eager and replay times, got 0 and 3$"):
+        capture_is_faster([], [1.0, 1.0, 1.0])
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("eager_wins", [True, False])
+def test_auto_keeps_the_faster_of_eager_and_captured(monkeypatch, eager_wins):
+    from deltatune.train import step as step_mod
+
+    def fake_timed(fn, device):  # eager warm-up calls "take" 1 ms, replays 2 ms (or the reverse)
+        out = fn()
+        replay = fake_timed.trainer._graphs and next(iter(fake_timed.trainer._graphs.values())).graph is not None
+        return out, (0.002 if replay else 0.001) if eager_wins else (0.001 if replay else 0.002)
+
+    monkeypatch.setattr(step_mod, "_timed_call", fake_timed)
+    data = lm_examples(48)
+
+    def run(cuda_graph):
+        cfg = TrainConfig(progress_bar=False, tensorboard=False, cuda_graph=cuda_graph, batch_size=4, max_steps=10,
+                          log_every=1, device="cuda", shuffle=False, lr=5e-3, fused_kernels="none")
+        tr = Trainer(tiny_llama(), cfg, data, collate_fn=PadCollator(pad_token_id=0, pad_to_multiple_of=64))
+        fake_timed.trainer = tr
+        tr.train()
+        return tr, [r["loss"] for r in tr.log_history if r["split"] == "train"]
+
+    auto, losses = run("auto")
+    _, ref = run(False)
+    assert losses == pytest.approx(ref, rel=1e-4)
+    assert len(auto._auto_times["eager"]) == 2 and len(auto._auto_times["replay"]) == 3
+    if eager_wins:
+        assert not auto.capture and not auto._graphs
+        assert auto.eager_reason == "eager steps measured faster than captured ones (1.0 ms against 2.0 ms per step)"
+    else:
+        assert auto.capture and auto.eager_reason == "" and auto._auto_times["captured"]

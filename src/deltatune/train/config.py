@@ -66,7 +66,9 @@ class TrainConfig:
     batch-shape signature and replays it (:class:`~deltatune.train.CapturedStep`). ``True`` needs a CUDA
     device, one process, ``mixed_precision`` ``"no"`` or ``"bf16"`` and the default loss or a
     ``loss_fn`` with a ``unit_count(batch)`` method; ``"auto"`` captures when all of that holds and
-    otherwise trains eagerly and says once why (log ``deltatune.train``). Pad batches to few shapes (e.g.
+    otherwise trains eagerly and says once why (log ``deltatune.train``); it also times two eager steps
+    and three replays of the first batch shape and keeps the faster (``Trainer.eager_reason`` says when
+    eager won: large models can be faster eager). Pad batches to few shapes (e.g.
     :class:`~deltatune.train.PadCollator` ``pad_to_multiple_of``): at most
     ``Trainer.MAX_CUDA_GRAPHS`` shapes are captured, others run eagerly. ``fused_kernels``
     (``"auto"``, ``"liger"``, ``"torch"``, ``"compile"``, ``"none"``) fuses the elementwise work of

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,7 +31,7 @@ from .losses import (
     lm_loss_sum,
 )
 
-__all__ = ["LossFn", "StepMixin", "capturable_loss"]
+__all__ = ["LossFn", "StepMixin", "capturable_loss", "capture_is_faster"]
 
 LossFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, int | torch.Tensor]"]
 logger = logging.getLogger("deltatune.train")
@@ -48,6 +49,29 @@ def capturable_loss(loss_fn: LossFn | None) -> bool:
     """Whether the Trainer can capture steps with ``loss_fn``: the default loss (None), or a ``loss_fn``
     with a ``unit_count(batch) -> int`` method giving, from the CPU batch, the ``n`` it returns."""
     return loss_fn is None or callable(getattr(loss_fn, "unit_count", None))
+
+
+#: ``cuda_graph="auto"`` times this many eager steps (after the first, which pays one-time costs) and this
+#: many replays (after the one inside the capture call) of the first batch shape, then keeps the faster
+AUTO_EAGER_SAMPLES = 2
+AUTO_REPLAY_SAMPLES = 3
+
+
+def capture_is_faster(eager_s: list[float], replay_s: list[float]) -> bool:
+    """Whether the captured step is the faster one: its best replay time against the best eager step time
+    (best, not mean: one-time costs and other processes only ever add time). Ties keep the capture."""
+    if not eager_s or not replay_s:
+        raise ValueError(f"need eager and replay times, got {len(eager_s)} and {len(replay_s)}")
+    return min(replay_s) <= min(eager_s)
+
+
+def _timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """``fn()`` and its wall time in seconds with the device synchronised before and after."""
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize(device)
+    return out, time.perf_counter() - t0
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
@@ -252,9 +276,13 @@ class StepMixin:
             if len(self._graphs) >= self.MAX_CUDA_GRAPHS:
                 self.optimizer.zero_grad(set_to_none=True)  # gradients may still point at a graph's buffers
                 return None
+            measure = self.config.cuda_graph == "auto" and self._auto_times is None
             captured = self._graphs[sig] = CapturedStep(
-                functools.partial(self._captured_body, len(micro)), self.optimizer, warmup=2
+                functools.partial(self._captured_body, len(micro)), self.optimizer,
+                warmup=1 + AUTO_EAGER_SAMPLES if measure else 2,
             )
+            if measure:  # the first batch shape decides, by measurement, whether capturing pays
+                self._auto_times = {"sig": sig, "eager": [], "replay": []}
         flat = {f"{i}/{k}": v for i, b in enumerate(micro) for k, v in _to_device(b, self.device).items()}
         flat["__scale"] = torch.full((), 1.0 / n_units if n_units > 0 else 0.0, dtype=torch.float32, device=self.device)
         if self.loss_fn is not None:  # the units of each micro-batch, to turn its mean loss into a sum
@@ -262,8 +290,19 @@ class StepMixin:
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.sync_lr()
         captures_now = captured.graph is None and captured.calls >= captured.warmup
+        times = self._auto_times
+        kind = None
+        if times is not None and times.get("sig") == sig:
+            if captured.graph is None and 1 <= captured.calls < captured.warmup:
+                kind = "eager"  # an eager warm-up call after the first
+            elif captured.graph is not None:
+                kind = "replay"
         try:
-            out = captured(flat)
+            if kind is None:
+                out = captured(flat)
+            else:
+                out, seconds = _timed_call(lambda: captured(flat), self.device)
+                times[kind].append(seconds)
         except Exception as err:  # noqa: BLE001 - re-raised unless "auto" can fall back
             if not (captures_now and self.config.cuda_graph == "auto"):
                 raise
@@ -275,7 +314,27 @@ class StepMixin:
             _say_once(f"Trainer: steps run eagerly (not captured as CUDA graphs): {self.eager_reason}")
             return None
         self.scheduler.step()
+        if kind == "replay" and len(times["replay"]) >= AUTO_REPLAY_SAMPLES:
+            self._decide_capture(times)
         return {"loss_sum": out[0], "n": n_units, "tokens": in_tokens, "grad_norm": out[1], "lr": lr}
+
+    def _decide_capture(self, times: dict[str, Any]) -> None:
+        """``cuda_graph="auto"``: keep the captured steps if they measured faster, else run eagerly from the
+        next step on (large models can be faster eager: the captured step cannot use every kernel the eager
+        one picks), saying so once."""
+        eager, replay = times["eager"], times["replay"]
+        self._auto_times = {"eager": eager, "replay": replay, "captured": capture_is_faster(eager, replay)}
+        if self._auto_times["captured"]:
+            return
+        self._graphs.clear()
+        self.optimizer.zero_grad(set_to_none=True)  # gradients may still point at a graph's buffers
+        self.capture = False
+        self.eager_reason = (
+            f"eager steps measured faster than captured ones ({min(eager) * 1e3:.1f} ms against "
+            f"{min(replay) * 1e3:.1f} ms per step)"
+        )
+        _say_once(f"Trainer: steps run eagerly (not captured as CUDA graphs): {self.eager_reason}",
+                  level=logging.INFO)
 
     def _captured_body(self, n_micro: int, flat: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """One optimiser step on the static batch tensors (the function :class:`CapturedStep` captures):

@@ -283,6 +283,8 @@ class Trainer(StepMixin, EvalMixin, CheckpointMixin):
         )
         self._trainable = [p for g in groups for p in g["params"]]
         self._graphs: dict[tuple, CapturedStep] = {}
+        #: ``cuda_graph="auto"``: the step times measured on the first batch shape, then the decision
+        self._auto_times: dict[str, Any] | None = None
 
         probe = self._train_sampler(0, 0)
         self.batches_per_epoch = probe.batches_per_epoch
