@@ -180,3 +180,24 @@ def test_reduction_factor_larger_than_hidden_before_touching(tiny):
                                                r"reduction_factor 16\) of 'transformer.h.0.attn.c_proj', got 3"):
         api.apply(model, LowRankAdapterConfig(reduction_factor=16, low_rank_size=3))
     assert api.adapter_names(model) == []
+
+
+def test_low_rank_linear_without_gradients_uses_the_composed_matrix_and_follows_updates():
+    from deltatune.methods.low_rank_adapter import LowRankLinear
+
+    torch.manual_seed(5)
+    layer = LowRankLinear(12, 4, 2, dtype=torch.float64)
+    for t in (layer.w_left, layer.w_right, layer.bias):
+        torch.nn.init.normal_(t)
+    x = torch.randn(3, 7, 12, dtype=torch.float64)
+    factored = (x @ layer.w_left) @ layer.w_right + layer.bias
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), factored)
+        first = layer._composed(torch.float64)
+        assert layer._composed(torch.float64) is first  # cached while the factors are unchanged
+        layer.w_right.mul_(2.0)  # an in-place update (what an optimiser step does)
+        torch.testing.assert_close(layer(x), (x @ layer.w_left) @ layer.w_right + layer.bias)
+        assert layer._composed(torch.float64) is not first
+    out = layer(x)  # with gradients: the factored path, and the factors get gradients
+    out.sum().backward()
+    assert layer.w_left.grad is not None and layer.w_right.grad is not None

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import DeltaConfigError
 from ..inject import ModuleSlot
@@ -111,7 +112,22 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = x.dtype
-        return (x @ self.w_left.to(dt)) @ self.w_right.to(dt) + self.bias.to(dt)
+        if torch.is_grad_enabled():
+            return (x @ self.w_left.to(dt)) @ self.w_right.to(dt) + self.bias.to(dt)
+        # without gradients (decoding, evaluation): one matmul with the composed matrix, made once per
+        # version of the factors (an optimiser step or a load changes their version counters)
+        return F.linear(x, self._composed(dt), self.bias.to(dt))
+
+    def _composed(self, dtype: torch.dtype) -> torch.Tensor:
+        """``(w_left · w_right)ᵀ`` in ``dtype`` (computed in the factors' dtype), cached per factor version."""
+        key = (dtype, self.w_left.device, self.w_left._version, self.w_right._version,
+               self.w_left.data_ptr(), self.w_right.data_ptr())
+        cached = self.__dict__.get("_composed_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                w = (self.w_left @ self.w_right).t().to(dtype).contiguous()
+            self.__dict__["_composed_cache"] = cached = (key, w)
+        return cached[1]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
