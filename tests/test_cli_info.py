@@ -58,7 +58,7 @@ def test_every_config_in_configs_is_read_without_loading(path, monkeypatch):
             assert (s.model, s.task) == (raw["model"]["name_or_path"], "causal-lm")
             given = {**raw["delta"], **own} if s.method == raw["delta"]["method"] else {**own, "method": s.method}
         elif "methods" in raw:  # a GLUE sweep: the model, the head and each method's own fields
-            assert (s.model, s.task, s.pooling) == (raw["model"], None, raw["pooling"])
+            assert (s.model, s.task, s.pooling) == (raw["model"]["name_or_path"], None, raw["model"]["pooling"])
             given = {**DEFAULT_METHOD_CONFIGS[s.method], **own}
         else:  # a recipe or a perplexity config: the causal LM it names and its delta section
             spec = raw["model"]
@@ -178,13 +178,14 @@ def test_info_needs_a_model(tmp_path, capsys):
     other.write_text("name: x\ntrain: {lr: 1}\n", encoding="utf-8")
     code, out, err = _run(capsys, "x", "--config", other)
     assert (code, err) == (2, f"deltatune: error: {other} is not a config info reads: a method config has a 'method' "
-                              f"key, a recipe a 'delta' section, a sweep config 'task' and 'methods'; got keys "
-                              f"['name', 'train']\n")
-    csv_cfg = tmp_path / "csv.yaml"
-    csv_cfg.write_text("task: csv\nmethods: {lora: {lr: 1.0e-3}}\n", encoding="utf-8")
-    code, out, err = _run(capsys, "x", "--config", csv_cfg)
-    assert (code, err) == (2, f"deltatune: error: info cannot size the head of {str(csv_cfg)!r}: a csv task counts its "
-                              f"labels from the data files; use a GLUE task config\n")
+                              f"key, a recipe or perplexity config a 'delta' section, a classification config "
+                              f"data.dataset (a GLUE task); got keys ['name', 'train']\n")
+    for text in ("task: csv\nmethods: {lora: {lr: 1.0e-3}}\n", "data: {dataset: csv}\nmethods: {lora: {lr: 1.0e-3}}\n"):
+        csv_cfg = tmp_path / "csv.yaml"  # the old flat layout and the sections
+        csv_cfg.write_text(text, encoding="utf-8")
+        code, out, err = _run(capsys, "x", "--config", csv_cfg)
+        assert (code, err) == (2, f"deltatune: error: info cannot size the head of {str(csv_cfg)!r}: a csv task counts "
+                                  f"its labels from the data files; use a GLUE task config\n")
 
 
 @pytest.mark.real_model

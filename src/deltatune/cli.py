@@ -425,6 +425,7 @@ def _info_config(path: str, overrides: Sequence[str], method: str | None = None)
     from .errors import DataFormatError, DeltaConfigError
     from .io_utils import load_json_file, load_yaml_file
     from .tasks.classification import DEFAULT_METHOD_CONFIGS, FULL, sweep_method_names
+    from .tasks.layout import LAYOUTS, task_of, to_sections
     from .tasks.overrides import parse_override
 
     p = Path(path)
@@ -457,31 +458,41 @@ def _info_config(path: str, overrides: Sequence[str], method: str | None = None)
             return None
         return config_from_dict({**defaults, **given, **fields})
 
-    recipe_sweep = isinstance(data.get("delta"), Mapping) and isinstance(data.get("methods"), Mapping)
-    is_sweep = not recipe_sweep and ("methods" in data or ("task" in data and "method_config" in data))
-    if not is_sweep and per_method:
+    kind = None if "method" in data or is_pet_config(data) else task_of(data)
+    if kind in LAYOUTS:  # a classification or perplexity config: read in the sectioned layout
+        data = to_sections(data, LAYOUTS[kind])
+    recipe_sweep = kind != "classification" and isinstance(data.get("delta"), Mapping) and isinstance(
+        data.get("methods"), Mapping
+    )
+    is_sweep = kind == "classification"
+    if not is_sweep and not recipe_sweep and per_method:
         raise DeltaConfigError(f"--set methods.NAME.config.KEY=VALUE needs a sweep config, got {path!r}")
     if is_sweep:
-        task_name = data.get("task")
+        model_spec = data.get("model") or {}
+        task_name = (data.get("data") or {}).get("dataset")
         if task_name == "csv":
             raise DeltaConfigError(
                 f"info cannot size the head of {path!r}: a csv task counts its labels from the data files; "
                 f"use a GLUE task config"
             )
         info = glue_task(task_name)
-        common = {"model": data.get("model", "minilm-l6"), "dtype": data.get("dtype"), "num_labels": info.num_labels,
-                  "pooling": data.get("pooling", "auto"), "head_dropout": data.get("head_dropout", 0.1)}
+        common = {"model": model_spec.get("name_or_path", "minilm-l6"), "dtype": model_spec.get("dtype"),
+                  "num_labels": info.num_labels, "pooling": model_spec.get("pooling", "auto"),
+                  "head_dropout": model_spec.get("head_dropout", 0.1)}
         known = sweep_method_names()
         given = data.get("methods") or {}
         if not isinstance(given, Mapping):
             raise DataFormatError(f"{p}: 'methods' must be a mapping method -> {{lr, config}}, got {given!r}")
-        if "method" in data:  # one classification run
-            names = [data["method"]]
-            configs = {data["method"]: data.get("method_config") or {}}
+        delta = dict(data.get("delta") or {})
+        own = {k: v for k, v in delta.items() if k != "method"}
+        if delta and "methods" not in data and "sweep" not in data:  # one classification run
+            names = [delta.get("method")]
+            configs = {delta.get("method"): own}
         else:
             listed = (data.get("sweep") or {}).get("methods") or []
             names = list(dict.fromkeys([*given, *listed])) or known
-            configs = {m: (given.get(m) or {}).get("config") or {} for m in names}
+            configs = {m: {**(own if delta.get("method") == m else {}), **((given.get(m) or {}).get("config") or {})}
+                       for m in names}
         for m in [*names, *per_method]:
             if m not in known:
                 raise DeltaConfigError(f"{path}: unknown method {m!r}; known methods: {', '.join(known)}")
@@ -509,9 +520,12 @@ def _info_config(path: str, overrides: Sequence[str], method: str | None = None)
             if method not in names:
                 raise DeltaConfigError(f"--method {method!r}: {path} sweeps the methods {names}")
             names = [method]
+        missing = sorted(set(per_method) - set(names))
+        if missing:
+            raise DeltaConfigError(f"--set methods.{missing[0]}.config...: {missing[0]!r} is not among the methods shown {names}")
         out = []
         for m in names:
-            own = (data["methods"].get(m) or {}).get("config") or {}
+            own = {**((data["methods"].get(m) or {}).get("config") or {}), **per_method.get(m, {})}
             given = {**base, **own} if m == base.get("method") else {**own, "method": m}
             cfg = build(m, {} if m == FULL else given, f"{path} methods.{m}")
             out.append(_InfoSetup(f"methods.{m}", m, cfg, model, "causal-lm", dtype))
@@ -525,8 +539,8 @@ def _info_config(path: str, overrides: Sequence[str], method: str | None = None)
         dtype = spec.get("dtype") if isinstance(spec, Mapping) else data.get("dtype")
     if "method" not in delta and not is_pet_config(delta):
         raise DeltaConfigError(
-            f"{path} is not a config info reads: a method config has a 'method' key, a recipe a 'delta' section, "
-            f"a sweep config 'task' and 'methods'; got keys {sorted(data)}"
+            f"{path} is not a config info reads: a method config has a 'method' key, a recipe or perplexity config "
+            f"a 'delta' section, a classification config data.dataset (a GLUE task); got keys {sorted(data)}"
         )
     name = delta.get("method")
     given = {k: v for k, v in delta.items() if k != "method"} if name == FULL else dict(delta)

@@ -32,6 +32,7 @@ from ..api import apply
 from ..checkpoint import save_delta
 from ..config import DeltaConfig, config_from_dict
 from ..data import (
+    GLUE_TASKS,
     ClassificationCollator,
     TextPairExample,
     glue_task,
@@ -315,10 +316,14 @@ def classification_config(raw: Mapping[str, Any] | ClassificationConfig) -> Clas
         return raw
     check_type("classification config", raw, Mapping, "a mapping")
     fields = flatten(to_sections(raw, CLASSIFICATION), CLASSIFICATION)
+    names = f"{', '.join(repr(k) for k in GLUE_TASKS)} (or the folder spellings) or 'csv'"
     if "task" not in fields:
-        raise DeltaConfigError(
-            f"a classification config needs data.dataset (a GLUE task or 'csv'), got keys {sorted(raw)}"
-        )
+        raise DeltaConfigError(f"a classification config needs data.dataset ({names}), got keys {sorted(raw)}")
+    if fields["task"] != "csv":
+        try:
+            glue_task(fields["task"])
+        except DeltaConfigError:
+            raise DeltaConfigError(f"data.dataset must be one of {names}, got {fields['task']!r}") from None
     return ClassificationConfig.from_dict(fields)
 
 

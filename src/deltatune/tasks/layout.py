@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..data import GLUE_TASKS
+from ..data import DATA_TO_TEXT_DATASETS, GLUE_TASKS
 from ..errors import DeltaConfigError, DeltaConfigTypeError
 from ..validation import check_choice
 
@@ -184,6 +184,8 @@ def task_of(raw: Mapping[str, Any]) -> str | None:
         return "perplexity"
     if "task" in raw or _is_glue_or_csv(dataset):
         return "classification"
+    if isinstance(dataset, str) and dataset not in DATA_TO_TEXT_DATASETS:
+        return None  # a dataset no task knows: the loader of the subcommand names the ones it takes
     if any(k in raw for k in _RECIPE_SECTIONS) or isinstance(raw.get("model"), Mapping):
         return "data-to-text"
     return None

@@ -191,7 +191,7 @@ def load_perplexity_config(
     :func:`deltatune.tasks.overrides.apply_overrides`), then ``output_dir`` / ``progress`` when given.
 
     Raises:
-        WrongCommandError: ``source`` is a recipe or a sweep config (the message names its subcommand).
+        WrongCommandError: the file ``source`` is a recipe or a sweep config (the message names its subcommand).
         DeltaConfigError: unknown or invalid keys or values, ``task`` other than ``perplexity``.
     """
     if isinstance(source, Mapping):
@@ -199,7 +199,7 @@ def load_perplexity_config(
     else:
         check_type("config", source, (str, os.PathLike), "a YAML file path or a mapping")
         data = read_yaml(source, "perplexity config")
-    check_config_kind(data, source, "perplexity", ("perplexity",))
+        check_config_kind(data, source, "perplexity", ("perplexity",))
     data = apply_overrides(to_sections(data, PERPLEXITY), list(overrides), PERPLEXITY_SCHEMA)
     if output_dir is not None:
         data["output_dir"] = os.fspath(output_dir)
