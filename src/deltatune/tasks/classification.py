@@ -7,7 +7,7 @@ memory and the time per optimiser step. :class:`ClassificationConfig` holds ever
 builds it from a YAML mapping in the sectioned layout of every task (``model``, ``data``, ``delta``,
 ``train``; :data:`deltatune.tasks.layout.CLASSIFICATION`) or the old flat one. A run directory is
 prepared by :func:`deltatune.tasks.rundir.prepare_run_dir` (``overwrite`` deletes only the files a run
-writes) and holds ``config.yaml`` (the run's settings in the sectioned layout), ``train_log.jsonl``,
+writes) and holds ``config.yaml`` (the run's settings in the sectioned layout), ``train_log.jsonl``, ``train_summary.json``,
 ``delta/`` and ``result.json``.
 """
 

@@ -5,7 +5,9 @@ run's settings), ``run_info.json``, ``train_log.jsonl`` (and TensorBoard events)
 ``checkpoint-<step>/`` directories, ``delta/`` (``model/`` for full fine-tuning),
 ``train_summary.json``, ``predictions.txt``, ``references.txt`` (the official E2E scorer's format),
 ``sources.txt``, ``categories.txt``, ``generation_info.json``, ``metrics.json``, ``report.md`` and
-the PNG plots. A perplexity run directory holds ``result.json``, ``train_log.jsonl`` and ``delta/``.
+the PNG plots. A classification or perplexity run directory holds ``config.yaml`` (its settings in the
+sectioned layout of :mod:`deltatune.tasks.layout`), ``result.json``, ``train_log.jsonl``, ``train_summary.json``
+and ``delta/``.
 
 :func:`prepare_run_dir` refuses to replace an existing run unless asked to (``--overwrite``), and then
 deletes only the files and directories a run writes (checkpoints only when complete and ours). Every
