@@ -249,9 +249,9 @@ def load_sweep(
             f"a sweep must not set 'train.seed' (got {train['seed']!r}): the sweep sets it per run "
             f"(sweep.seeds / --seeds)"
         )
-    if kind == "data-to-text":
-        data = raw.get("data") or {}
-        check_type("data", data, Mapping, "a mapping (the recipe's data section)")
+    data = raw.get("data") or {}
+    check_type("data", data, Mapping, "a mapping (the config's data section)")
+    if data.get("dataset") != "csv" or data.get("data_dir") is not None:  # found as a recipe's is
         raw["data"] = {**dict(data), "data_dir": resolve_data_dir(data.get("data_dir"), base_dir)}
     name = raw.pop("name", default_name)
     check_run_name("name", name)

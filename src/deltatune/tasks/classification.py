@@ -508,7 +508,7 @@ def run_classification(cfg: ClassificationConfig | Mapping[str, Any], *, overwri
     check_applicable(cfg.method, cfg.method_config_obj(), cfg.model, task="base", added_modules=("classifier", "score"))
     data = load_task_data(cfg)
     if cfg.output_dir is not None:
-        out = prepare_run_dir(cfg.output_dir, overwrite=overwrite)
+        out = prepare_run_dir(cfg.output_dir, overwrite=overwrite, resumable=False)
         atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg.to_sections(), sort_keys=False, allow_unicode=True))
 
     set_seed(cfg.seed)

@@ -36,6 +36,7 @@ from ..models import load
 from ..train import TrainConfig, Trainer, set_seed
 from ..validation import check_bool, check_choice, check_int, check_known_keys, check_type
 from .layout import PERPLEXITY, flatten, legacy_override, to_sections
+from .loader import resolve_data_dir
 from .overrides import OverrideSchema, apply_overrides
 from .rundir import CONFIG_FILE, DELTA_DIR, RESULT_FILE, prepare_run_dir
 from .spec import check_config_kind, check_run_fields, plain, read_yaml
@@ -194,13 +195,19 @@ def load_perplexity_config(
         WrongCommandError: the file ``source`` is a recipe or a sweep config (the message names its subcommand).
         DeltaConfigError: unknown or invalid keys or values, ``task`` other than ``perplexity``.
     """
+    base = None
     if isinstance(source, Mapping):
         data = dict(source)
     else:
         check_type("config", source, (str, os.PathLike), "a YAML file path or a mapping")
         data = read_yaml(source, "perplexity config")
         check_config_kind(data, source, "perplexity", ("perplexity",))
+        base = Path(source).resolve().parent
     data = apply_overrides(to_sections(data, PERPLEXITY), list(overrides), PERPLEXITY_SCHEMA)
+    if base is not None:  # a file: data.data_dir is found as a recipe's is (cwd, the file's folder, its parent)
+        section = data.get("data") or {}
+        check_type("data", section, Mapping, "a mapping (the config's data section)")
+        data["data"] = {**section, "data_dir": resolve_data_dir(section.get("data_dir"), base)}
     if output_dir is not None:
         data["output_dir"] = os.fspath(output_dir)
     if progress is not None:
@@ -223,7 +230,8 @@ def pack_token_blocks(ids: list[int], block_size: int) -> list[dict[str, list[in
 
 
 def _tokens(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """The token ids of a whole text; windows cut it later, so the tokenizer's length warning is off."""
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def run_perplexity(cfg: PerplexityConfig | Mapping[str, Any], *, overwrite: bool = False) -> dict[str, Any]:
@@ -245,7 +253,7 @@ def run_perplexity(cfg: PerplexityConfig | Mapping[str, Any], *, overwrite: bool
     tcfg = cfg.train_config()
     tcfg.check_cuda_graph_device()  # before the model is loaded
     if cfg.output_dir is not None:
-        out = prepare_run_dir(cfg.output_dir, overwrite=overwrite)
+        out = prepare_run_dir(cfg.output_dir, overwrite=overwrite, resumable=False)
         atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg.to_sections(), sort_keys=False, allow_unicode=True))
     set_seed(cfg.seed)
     model, tokenizer = load(cfg.model, task="causal-lm", dtype=cfg.dtype, progress=cfg.progress)

@@ -94,8 +94,11 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def prepare_run_dir(run_dir: str | os.PathLike, *, overwrite: bool, resuming: bool = False) -> Path:
-    """Create ``run_dir``, or empty it of a previous run's files when ``overwrite``.
+def prepare_run_dir(
+    run_dir: str | os.PathLike, *, overwrite: bool, resuming: bool = False, resumable: bool = True
+) -> Path:
+    """Create ``run_dir``, or empty it of a previous run's files when ``overwrite``. ``resumable``: the
+    task can resume a run (data-to-text); the refusal then names ``train.resume_from`` as a way out.
 
     Raises:
         DeltaConfigError: ``run_dir`` is a file, or it holds a run (``train_log.jsonl`` or
@@ -108,10 +111,10 @@ def prepare_run_dir(run_dir: str | os.PathLike, *, overwrite: bool, resuming: bo
     held = [m for m in _RUN_MARKERS if (run_dir / m).exists()] if run_dir.is_dir() else []
     if held and not resuming:
         if not overwrite:
+            resume = " --set train.resume_from=latest to resume it," if resumable else ""
             raise DeltaConfigError(
                 f"output_dir {os.fspath(run_dir)!r} already holds a run ({held[0]}); pass --overwrite "
-                f"(overwrite=True) to replace it, --set train.resume_from=latest to resume it, or choose another "
-                f"--output-dir"
+                f"(overwrite=True) to replace it,{resume} or choose another --output-dir"
             )
         cleanup_stale_checkpoints(run_dir)  # ForeignFileError, before anything is deleted, for checkpoints not ours
         for name in ARTEFACTS:
