@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from deltatune import models
-from deltatune.cli import _info_config, main
+from deltatune.cli import main
 from deltatune.tasks.classification import DEFAULT_METHOD_CONFIGS
+from deltatune.tasks.setups import config_setups
 from tests.tasks._tasks_helpers import tiny_bert_dir, tiny_llama_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def _expected_methods(raw: dict) -> list[str]:
 def test_every_config_in_configs_is_read_without_loading(path, monkeypatch):
     monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("info's config reading loaded a model"))
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    setups = _info_config(str(path), [])
+    setups = config_setups(str(path), [])
     assert [s.method for s in setups] == _expected_methods(raw)
     for s in setups:
         own = ((raw.get("methods") or {}).get(s.method) or {}).get("config") or {}
@@ -96,6 +97,25 @@ def test_method_and_per_method_set(dirs, capsys):
     assert f"trainable params: {2 * 2 * 4 * 64 + HEAD:,} ||" in out
     code, out, err = _run(capsys, dirs["bert"], "--config", SST2, "--method", "lora", "--set", "r=2")
     assert code == 0 and f"trainable params: {2 * 2 * 2 * 64 + HEAD:,} ||" in out
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_set_reaches_the_config_sections(dirs, capsys, flat):
+    """--set model.* / data.* (or the old flat paths) change what info builds: the model, the pooling, the
+    head's size (stsb: one output)."""
+    sets = (["model=BERT", "pooling=cls", "task=stsb"] if flat else
+            ["model.name_or_path=BERT", "model.pooling=cls", "data.dataset=stsb"])
+    argv = [a for s in sets for a in ("--set", s.replace("BERT", str(dirs["bert"])))]
+    setups = config_setups(str(SST2), [a for a in argv if a != "--set"], "lora")
+    assert [(s.model, s.pooling, s.num_labels) for s in setups] == [(str(dirs["bert"]), "cls", 1)]
+    code, out, err = _run(capsys, "--config", SST2, "--method", "lora", *argv)
+    assert code == 0, err
+    assert f"{dirs['bert']}: BertForSequenceClassification (bert; cls pooling + head ['classifier'] for 1 label(s))" in out
+    assert f"trainable params: {2 * 2 * 8 * 64 + 32 + 1:,} ||" in out  # r=8 on query and value, a 1-output head
+    code, out, err = _run(capsys, "--config", SST2, "--set", "data.datset=stsb")
+    assert (code, err) == (2, "deltatune: error: unknown key 'data.datset' in classification config section 'data'; "
+                              "known keys: dataset, data_dir, csv, max_length, max_train_examples, max_eval_examples, "
+                              "subset_seed\n")
 
 
 def test_model_without_config_uses_its_own_task(dirs, capsys):

@@ -13,7 +13,8 @@ Modules (each one's docstring says what it owns):
   pipeline (train -> generate -> score -> report);
 * :mod:`~deltatune.tasks.classification` (with :mod:`~deltatune.tasks.heads`): GLUE / CSV
   classification and regression;
-* :mod:`~deltatune.tasks.lm`: WikiText-2 perplexity before and after tuning.
+* :mod:`~deltatune.tasks.lm`: WikiText-2 perplexity before and after tuning;
+* :mod:`~deltatune.tasks.setups`: what ``deltatune info --config`` shows (the method setups of any config).
 
 :mod:`deltatune.sweep` (above this layer) runs any of these tasks for several methods and seeds.
 """
