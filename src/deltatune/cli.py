@@ -133,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="perplexity config YAML (see configs/wikitext_lora.yaml)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, e.g. --set eval_max_tokens=512 --set train.lr=1e-3 --set delta.r=16",
+        help="override a config value, e.g. --set eval.max_tokens=512 --set train.lr=1e-3 --set delta.r=16",
     )
-    p.add_argument("--output-dir", help="run directory: result.json, the training log, delta/ (replaces output_dir)")
+    p.add_argument("--output-dir", help="run directory: config.yaml, result.json, the training log, delta/ "
+                   "(replaces output_dir)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a method-config field, e.g. --set r=16 (every method shown) or, in a sweep config, "
-        "--set methods.lora.config.r=16",
+        "--set methods.lora.config.r=16; or a key of the config, e.g. --set model.pooling=cls",
     )
     p.add_argument("--per-module", action="store_true", help="list every module with trainable parameters")
     return parser
