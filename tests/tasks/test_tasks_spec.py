@@ -127,7 +127,7 @@ def test_one_override_parser_for_every_kind(tmp_path):
         load_perplexity_config(CONFIGS / "wikitext_lora.yaml", ["eval.stride.x=1"])
     with pytest.raises(DeltaConfigError, match=r"^unknown key 'eval.strid' in perplexity config section 'eval'; known "
                                                r"keys: split, max_tokens, max_length, stride, batch_size$"):
-        load_perplexity_config(CONFIGS / "wikitext_lora.yaml", ["eval.strid=1"])
+        load_perplexity_config(CONFIGS / "wikitext_lora.yaml", [f"data.data_dir={data}", "eval.strid=1"])
     # the same function applies a recipe's --set
     assert apply_overrides({"train": {"lr": 1.0}}, ["train.lr=2"]) == {"train": {"lr": 2}}
 
