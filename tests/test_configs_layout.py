@@ -58,6 +58,9 @@ def test_flat_classification_fixture_loads_as_its_converted_file(tmp_path):
     new = load_sweep(REPO / "configs" / "glue" / "sst2_cpu.yaml",
                      overrides=[f"data.data_dir={data}", "data.max_train_examples=20"])
     assert old == new
+    # the old flat paths on the converted file reach the same keys
+    assert load_sweep(REPO / "configs" / "glue" / "sst2_cpu.yaml", overrides=[f"data_dir={data}",
+                                                                             "max_train_examples=20"]) == new
     for m in new.methods:
         cfg = classification_config(new.run_config(m, 1))
         assert cfg == classification_config(old.run_config(m, 1))

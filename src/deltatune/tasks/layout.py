@@ -44,7 +44,6 @@ __all__ = [
     "SWEEP_SECTIONS",
     "TaskLayout",
     "flatten",
-    "is_flat",
     "legacy_override",
     "task_of",
     "to_sections",
@@ -191,14 +190,6 @@ def task_of(raw: Mapping[str, Any]) -> str | None:
     return None
 
 
-def is_flat(raw: Mapping[str, Any], layout: TaskLayout) -> bool:
-    """True when ``raw`` uses a key of the old flat layout (it is then read through :func:`to_sections`)."""
-    legacy = layout.legacy_paths()
-    return "task" in raw or (raw.get("model") is not None and not isinstance(raw.get("model"), Mapping)) or any(
-        k in legacy and k not in layout.sections and k not in layout.top for k in raw
-    )
-
-
 def _put(out: dict[str, Any], path: tuple[str, ...], value: Any, old: str) -> None:
     node = out
     for p in path[:-1]:
@@ -255,6 +246,8 @@ def to_sections(raw: Mapping[str, Any], layout: TaskLayout) -> dict[str, Any]:
             parts = tuple(path.split("."))
             if (out.get(parts[0]) or {}).get(parts[1]) is None:
                 _put(out, parts, value, path)
+    if isinstance(out.get("data"), dict) and "dataset" in out["data"]:  # the task's name first
+        out["data"] = {"dataset": out["data"]["dataset"], **out["data"]}
     order = [*layout.top, *layout.sections, *SWEEP_SECTIONS]
     return {k: out[k] for k in sorted(out, key=lambda k: order.index(k) if k in order else len(order))}
 
