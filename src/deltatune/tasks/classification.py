@@ -117,7 +117,10 @@ def sweep_method_names() -> list[str]:
 
 @dataclasses.dataclass
 class ClassificationConfig:
-    """One classification / regression run.
+    """One classification / regression run, as flat fields (for Python). In a YAML file the same fields
+    sit in the sections of :data:`deltatune.tasks.layout.CLASSIFICATION` (``task`` is ``data.dataset``,
+    ``model`` is ``model.name_or_path``, ``seed`` and ``device`` are in ``train``, ``method`` and
+    ``method_config`` are the ``delta`` section ...); :func:`classification_config` reads either.
 
     Attributes:
         task: a GLUE task (``"sst2"``, ``"cola"``, ``"mrpc"``, ``"stsb"``, ``"rte"``, ``"wnli"``; folder

@@ -70,7 +70,10 @@ def wikitext_path(data_dir: str | os.PathLike, split: str) -> str:
 
 @dataclasses.dataclass
 class PerplexityConfig:
-    """A perplexity run: base model, then a delta fine-tune, then the same evaluation.
+    """A perplexity run: base model, then a delta fine-tune, then the same evaluation. Flat fields (for
+    Python); in a YAML file they sit in the sections of :data:`deltatune.tasks.layout.PERPLEXITY`
+    (``eval_max_tokens`` is ``eval.max_tokens``, ``block_size`` is ``data.block_size``, ``seed`` is
+    ``train.seed`` ...), read by :func:`load_perplexity_config`.
 
     Attributes:
         model: a registered name (``"smollm2-135m"``), an HF directory or a ``.gguf`` file.
