@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from deltatune import models
-from deltatune.cli import _info_config, main
+from deltatune.cli import main
 from deltatune.tasks.classification import DEFAULT_METHOD_CONFIGS
+from deltatune.tasks.setups import config_setups
 from tests.tasks._tasks_helpers import tiny_bert_dir, tiny_llama_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def _expected_methods(raw: dict) -> list[str]:
 def test_every_config_in_configs_is_read_without_loading(path, monkeypatch):
     monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("info's config reading loaded a model"))
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    setups = _info_config(str(path), [])
+    setups = config_setups(str(path), [])
     assert [s.method for s in setups] == _expected_methods(raw)
     for s in setups:
         own = ((raw.get("methods") or {}).get(s.method) or {}).get("config") or {}
@@ -58,7 +59,7 @@ def test_every_config_in_configs_is_read_without_loading(path, monkeypatch):
             assert (s.model, s.task) == (raw["model"]["name_or_path"], "causal-lm")
             given = {**raw["delta"], **own} if s.method == raw["delta"]["method"] else {**own, "method": s.method}
         elif "methods" in raw:  # a GLUE sweep: the model, the head and each method's own fields
-            assert (s.model, s.task, s.pooling) == (raw["model"], None, raw["pooling"])
+            assert (s.model, s.task, s.pooling) == (raw["model"]["name_or_path"], None, raw["model"]["pooling"])
             given = {**DEFAULT_METHOD_CONFIGS[s.method], **own}
         else:  # a recipe or a perplexity config: the causal LM it names and its delta section
             spec = raw["model"]
@@ -96,6 +97,25 @@ def test_method_and_per_method_set(dirs, capsys):
     assert f"trainable params: {2 * 2 * 4 * 64 + HEAD:,} ||" in out
     code, out, err = _run(capsys, dirs["bert"], "--config", SST2, "--method", "lora", "--set", "r=2")
     assert code == 0 and f"trainable params: {2 * 2 * 2 * 64 + HEAD:,} ||" in out
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_set_reaches_the_config_sections(dirs, capsys, flat):
+    """--set model.* / data.* (or the old flat paths) change what info builds: the model, the pooling, the
+    head's size (stsb: one output)."""
+    sets = (["model=BERT", "pooling=cls", "task=stsb"] if flat else
+            ["model.name_or_path=BERT", "model.pooling=cls", "data.dataset=stsb"])
+    argv = [a for s in sets for a in ("--set", s.replace("BERT", str(dirs["bert"])))]
+    setups = config_setups(str(SST2), [a for a in argv if a != "--set"], "lora")
+    assert [(s.model, s.pooling, s.num_labels) for s in setups] == [(str(dirs["bert"]), "cls", 1)]
+    code, out, err = _run(capsys, "--config", SST2, "--method", "lora", *argv)
+    assert code == 0, err
+    assert f"{dirs['bert']}: BertForSequenceClassification (bert; cls pooling + head ['classifier'] for 1 label(s))" in out
+    assert f"trainable params: {2 * 2 * 8 * 64 + 32 + 1:,} ||" in out  # r=8 on query and value, a 1-output head
+    code, out, err = _run(capsys, "--config", SST2, "--set", "data.datset=stsb")
+    assert (code, err) == (2, "deltatune: error: unknown key 'data.datset' in classification config section 'data'; "
+                              "known keys: dataset, data_dir, csv, max_length, max_train_examples, max_eval_examples, "
+                              "subset_seed\n")
 
 
 def test_model_without_config_uses_its_own_task(dirs, capsys):
@@ -178,13 +198,14 @@ def test_info_needs_a_model(tmp_path, capsys):
     other.write_text("name: x\ntrain: {lr: 1}\n", encoding="utf-8")
     code, out, err = _run(capsys, "x", "--config", other)
     assert (code, err) == (2, f"deltatune: error: {other} is not a config info reads: a method config has a 'method' "
-                              f"key, a recipe a 'delta' section, a sweep config 'task' and 'methods'; got keys "
-                              f"['name', 'train']\n")
-    csv_cfg = tmp_path / "csv.yaml"
-    csv_cfg.write_text("task: csv\nmethods: {lora: {lr: 1.0e-3}}\n", encoding="utf-8")
-    code, out, err = _run(capsys, "x", "--config", csv_cfg)
-    assert (code, err) == (2, f"deltatune: error: info cannot size the head of {str(csv_cfg)!r}: a csv task counts its "
-                              f"labels from the data files; use a GLUE task config\n")
+                              f"key, a recipe or perplexity config a 'delta' section, a classification config "
+                              f"data.dataset (a GLUE task); got keys ['name', 'train']\n")
+    for text in ("task: csv\nmethods: {lora: {lr: 1.0e-3}}\n", "data: {dataset: csv}\nmethods: {lora: {lr: 1.0e-3}}\n"):
+        csv_cfg = tmp_path / "csv.yaml"  # the old flat layout and the sections
+        csv_cfg.write_text(text, encoding="utf-8")
+        code, out, err = _run(capsys, "x", "--config", csv_cfg)
+        assert (code, err) == (2, f"deltatune: error: info cannot size the head of {str(csv_cfg)!r}: a csv task counts "
+                                  f"its labels from the data files; use a GLUE task config\n")
 
 
 @pytest.mark.real_model

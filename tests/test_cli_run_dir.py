@@ -132,7 +132,7 @@ def test_perplexity_takes_set_output_dir_overwrite_and_no_progress(tmp_path, cap
     assert code == 2
     assert err == (
         f"deltatune: error: output_dir {str(out)!r} already holds a run (train_log.jsonl); pass --overwrite "
-        f"(overwrite=True) to replace it, --set train.resume_from=latest to resume it, or choose another --output-dir\n"
+        f"(overwrite=True) to replace it, or choose another --output-dir\n"  # perplexity runs do not resume
     )
     code, _, err = _run(capsys, *argv, "--overwrite")
     assert code == 0, err

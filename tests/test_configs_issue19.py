@@ -131,11 +131,11 @@ def test_webnlg_and_dart_configs_report_bleu_meteor_ter():
 
 def test_glue_lora_vs_full_configs(tmp_path):
     for task in GLUE_TASKS:
-        over = {"data_dir": str(write_glue(tmp_path / task, task))}  # the configs' own data_dir is ../shared/data
+        over = {"data.data_dir": str(write_glue(tmp_path / task, task))}  # the configs' own is ../shared/data
         spec = load_sweep(CONFIGS / "glue" / "lora_vs_full" / f"{task}.yaml", overrides=over)
         assert (spec.methods, spec.seeds) == (["full", "lora"], [1, 2, 3])
-        assert spec.base["task"] == task and spec.base["model"] == "minilm-l6"
-        assert "max_train_examples" not in spec.base or spec.base["max_train_examples"] is None  # full data
+        assert spec.base["data"]["dataset"] == task and spec.base["model"]["name_or_path"] == "minilm-l6"
+        assert spec.base["data"].get("max_train_examples") is None  # full data
         sweep8 = load_sweep(CONFIGS / "glue" / f"{task}.yaml", overrides=over)  # same budget as the 8-method sweep
         assert spec.base["train"] == sweep8.base["train"]
         assert spec.run_config("lora", 1)["train"]["lr"] == 1e-3
@@ -212,8 +212,8 @@ def test_tiny_dart_run_trains_on_dev(assets, tmp_path):
     "task", [t if t in ("sst2", "stsb") else pytest.param(t, marks=pytest.mark.slow) for t in GLUE_TASKS]
 )
 def test_tiny_glue_lora_vs_full_runs(tmp_path, task):
-    over = {"model": str(tiny_bert_dir(tmp_path)), "data_dir": str(write_glue(tmp_path / "data", task)),
-            "max_length": 32, "progress": False, "train.": {"max_steps": 2, "progress_bar": False}}
+    over = {"model.name_or_path": str(tiny_bert_dir(tmp_path)), "data.data_dir": str(write_glue(tmp_path / "data", task)),
+            "data.max_length": 32, "progress": False, "train.": {"max_steps": 2, "progress_bar": False}}
     spec = load_sweep(CONFIGS / "glue" / "lora_vs_full" / f"{task}.yaml", seeds=[1], output_dir=tmp_path / "out",
                       overrides=over)
     res = run_sweep(spec, isolate=False, progress=False)

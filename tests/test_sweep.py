@@ -21,11 +21,8 @@ def _config(tmp_path, task="sst2", **extra):
     data = write_glue(tmp_path / "data", task if task in ("sst2", "mrpc", "stsb", "cola", "rte") else "sst2")
     cfg = {
         "name": "tiny",
-        "task": task,
-        "model": str(model),
-        "data_dir": str(data),
-        "pooling": "mean",
-        "max_length": 32,
+        "model": {"name_or_path": str(model), "pooling": "mean"},
+        "data": {"dataset": task, "data_dir": str(data), "max_length": 32},
         "progress": False,
         "train": {"max_steps": 2, "batch_size": 8, "progress_bar": False},
         "methods": {"lora": {"lr": 0.01, "config": {"r": 4}}},
@@ -112,13 +109,13 @@ def test_errors_unknown_method_and_bad_task(tmp_path, capsys):
     capsys.readouterr()
     assert main([str(bad)]) == 2
     assert capsys.readouterr().err == (
-        "deltatune sweep: error: task must be one of 'cola', 'sst2', 'mrpc', 'stsb', 'rte', 'wnli' (or the folder "
-        "spellings 'CoLA', 'SST-2', 'MRPC', 'STS-B', 'RTE', 'WNLI'), got 'sst3'\n"
+        "deltatune sweep: error: data.dataset must be one of 'cola', 'sst2', 'mrpc', 'stsb', 'rte', 'wnli' (or the "
+        "folder spellings) or 'csv', got 'sst3'\n"
     )
     with pytest.raises(DeltaConfigError, match=r"^methods.lora.train must not change the shared budget"):
         load_sweep(_config(tmp_path, methods={"lora": {"train": {"max_steps": 9}}}))
-    with pytest.raises(DeltaConfigError, match=r"^sweep config must not set 'seed'"):
-        load_sweep(_config(tmp_path, seed=3))
+    with pytest.raises(DeltaConfigError, match=r"^a sweep must not set 'train.seed' \(got 3\): the sweep sets it per run"):
+        load_sweep(_config(tmp_path, train={"seed": 3}))
     with pytest.raises(DeltaConfigError, match=r"^name must be a plain run name .*, got '\.\./escaped'$"):
         load_sweep(_config(tmp_path, name="../escaped"))
     assert not (tmp_path / "out" / "results.md").exists()
@@ -128,11 +125,11 @@ def test_set_overrides_run_fields_and_single_train_keys(tmp_path):
     path = _config(tmp_path, sweep={"methods": ["bitfit"], "seeds": [1]})
     out2 = tmp_path / "elsewhere"
     rc = main([str(path), "--no-isolate", "--no-progress", "--output-dir", str(out2),
-               "--set", "max_train_examples=5", "--set", "train.max_steps=3", "--set", "train.lr=0.5"])
+               "--set", "data.max_train_examples=5", "--set", "train.max_steps=3", "--set", "train.lr=0.5"])
     assert rc == 0
     run = json.loads((out2 / "runs" / "bitfit_seed1.json").read_text())
     cfg = run["config"]
-    assert cfg["max_train_examples"] == 5
+    assert cfg["data"]["max_train_examples"] == 5
     # one train key replaced, the YAML's other train keys kept
     assert cfg["train"]["max_steps"] == 3 and cfg["train"]["batch_size"] == 8 and cfg["train"]["progress_bar"] is False
     assert run["result"]["lr"] == 0.5 and run["result"]["steps"] == 3
@@ -151,8 +148,14 @@ def test_set_override_errors(tmp_path, capsys):
         "deltatune sweep: error: --set 'train.max_steps.x=1': 'train.max_steps' takes a value, not sub-keys\n"
     )
     assert main([str(path), "--set", "max_lenght=3"]) == 2
-    assert capsys.readouterr().err.startswith(
-        "deltatune sweep: error: --set 'max_lenght=3': unknown sweep config key 'max_lenght'; known keys: task, model,"
+    assert capsys.readouterr().err == (
+        "deltatune sweep: error: --set 'max_lenght=3': unknown sweep classification config key 'max_lenght'; known "
+        "keys: name, output_dir, num_threads, save_delta, progress, model, data, delta, train, methods, sweep\n"
+    )
+    assert main([str(path), "--set", "data.max_lenght=3"]) == 2
+    assert capsys.readouterr().err == (
+        "deltatune sweep: error: unknown key 'data.max_lenght' in classification config section 'data'; known keys: "
+        "dataset, data_dir, csv, max_length, max_train_examples, max_eval_examples, subset_seed\n"
     )
 
 
@@ -164,12 +167,12 @@ def test_tables_are_written_after_every_run(tmp_path, monkeypatch):
     real = sweep_mod._run_one
     seen = []
 
-    def run_one(cfg, isolate, tmp, progress=True):
-        if cfg["method"] == "lora":  # by now bitfit's row must be on disk
+    def run_one(kind, cfg, isolate, tmp, progress=True):
+        if cfg["delta"]["method"] == "lora":  # by now bitfit's row must be on disk
             rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open(encoding="utf-8")))
             seen.append({r["method"]: r["seeds_ok"] for r in rows})
             raise KeyboardInterrupt
-        return real(cfg, isolate, tmp, progress)
+        return real(kind, cfg, isolate, tmp, progress)
 
     monkeypatch.setattr(sweep_mod, "_run_one", run_one)
     with pytest.raises(KeyboardInterrupt):

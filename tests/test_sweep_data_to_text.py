@@ -63,7 +63,7 @@ def test_e2e_sweep_is_checked_before_any_run(tmp_path):
     assert (cfg["delta"], cfg["train"]["seed"], cfg["name"]) == (
         {"method": "lora", "r": 3, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}, 2, "tiny_lora_seed2")  # the recipe name is "tiny"
     assert spec.run_config("full", 1)["delta"] == {"method": "full"}
-    with pytest.raises(DeltaConfigError, match=r"^sweep recipe must not set 'train.seed' \(got 5\): the sweep sets it"):
+    with pytest.raises(DeltaConfigError, match=r"^a sweep must not set 'train.seed' \(got 5\): the sweep sets it"):
         load_sweep(path, overrides=["train.seed=5"])
     with pytest.raises(DeltaConfigError, match=r"^LoraConfig.r must be a positive int, got 0$"):
         load_sweep(path, overrides=["methods.lora.config={r: 0}"])

@@ -16,15 +16,16 @@ from tests.tasks._tasks_helpers import tiny_llama_dir, write_wikitext, write_yam
 
 def _config(tmp_path):
     cfg = {
-        "name": "tiny_ppl", "task": "perplexity", "model": str(tiny_llama_dir(tmp_path)),
-        "data_dir": str(write_wikitext(tmp_path / "data")), "eval_max_tokens": 96, "max_length": 32, "stride": 32,
-        "train_max_tokens": 128, "block_size": 32, "device": "cpu", "progress": False,
+        "name": "tiny_ppl", "output_dir": str(tmp_path / "out"), "progress": False,
+        "model": {"name_or_path": str(tiny_llama_dir(tmp_path))},
+        "data": {"dataset": "wikitext-2", "data_dir": str(write_wikitext(tmp_path / "data")), "train_max_tokens": 128,
+                 "block_size": 32},
+        "eval": {"max_tokens": 96, "max_length": 32, "stride": 32},
         "delta": {"method": "lora", "r": 2, "alpha": 4, "init": "random", "target_modules": ["q_proj", "v_proj"]},
-        "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-2},
+        "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-2, "device": "cpu"},
         "methods": {"ia3": {"lr": 0.05, "config": {"target_modules": ["k_proj", "v_proj", "down_proj"],
                                                   "feedforward_modules": ["down_proj"]}}},
         "sweep": {"methods": ["lora", "ia3"], "seeds": [1]},
-        "output_dir": str(tmp_path / "out"),
     }
     return write_yaml(tmp_path / "ppl_sweep.yaml", cfg)
 
@@ -50,11 +51,14 @@ def test_perplexity_sweep_checks(tmp_path):
     path = _config(tmp_path)
     with pytest.raises(DeltaConfigError, match=r"^a perplexity sweep trains delta methods; 'full' \(full fine-tuning\)"):
         load_sweep(path, methods=["full", "lora"])
-    with pytest.raises(DeltaConfigError, match=r"^sweep perplexity config must not set 'seed' \(got 3\)"):
-        load_sweep(path, overrides=["seed=3"])
-    spec = load_sweep(path, overrides=["methods.lora.config={r: 3}", "eval_max_tokens=64"])
+    for seed in ("seed=3", "train.seed=3"):  # the old flat path and the section's
+        with pytest.raises(DeltaConfigError, match=r"^a sweep must not set 'train.seed' \(got 3\)"):
+            load_sweep(path, overrides=[seed])
+    spec = load_sweep(path, overrides=["methods.lora.config={r: 3}", "eval.max_tokens=64"])
     cfg = spec.run_config("lora", 7)
-    assert (cfg["delta"]["r"], cfg["delta"]["alpha"], cfg["seed"], cfg["eval_max_tokens"]) == (3, 4, 7, 64)
+    assert (cfg["delta"]["r"], cfg["delta"]["alpha"], cfg["train"]["seed"], cfg["eval"]["max_tokens"]) == (3, 4, 7, 64)
+    old = load_sweep(path, overrides=["methods.lora.config={r: 3}", "eval_max_tokens=64"])  # the old flat path
+    assert old.run_config("lora", 7) == cfg
     with pytest.raises(WrongCommandError) as exc:
         load_perplexity_config(path)
     assert str(exc.value) == (

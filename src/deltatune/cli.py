@@ -133,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="perplexity config YAML (see configs/wikitext_lora.yaml)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, e.g. --set eval_max_tokens=512 --set train.lr=1e-3 --set delta.r=16",
+        help="override a config value, e.g. --set eval.max_tokens=512 --set train.lr=1e-3 --set delta.r=16",
     )
-    p.add_argument("--output-dir", help="run directory: result.json, the training log, delta/ (replaces output_dir)")
+    p.add_argument("--output-dir", help="run directory: config.yaml, result.json, the training log, delta/ "
+                   "(replaces output_dir)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a method-config field, e.g. --set r=16 (every method shown) or, in a sweep config, "
-        "--set methods.lora.config.r=16",
+        "--set methods.lora.config.r=16; or a key of the config, e.g. --set model.pooling=cls",
     )
     p.add_argument("--per-module", action="store_true", help="list every module with trainable parameters")
     return parser
@@ -315,6 +316,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .models import TASKS, load, model_info
     from .preflight import check_applicable, natural_task
     from .tasks.heads import build_classifier
+    from .tasks.setups import InfoSetup, config_setups
     from .validation import check_choice
 
     if args.model is not None and args.model_option is not None and args.model != args.model_option:
@@ -324,9 +326,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         for flag, value in (("--set", args.overrides), ("--method", args.method)):
             if value:
                 raise DeltaConfigError(f"{flag} needs --config (the method config it refers to)")
-        setups: list[_InfoSetup] = []
+        setups: list[InfoSetup] = []
     else:
-        setups = _info_config(args.config, args.overrides, args.method)
+        setups = config_setups(args.config, args.overrides, args.method)
     if name is None:
         named = [s.model for s in setups if s.model is not None]
         if not named:
@@ -374,7 +376,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     )
     if not setups:
         print("no delta config given (--config): the base model, every parameter trainable")
-        setups = [_InfoSetup("-", "none", None)]
+        setups = [InfoSetup("-", "none", None)]
     for i, s in enumerate(setups):
         m = copy.deepcopy(model) if i < len(setups) - 1 else model
         if len(setups) > 1:
@@ -397,144 +399,6 @@ def _cmd_info(args: argparse.Namespace) -> int:
                 f"trainable%: {summary.percent:.4f}"
             )
     return 0
-
-
-@dataclasses.dataclass
-class _InfoSetup:
-    """One method of an ``info`` config: what its pipeline would apply, to which model, loaded how."""
-
-    label: str  # where it comes from: "delta", "methods.lora", ...
-    method: str  # a registered method or "full"
-    config: Any  # the DeltaConfig; None for full fine-tuning
-    model: str | None = None  # the model the config names (None: a bare method config)
-    task: str | None = None  # what the pipeline loads the model as (None: not fixed by the config)
-    dtype: str | None = None
-    num_labels: int | None = None  # classification configs: the head's size ...
-    pooling: str | None = None  # ... and the pooling (tasks.heads.build_classifier)
-    head_dropout: float = 0.1
-
-
-def _info_config(path: str, overrides: Sequence[str], method: str | None = None) -> list[_InfoSetup]:
-    """The setups of ``--config`` with ``--set`` applied: one for a method config, a recipe or a perplexity
-    config, one per method of a classification / sweep config (``method`` picks one). Nothing is loaded."""
-    from collections.abc import Mapping
-
-    from .compat.pet_config import is_pet_config
-    from .config import config_from_dict
-    from .data import glue_task
-    from .errors import DataFormatError, DeltaConfigError
-    from .io_utils import load_json_file, load_yaml_file
-    from .tasks.classification import DEFAULT_METHOD_CONFIGS, FULL, sweep_method_names
-    from .tasks.overrides import parse_override
-
-    p = Path(path)
-    if not p.is_file():
-        raise DeltaConfigError(f"--config must be an existing YAML/JSON file, got {path!r}")
-    data = load_json_file(p, "--config") if p.suffix == ".json" else load_yaml_file(p, "--config")
-    if not isinstance(data, dict):
-        raise DataFormatError(f"{p}, line 1: expected a mapping with a 'method' key, got {type(data).__name__}")
-    fields: dict[str, Any] = {}  # --set KEY=VALUE / delta.KEY=VALUE: every method shown
-    per_method: dict[str, dict[str, Any]] = {}  # --set methods.NAME.config.KEY=VALUE
-    for text_ in overrides:
-        parts, value = parse_override(text_)
-        if len(parts) == 4 and parts[0] == "methods" and parts[2] == "config":
-            per_method.setdefault(parts[1], {})[parts[3]] = value
-            continue
-        if parts[0] == "delta":
-            parts = parts[1:]
-        if len(parts) != 1:
-            raise DeltaConfigError(
-                f"--set {text_!r}: info takes method-config fields (r=16 or delta.r=16; in a sweep config "
-                f"methods.NAME.config.r=16)"
-            )
-        fields[parts[0]] = value
-
-    def build(m: str, given: Mapping[str, Any], where: str, defaults: Mapping[str, Any] = {}) -> Any:
-        if m == FULL:
-            extra = sorted({*given, *fields})
-            if extra:
-                raise DeltaConfigError(f"{where}: full fine-tuning takes no method-config fields, got {extra}")
-            return None
-        return config_from_dict({**defaults, **given, **fields})
-
-    recipe_sweep = isinstance(data.get("delta"), Mapping) and isinstance(data.get("methods"), Mapping)
-    is_sweep = not recipe_sweep and ("methods" in data or ("task" in data and "method_config" in data))
-    if not is_sweep and per_method:
-        raise DeltaConfigError(f"--set methods.NAME.config.KEY=VALUE needs a sweep config, got {path!r}")
-    if is_sweep:
-        task_name = data.get("task")
-        if task_name == "csv":
-            raise DeltaConfigError(
-                f"info cannot size the head of {path!r}: a csv task counts its labels from the data files; "
-                f"use a GLUE task config"
-            )
-        info = glue_task(task_name)
-        common = {"model": data.get("model", "minilm-l6"), "dtype": data.get("dtype"), "num_labels": info.num_labels,
-                  "pooling": data.get("pooling", "auto"), "head_dropout": data.get("head_dropout", 0.1)}
-        known = sweep_method_names()
-        given = data.get("methods") or {}
-        if not isinstance(given, Mapping):
-            raise DataFormatError(f"{p}: 'methods' must be a mapping method -> {{lr, config}}, got {given!r}")
-        if "method" in data:  # one classification run
-            names = [data["method"]]
-            configs = {data["method"]: data.get("method_config") or {}}
-        else:
-            listed = (data.get("sweep") or {}).get("methods") or []
-            names = list(dict.fromkeys([*given, *listed])) or known
-            configs = {m: (given.get(m) or {}).get("config") or {} for m in names}
-        for m in [*names, *per_method]:
-            if m not in known:
-                raise DeltaConfigError(f"{path}: unknown method {m!r}; known methods: {', '.join(known)}")
-        if method is not None:
-            if method not in known:
-                raise DeltaConfigError(f"--method must be one of {', '.join(known)}, got {method!r}")
-            names = [method]
-            configs.setdefault(method, {})
-        missing = sorted(set(per_method) - set(names))
-        if missing:
-            raise DeltaConfigError(f"--set methods.{missing[0]}.config...: {missing[0]!r} is not among the methods shown {names}")
-        out = []
-        for m in names:
-            mine = {**configs[m], **per_method.get(m, {})}
-            cfg = build(m, mine if m == FULL else {**mine, "method": m}, f"{path} methods.{m}", DEFAULT_METHOD_CONFIGS.get(m, {}))
-            out.append(_InfoSetup(f"methods.{m}", m, cfg, **common))
-        return out
-    if recipe_sweep:  # a data-to-text / perplexity recipe with a sweep: the recipe's delta, then each method
-        spec = data.get("model")
-        model = spec.get("name_or_path") if isinstance(spec, Mapping) else spec
-        dtype = spec.get("dtype") if isinstance(spec, Mapping) else data.get("dtype")
-        base = dict(data["delta"])
-        names = list(dict.fromkeys([*data["methods"], *((data.get("sweep") or {}).get("methods") or [])]))
-        if method is not None:
-            if method not in names:
-                raise DeltaConfigError(f"--method {method!r}: {path} sweeps the methods {names}")
-            names = [method]
-        out = []
-        for m in names:
-            own = (data["methods"].get(m) or {}).get("config") or {}
-            given = {**base, **own} if m == base.get("method") else {**own, "method": m}
-            cfg = build(m, {} if m == FULL else given, f"{path} methods.{m}")
-            out.append(_InfoSetup(f"methods.{m}", m, cfg, model, "causal-lm", dtype))
-        return out
-    if "method" in data or is_pet_config(data) or not isinstance(data.get("delta"), Mapping):
-        delta, model, task, dtype, where = data, None, None, None, "--config"
-    else:  # a recipe (model: {name_or_path}) or a perplexity config (model: NAME)
-        delta, where, task = data["delta"], "delta", "causal-lm"
-        spec = data.get("model")
-        model = spec.get("name_or_path") if isinstance(spec, Mapping) else spec
-        dtype = spec.get("dtype") if isinstance(spec, Mapping) else data.get("dtype")
-    if "method" not in delta and not is_pet_config(delta):
-        raise DeltaConfigError(
-            f"{path} is not a config info reads: a method config has a 'method' key, a recipe a 'delta' section, "
-            f"a sweep config 'task' and 'methods'; got keys {sorted(data)}"
-        )
-    name = delta.get("method")
-    given = {k: v for k, v in delta.items() if k != "method"} if name == FULL else dict(delta)
-    cfg = build(str(name), given, f"{path} {where}")
-    m = FULL if cfg is None else cfg.method
-    if method is not None and method != m:
-        raise DeltaConfigError(f"--method {method!r}: {path} has the one method {m!r}")
-    return [_InfoSetup(where, m, cfg, model, task, dtype)]
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:

@@ -5,10 +5,10 @@
 only the learning rate and the method's own config differ (``methods.<name>.lr`` / ``.config`` /
 ``.train`` in the YAML). Two kinds of task are swept:
 
-* **classification / regression** (GLUE, CSV): the YAML is a
-  :class:`~deltatune.tasks.classification.ClassificationConfig` (``task``, ``model``, ``pooling``,
-  ``max_length``, ``train``, subsets ...) plus ``name``, ``methods`` and ``sweep``; the learning rate
-  and method config default to :data:`~deltatune.tasks.classification.DEFAULT_LR` and
+* **classification / regression** (GLUE, CSV): the YAML is a classification config (``model``:
+  name_or_path, pooling ...; ``data``: dataset, data_dir, max_length, subsets ...; ``train``; see
+  :mod:`deltatune.tasks.layout`) plus ``methods`` and a ``sweep`` section; the learning rate and method
+  config default to :data:`~deltatune.tasks.classification.DEFAULT_LR` and
   :data:`~deltatune.tasks.classification.DEFAULT_METHOD_CONFIGS`; scored on the dev split;
 * **data-to-text** (E2E, WebNLG, DART): the YAML is a recipe (``model``, ``delta``, ``data``, ``train``,
   ``generate``, ``eval``) plus ``methods`` and a ``sweep`` section; each run is the recipe with
@@ -17,7 +17,7 @@ only the learning rate and the method's own config differ (``methods.<name>.lr``
   ``runs/<method>_seed<k>/``; the learning rate defaults to the recipe's ``train.lr``; scored on
   ``eval.split`` with ``eval.metrics``;
 * **perplexity** (WikiText-2): the YAML is a perplexity config (``configs/wikitext_lora.yaml``) plus
-  ``methods`` and a ``sweep`` section; each run has its own ``delta`` (as for recipes) and ``seed``;
+  ``methods`` and a ``sweep`` section; each run has its own ``delta`` (as for recipes) and ``train.seed``;
   the table gives the tuned and the base perplexity (lower is better; full fine-tuning is not a
   perplexity method).
 
@@ -26,7 +26,12 @@ It writes, in ``output_dir``: ``runs/<method>_seed<k>.json`` (one result per run
 per step, each score as mean ± std over the seeds, an error column: a failing method is reported
 there and the sweep goes on) and ``results.png`` (see :mod:`deltatune.sweep_tables`). By default every
 run is done in a fresh process, so the CPU peak resident memory is that run's own. ``--set`` overrides
-use the one parser of :mod:`deltatune.tasks.overrides`.
+use the one parser of :mod:`deltatune.tasks.overrides`. All three kinds share one layout: the run
+sections of their task, ``methods: {NAME: {lr, config, train}}`` and ``sweep: {methods, seeds}``; each
+run is the config with ``delta`` set to the method (its fields: the config's own ``delta`` for its own
+method, plus ``methods.NAME.config``), ``train.seed`` to the seed and ``output_dir`` to
+``<output_dir>/runs/<method>_seed<k>``. Old flat classification / perplexity files are mapped onto the
+sections first (:func:`deltatune.tasks.layout.to_sections`).
 """
 
 from __future__ import annotations
@@ -52,9 +57,16 @@ from .errors import DeltaConfigError, DeltaError
 from .io_utils import atomic_write_text
 from .metrics import GLUE_TASK_METRICS
 from .sweep_tables import MethodRow, SweepResult, aggregate, write_tables
-from .tasks.classification import DEFAULT_LR, ClassificationConfig, run_classification, sweep_method_names
+from .tasks.classification import (
+    CLASSIFICATION_SCHEMA,
+    DEFAULT_LR,
+    classification_config,
+    run_classification,
+    sweep_method_names,
+)
 from .tasks.data_to_text import run_recipe
-from .tasks.lm import PERPLEXITY_SCHEMA, PerplexityConfig, load_perplexity_config, run_perplexity
+from .tasks.layout import CLASSIFICATION, PERPLEXITY, to_sections
+from .tasks.lm import PERPLEXITY_SCHEMA, load_perplexity_config, run_perplexity
 from .tasks.loader import load_recipe, resolve_data_dir
 from .tasks.overrides import OverrideSchema, apply_overrides
 from .tasks.rundir import GENERATION_INFO_FILE, RUN_INFO_FILE, read_json
@@ -73,40 +85,35 @@ __all__ = [
     "write_tables",
 ]
 
-#: Keys of a sweep YAML besides the run fields (ClassificationConfig fields or recipe sections).
+#: Keys of a sweep YAML besides the run sections of its task.
 SWEEP_KEYS: tuple[str, ...] = ("name", "methods", "sweep")
 _METHOD_OVERRIDE_KEYS = ("lr", "config", "train")
-_NOT_IN_SWEEP = ("method", "method_config", "seed", "output_dir")
 _BUDGET_KEYS = ("epochs", "max_steps", "batch_size", "grad_accum_steps")
 
-#: ``--set`` in a classification sweep: a run field (``max_train_examples=2000``), ``train.KEY``,
-#: ``methods.lora.lr`` ...
-CLASSIFICATION_SWEEP_SCHEMA = OverrideSchema(
-    "sweep config",
-    tuple(dict.fromkeys((*ClassificationConfig.known_keys(), *SWEEP_KEYS))),
-    ("train", "method_config", "csv", "methods", "sweep"),
-    ("train", "sweep"),
-)
-#: ``--set`` in a data-to-text sweep: the recipe's keys (``train.lr``, ``eval.max_examples``) and ``methods`` / ``sweep``.
-RECIPE_SWEEP_SCHEMA = OverrideSchema(
-    "sweep recipe",
-    (*SECTIONS, "methods", "sweep"),
-    (*MAPPING_SECTIONS, "methods", "sweep"),
-    (*(s for s in MAPPING_SECTIONS if s != "delta"), "sweep"),
-)
+
+def _sweep_schema(schema: OverrideSchema, fixed: tuple[str, ...]) -> OverrideSchema:
+    """A task's ``--set`` schema with ``methods`` and ``sweep`` added."""
+    return OverrideSchema(
+        f"sweep {schema.what}",
+        tuple(dict.fromkeys((*schema.keys, *SWEEP_KEYS))),
+        tuple(dict.fromkeys((*schema.mapping_keys, "methods", "sweep"))),
+        tuple(dict.fromkeys((*fixed, "sweep"))),
+        schema.rewrite,
+    )
 
 
-#: ``--set`` in a perplexity sweep: the perplexity config's keys and ``methods`` / ``sweep``.
-PERPLEXITY_SWEEP_SCHEMA = OverrideSchema(
-    "sweep perplexity config",
-    (*PERPLEXITY_SCHEMA.keys, "methods", "sweep"),
-    (*PERPLEXITY_SCHEMA.mapping_keys, "methods", "sweep"),
-    (*PERPLEXITY_SCHEMA.fixed_sections, "sweep"),
-)
+#: ``--set`` in a sweep: the run sections of its task (``data.max_train_examples=200``, ``train.lr=1e-3``,
+#: ``eval.max_examples=50``) and ``methods.lora.lr=1e-3``, ``sweep.seeds=[1,2]``; old flat paths of
+#: classification / perplexity files are mapped onto the sections.
 _SCHEMAS = {
-    "classification": CLASSIFICATION_SWEEP_SCHEMA,
-    "data-to-text": RECIPE_SWEEP_SCHEMA,
-    "perplexity": PERPLEXITY_SWEEP_SCHEMA,
+    "classification": _sweep_schema(CLASSIFICATION_SCHEMA, CLASSIFICATION_SCHEMA.fixed_sections),
+    "data-to-text": OverrideSchema(
+        "sweep recipe",
+        (*SECTIONS, "methods", "sweep"),
+        (*MAPPING_SECTIONS, "methods", "sweep"),
+        (*(s for s in MAPPING_SECTIONS if s != "delta"), "sweep"),
+    ),
+    "perplexity": _sweep_schema(PERPLEXITY_SCHEMA, PERPLEXITY_SCHEMA.fixed_sections),
 }
 
 
@@ -134,37 +141,25 @@ class SweepSpec:
     kind: str = "classification"
 
     def run_config(self, method: str, seed: int) -> dict[str, Any]:
-        """The config of one run: a ClassificationConfig dict, a recipe mapping, or a perplexity config mapping."""
+        """The config of one run, in the layout of its task: the shared sections with ``delta`` set to
+        ``method``, ``train.seed`` to ``seed``, ``train.lr`` to the method's (``methods.NAME.lr``; for
+        classification :data:`~deltatune.tasks.classification.DEFAULT_LR` when neither gives one) and its
+        own ``output_dir``."""
         ov = self.overrides.get(method, {})
         train = {**dict(self.base.get("train") or {}), **dict(ov.get("train") or {})}
-        out = os.path.join(self.output_dir, "runs", f"{method}_seed{seed}")
-        delta = _delta(dict(self.base.get("delta") or {}), method, dict(ov.get("config") or {}))
-        if self.kind == "perplexity":
-            if "lr" in ov:
-                train["lr"] = ov["lr"]
-            return {**copy.deepcopy(self.base), "delta": delta, "train": train, "seed": seed, "output_dir": out}
-        if self.kind == "data-to-text":
-            if "lr" in ov:
-                train["lr"] = ov["lr"]
-            return {
-                **copy.deepcopy(self.base),
-                "name": f"{self.name}_{method}_seed{seed}",
-                "delta": delta,
-                "train": {**train, "seed": seed},
-                "output_dir": out,
-            }
         if "lr" in ov:
             train["lr"] = ov["lr"]
-        elif "lr" not in train:
+        elif self.kind == "classification" and "lr" not in train:
             train["lr"] = DEFAULT_LR[method]
-        return {
-            **self.base,
-            "train": train,
-            "method": method,
-            "method_config": dict(ov.get("config") or {}),
-            "seed": seed,
-            "output_dir": out,
+        cfg = {
+            **copy.deepcopy(self.base),
+            "delta": _delta(dict(self.base.get("delta") or {}), method, dict(ov.get("config") or {})),
+            "train": {**train, "seed": seed},
+            "output_dir": os.path.join(self.output_dir, "runs", f"{method}_seed{seed}"),
         }
+        if self.kind == "data-to-text":
+            cfg["name"] = f"{self.name}_{method}_seed{seed}"
+        return cfg
 
 
 def _parse_list(text: str, what: str) -> list[str]:
@@ -198,17 +193,17 @@ def _check_seeds(seeds: Sequence[Any], where: str) -> list[int]:
     return out
 
 
-def _apply_mapping_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Programmatic overrides: top-level run fields replaced; the key ``"train."`` holds single
-    ``train`` keys to replace (the rest of the YAML's ``train`` is kept)."""
-    overrides = dict(overrides)
-    train_keys = overrides.pop("train.", None)
-    raw = {**raw, **overrides}
-    if train_keys:
-        base_train = raw.get("train") or {}
-        check_type("train", base_train, Mapping, "a mapping of TrainConfig fields")
-        raw["train"] = {**dict(base_train), **train_keys}
-    return raw
+def _mapping_overrides(overrides: Mapping[str, Any]) -> list[tuple[list[str], Any]]:
+    """Programmatic overrides as ``(key path, value)`` pairs: a key is a top-level key or a dotted path
+    (``"data.max_train_examples"``); the key ``"train."`` holds single ``train`` keys to replace."""
+    pairs: list[tuple[list[str], Any]] = []
+    for key, value in overrides.items():
+        if key == "train.":
+            check_type("overrides['train.']", value, Mapping, "a mapping of TrainConfig fields")
+            pairs += [(["train", str(k)], v) for k, v in value.items()]
+        else:
+            pairs.append((str(key).split("."), value))
+    return pairs
 
 
 def load_sweep(
@@ -223,8 +218,8 @@ def load_sweep(
 
     ``methods`` / ``seeds`` / ``output_dir`` replace the YAML's ``sweep.methods`` / ``sweep.seeds`` /
     ``output_dir``. ``overrides`` is a list of ``--set`` strings (``train.max_steps=3``,
-    ``max_train_examples=200``, ``methods.lora.lr=1e-3``), or a mapping of top-level run fields to
-    replace whose key ``"train."`` holds single ``train`` keys.
+    ``data.max_train_examples=200``, ``methods.lora.lr=1e-3``), or a mapping of keys or dotted paths to
+    values whose key ``"train."`` holds single ``train`` keys.
 
     Raises:
         WrongCommandError: ``source`` is a recipe without a ``sweep`` section or a perplexity config.
@@ -240,36 +235,23 @@ def load_sweep(
     kind = {"data-to-text-sweep": "data-to-text", "perplexity-sweep": "perplexity"}.get(
         config_kind(raw) or "", "classification"
     )
-    if isinstance(overrides, Mapping):
-        raw = _apply_mapping_overrides(raw, overrides)
-    elif overrides:
-        raw = apply_overrides(raw, list(overrides), _SCHEMAS[kind])
-    if kind == "perplexity":
-        check_known_keys("sweep", raw, [*PERPLEXITY_SCHEMA.keys, *SWEEP_KEYS])
-        if "seed" in raw:
-            raise DeltaConfigError(
-                f"sweep perplexity config must not set 'seed' (got {raw['seed']!r}): the sweep sets it per run "
-                f"(sweep.seeds / --seeds)"
-            )
-    elif kind == "classification":
-        check_known_keys("sweep", raw, [*ClassificationConfig.known_keys(), *SWEEP_KEYS])
-        bad = [k for k in _NOT_IN_SWEEP if k in raw and k != "output_dir"]
-        if bad:
-            raise DeltaConfigError(
-                f"sweep config must not set {', '.join(map(repr, bad))}: the sweep sets them per run "
-                f"(use methods.<name>.config for method fields and sweep.seeds / --seeds for seeds)"
-            )
-    else:
+    layout = {"classification": CLASSIFICATION, "perplexity": PERPLEXITY}.get(kind)
+    if layout is not None:
+        raw = to_sections(raw, layout)
+    pairs = _mapping_overrides(overrides) if isinstance(overrides, Mapping) else list(overrides or [])
+    raw = apply_overrides(raw, pairs, _SCHEMAS[kind])
+    if kind == "data-to-text":
         check_known_keys("sweep", raw, [*SECTIONS, *SWEEP_KEYS])
-        train = raw.get("train") or {}
-        check_type("train", train, Mapping, "a mapping of TrainConfig fields")
-        if "seed" in train:
-            raise DeltaConfigError(
-                f"sweep recipe must not set 'train.seed' (got {train['seed']!r}): the sweep sets it per run "
-                f"(sweep.seeds / --seeds)"
-            )
-        data = raw.get("data") or {}
-        check_type("data", data, Mapping, "a mapping (the recipe's data section)")
+    train = raw.get("train") or {}
+    check_type("train", train, Mapping, "a mapping of TrainConfig fields")
+    if "seed" in train:
+        raise DeltaConfigError(
+            f"a sweep must not set 'train.seed' (got {train['seed']!r}): the sweep sets it per run "
+            f"(sweep.seeds / --seeds)"
+        )
+    data = raw.get("data") or {}
+    check_type("data", data, Mapping, "a mapping (the config's data section)")
+    if data.get("dataset") != "csv" or data.get("data_dir") is not None:  # found as a recipe's is
         raw["data"] = {**dict(data), "data_dir": resolve_data_dir(data.get("data_dir"), base_dir)}
     name = raw.pop("name", default_name)
     check_run_name("name", name)
@@ -322,7 +304,7 @@ def load_sweep(
         elif kind == "perplexity":
             load_perplexity_config(cfg)
         else:
-            ClassificationConfig.from_dict(cfg)
+            classification_config(cfg)
     return spec
 
 
@@ -378,34 +360,35 @@ def _run_perplexity(cfg: dict[str, Any], progress: bool) -> dict[str, Any]:
     }
 
 
-def _run_config(cfg: dict[str, Any], progress: bool) -> dict[str, Any]:
-    kind = config_kind(cfg)
+def _run_config(kind: str, cfg: dict[str, Any], progress: bool) -> dict[str, Any]:
     if kind == "classification":
-        return run_classification({**cfg, "progress": bool(cfg.get("progress", True)) and progress})
+        return run_classification({**cfg, "progress": bool(cfg.get("progress", True)) and progress}, overwrite=True)
     if kind == "perplexity":
         return _run_perplexity(cfg, progress)
     return _run_data_to_text(cfg, progress)
 
 
-def _child(cfg: dict[str, Any], result_path: str, progress: bool) -> None:
+def _child(kind: str, cfg: dict[str, Any], result_path: str, progress: bool) -> None:
     """Entry point of an isolated run (a spawned process): writes ``{"result": ...}`` or ``{"error": ...}``."""
     try:
-        payload: dict[str, Any] = {"result": _run_config(cfg, progress)}
+        payload: dict[str, Any] = {"result": _run_config(kind, cfg, progress)}
     except Exception as exc:  # reported in the table, not raised
         payload = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
     atomic_write_text(result_path, json.dumps(payload, default=str) + "\n")
 
 
-def _run_one(cfg: dict[str, Any], isolate: bool, tmp_path: Path, progress: bool = True) -> dict[str, Any]:
+def _run_one(
+    kind: str, cfg: dict[str, Any], isolate: bool, tmp_path: Path, progress: bool = True
+) -> dict[str, Any]:
     if not isolate:
         try:
-            return {"result": _run_config(cfg, progress)}
+            return {"result": _run_config(kind, cfg, progress)}
         except Exception as exc:
             return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
     if tmp_path.exists():
         tmp_path.unlink()
     ctx = multiprocessing.get_context("spawn")
-    proc = ctx.Process(target=_child, args=(cfg, str(tmp_path), progress), daemon=False)
+    proc = ctx.Process(target=_child, args=(kind, cfg, str(tmp_path), progress), daemon=False)
     proc.start()
     try:
         proc.join()
@@ -424,21 +407,25 @@ def _budget_notes(spec: SweepSpec, runs: Sequence[Mapping[str, Any]], split: str
     ok = [r["result"] for r in runs if "result" in r]
     base = spec.base
     train = dict(base.get("train") or {})
-    budget = ", ".join(f"{k}={v}" for k, v in train.items() if k not in ("lr", "seed"))
+    budget = ", ".join(f"{k}={v}" for k, v in train.items() if k not in ("lr", "seed", "device"))
+    model = base.get("model") or {}
+    data = base.get("data") or {}
     if spec.kind == "perplexity":
+        ev = base.get("eval") or {}
         first = (
-            f"WikiText-2 `{base.get('eval_split', 'valid')}`, model `{base.get('model', 'smollm2-135m')}`, windows of "
-            f"{base.get('max_length', 256)} with stride {base.get('stride', 128)} (train examples: packed blocks; "
+            f"WikiText-2 `{ev.get('split', 'valid')}`, model `{model.get('name_or_path', 'smollm2-135m')}`, windows of "
+            f"{ev.get('max_length', 256)} with stride {ev.get('stride', 128)} (train examples: packed blocks; "
             f"eval examples: tokens)"
         )
     elif spec.kind == "data-to-text":
-        model = (base.get("model") or {}).get("name_or_path", "smollm2-135m")
-        data = base.get("data") or {}
-        first = f"Dataset `{data.get('dataset', 'e2e')}`, model `{model}`, sample_fraction {data.get('sample_fraction', 1.0)}"
+        first = (
+            f"Dataset `{data.get('dataset', 'e2e')}`, model `{model.get('name_or_path', 'smollm2-135m')}`, "
+            f"sample_fraction {data.get('sample_fraction', 1.0)}"
+        )
     else:
         first = (
-            f"Task `{base['task']}`, model `{base.get('model', 'minilm-l6')}`, pooling `{base.get('pooling', 'auto')}`, "
-            f"max_length {base.get('max_length', 128)}"
+            f"Task `{data['dataset']}`, model `{model.get('name_or_path', 'minilm-l6')}`, pooling "
+            f"`{model.get('pooling', 'auto')}`, max_length {data.get('max_length', 128)}"
         )
     notes = [f"{first}; budget: {budget or 'TrainConfig defaults'}; seeds {spec.seeds}."]
     if ok:
@@ -458,13 +445,11 @@ def _task_metrics(spec: SweepSpec) -> tuple[str, list[str], str]:
     """(task name, score names, scored split) of a sweep."""
     cfg = spec.run_config(spec.methods[0], spec.seeds[0])
     if spec.kind == "perplexity":
-        return "wikitext-2", ["perplexity", "base_perplexity"], PerplexityConfig.from_dict(
-            {k: v for k, v in cfg.items() if k not in ("task", "name")}
-        ).eval_split
+        return "wikitext-2", ["perplexity", "base_perplexity"], load_perplexity_config(cfg).eval_split
     if spec.kind == "data-to-text":
         recipe = load_recipe(cfg, command="sweep", check_data=False)
         return recipe.data.dataset, list(recipe.eval.metrics), recipe.eval.split
-    task_cfg = ClassificationConfig.from_dict(cfg)
+    task_cfg = classification_config(cfg)
     if task_cfg.task == "csv":
         return "csv", ["accuracy"], "dev"
     task_name = glue_task(task_cfg.task).name
@@ -497,7 +482,7 @@ def run_sweep(
         bar.set_postfix(method=m, seed=s, refresh=True)
         cfg = spec.run_config(m, s)
         t0 = time.perf_counter()
-        payload = _run_one(cfg, isolate, out / "runs" / f".{m}_seed{s}.child.json", progress)
+        payload = _run_one(spec.kind, cfg, isolate, out / "runs" / f".{m}_seed{s}.child.json", progress)
         record = {"method": m, "seed": s, "config": cfg, "wall_time_s": time.perf_counter() - t0, **payload}
         atomic_write_text(out / "runs" / f"{m}_seed{s}.json", json.dumps(record, indent=2, default=str) + "\n")
         runs.append(record)
@@ -524,7 +509,7 @@ def build_parser(prog: str = "deltatune sweep") -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="where the tables and runs go (default: the YAML's output_dir)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a key of the YAML, e.g. --set train.epochs=2 --set max_train_examples=20000 "
+        help="override a key of the YAML, e.g. --set train.epochs=2 --set data.max_train_examples=20000 "
         "--set methods.lora.lr=1e-3 (values are YAML)",
     )
     p.add_argument("--device", help="override the run device ('cpu', 'cuda', 'auto')")
@@ -547,12 +532,10 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError:
                 raise DeltaConfigError(f"--seeds must be comma-separated ints, got {args.seeds!r}") from None
         overrides = list(args.overrides)
-        if args.device is not None or args.num_threads is not None:
-            recipe = config_kind(read_yaml(args.config, "sweep config")) == "data-to-text-sweep"
-            if args.device is not None:
-                overrides.append(f"train.device={args.device}" if recipe else f"device={args.device}")
-            if args.num_threads is not None:
-                overrides.append(f"num_threads={args.num_threads}")
+        if args.device is not None:
+            overrides.append(f"train.device={args.device}")
+        if args.num_threads is not None:
+            overrides.append(f"num_threads={args.num_threads}")
         spec = load_sweep(args.config, methods=methods, seeds=seeds, output_dir=args.output_dir, overrides=overrides)
         result = run_sweep(spec, isolate=not args.no_isolate, progress=not args.no_progress)
     except DeltaError as exc:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from deltatune.checkpoint import load_delta
 from deltatune.data import ClassificationCollator, TextPairExample, load_glue
@@ -177,3 +179,37 @@ def test_classification_loss_can_be_captured():
     assert tr._eager_reason(tr.config, loss) == ""
     assert tr._eager_reason(tr.config, lambda m, b: (torch.zeros(()), 1)) == (
         "a custom loss_fn without a unit_count(batch) method")
+
+
+def test_run_directory_is_prepared_like_a_recipe_run(tmp_path):
+    """A classification run directory goes through tasks.rundir.prepare_run_dir: a second run there is refused
+    before any work, --overwrite deletes only the files a run writes, and config.yaml (the sectioned layout)
+    reads back as the run's config."""
+    from deltatune.tasks import classification_config
+
+    model_dir = tiny_bert_dir(tmp_path)
+    data = write_glue(tmp_path / "data", "sst2")
+    out = tmp_path / "run"
+    cfg = dict(task="sst2", model=str(model_dir), method="lora", pooling="mean", data_dir=str(data),
+               train={**TRAIN, "max_steps": 1}, output_dir=str(out), progress=False, max_length=32)
+    first = run_classification(cfg)
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["config.yaml", "delta", "result.json", "train_log.jsonl", "train_summary.json"]
+    saved = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    assert saved["model"]["name_or_path"] == str(model_dir) and saved["delta"]["method"] == "lora"
+    again = classification_config({**saved, "progress": False})
+    assert again.to_sections() == saved
+    assert dataclasses.replace(again, method_config={}) == ClassificationConfig(**cfg)
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    before = (out / "result.json").read_text(encoding="utf-8")
+    log_lines = len((out / "train_log.jsonl").read_text(encoding="utf-8").splitlines())
+    with pytest.raises(DeltaConfigError, match=r"^output_dir '.*run' already holds a run \(train_log.jsonl\); pass "
+                                               r"--overwrite"):
+        run_classification(cfg)
+    assert (out / "result.json").read_text(encoding="utf-8") == before  # nothing touched
+    second = run_classification(cfg, overwrite=True)
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"  # not a file a run writes: kept
+    assert sorted(p.name for p in out.iterdir()) == sorted([*written, "notes.txt"])
+    assert second["metrics"] == first["metrics"]  # the same seed: the same run
+    # the old log was deleted, not appended to
+    assert len((out / "train_log.jsonl").read_text(encoding="utf-8").splitlines()) == log_lines

@@ -50,12 +50,12 @@ def test_every_config_validates_through_the_loader_of_its_kind(path, tmp_path):
         s = load_sweep(path, overrides=[f"data.data_dir={data}", "eval.metrics=[BLEU]"])
         assert s.kind == "data-to-text" and s.methods and s.seeds
     elif kind == "classification":
-        task = spec.read_yaml(path)["task"]
-        s = load_sweep(path, overrides={"data_dir": str(write_glue(tmp_path, task))})
-        assert s.kind == "classification" and s.base["task"] == task
+        task = spec.read_yaml(path)["data"]["dataset"]
+        s = load_sweep(path, overrides={"data.data_dir": str(write_glue(tmp_path, task))})
+        assert s.kind == "classification" and s.base["data"]["dataset"] == task
     else:
         assert kind == "perplexity", f"{path}: no loader knows this file"
-        cfg = load_perplexity_config(path, [f"data_dir={write_wikitext(tmp_path)}"])
+        cfg = load_perplexity_config(path, [f"data.data_dir={write_wikitext(tmp_path)}"])
         assert isinstance(cfg, PerplexityConfig) and cfg.delta["method"] == "lora"
 
 
@@ -106,16 +106,28 @@ def test_one_override_parser_for_every_kind(tmp_path):
     data = write_wikitext(tmp_path)
     cfg = load_perplexity_config(
         CONFIGS / "wikitext_lora.yaml",
-        [f"data_dir={data}", "eval_max_tokens=64", "train.lr=0.5", "delta.r=2"],
+        [f"data.data_dir={data}", "eval.max_tokens=64", "train.lr=0.5", "delta.r=2", "train.seed=3"],
         output_dir=tmp_path / "out",
         progress=False,
     )
     assert (cfg.eval_max_tokens, cfg.train["lr"], cfg.delta["r"], cfg.output_dir) == (64, 0.5, 2, str(tmp_path / "out"))
     assert cfg.train["epochs"] == 1 and cfg.progress is False and cfg.train["progress_bar"] is False
+    assert cfg.seed == 3 and "seed" not in cfg.train
+    # the old flat paths reach the same fields through the one mapping
+    old = load_perplexity_config(
+        CONFIGS / "wikitext_lora.yaml",
+        [f"data_dir={data}", "eval_max_tokens=64", "train.lr=0.5", "delta.r=2", "seed=3"],
+        output_dir=tmp_path / "out",
+        progress=False,
+    )
+    assert old == cfg
     with pytest.raises(DeltaConfigError, match=r"^--set 'evl_split=test': unknown perplexity config key 'evl_split'; "):
         load_perplexity_config(CONFIGS / "wikitext_lora.yaml", ["evl_split=test"])
-    with pytest.raises(DeltaConfigError, match=r"^--set 'stride.x=1': 'stride' is not a section, write stride=VALUE$"):
-        load_perplexity_config(CONFIGS / "wikitext_lora.yaml", ["stride.x=1"])
+    with pytest.raises(DeltaConfigError, match=r"^--set 'eval.stride.x=1': 'eval.stride' takes a value, not sub-keys$"):
+        load_perplexity_config(CONFIGS / "wikitext_lora.yaml", ["eval.stride.x=1"])
+    with pytest.raises(DeltaConfigError, match=r"^unknown key 'eval.strid' in perplexity config section 'eval'; known "
+                                               r"keys: split, max_tokens, max_length, stride, batch_size$"):
+        load_perplexity_config(CONFIGS / "wikitext_lora.yaml", [f"data.data_dir={data}", "eval.strid=1"])
     # the same function applies a recipe's --set
     assert apply_overrides({"train": {"lr": 1.0}}, ["train.lr=2"]) == {"train": {"lr": 2}}
 

@@ -4,6 +4,8 @@ Modules (each one's docstring says what it owns):
 
 * :mod:`~deltatune.tasks.spec`: the shared run fields, :data:`FULL`, the one YAML reader and the
   kind of a YAML file (which subcommand runs it); the data-to-text recipe schema;
+* :mod:`~deltatune.tasks.layout`: the sections of the classification and perplexity configs (the
+  recipe's layout) and the one mapping of the old flat files onto them;
 * :mod:`~deltatune.tasks.overrides`: the one ``--set section.key=value`` parser;
 * :mod:`~deltatune.tasks.rundir`: run-directory file names, prepare / overwrite rules, writers;
 * :mod:`~deltatune.tasks.loader`: YAML -> validated data-to-text :class:`Recipe`;
@@ -11,7 +13,8 @@ Modules (each one's docstring says what it owns):
   pipeline (train -> generate -> score -> report);
 * :mod:`~deltatune.tasks.classification` (with :mod:`~deltatune.tasks.heads`): GLUE / CSV
   classification and regression;
-* :mod:`~deltatune.tasks.lm`: WikiText-2 perplexity before and after tuning.
+* :mod:`~deltatune.tasks.lm`: WikiText-2 perplexity before and after tuning;
+* :mod:`~deltatune.tasks.setups`: what ``deltatune info --config`` shows (the method setups of any config).
 
 :mod:`deltatune.sweep` (above this layer) runs any of these tasks for several methods and seeds.
 """
@@ -21,6 +24,7 @@ from .classification import (
     DEFAULT_METHOD_CONFIGS,
     ClassificationConfig,
     TaskData,
+    classification_config,
     classification_loss,
     load_task_data,
     predict,
@@ -57,6 +61,7 @@ __all__ = [
     "WrongCommandError",
     "apply_overrides",
     "build_classifier",
+    "classification_config",
     "classification_loss",
     "evaluate_run",
     "finetune",

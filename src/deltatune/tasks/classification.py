@@ -3,7 +3,12 @@
 :func:`run_classification` trains one method (``"full"`` or any delta method) on the train split,
 evaluates on the dev split and returns the scores with the trainable-parameter count, the peak
 memory and the time per optimiser step. :class:`ClassificationConfig` holds everything a run needs
-and is validated before any work starts.
+(flat fields, for Python) and is validated before any work starts; :func:`classification_config`
+builds it from a YAML mapping in the sectioned layout of every task (``model``, ``data``, ``delta``,
+``train``; :data:`deltatune.tasks.layout.CLASSIFICATION`) or the old flat one. A run directory is
+prepared by :func:`deltatune.tasks.rundir.prepare_run_dir` (``overwrite`` deletes only the files a run
+writes) and holds ``config.yaml`` (the run's settings in the sectioned layout), ``train_log.jsonl``, ``train_summary.json``,
+``delta/`` and ``result.json``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -26,6 +32,7 @@ from ..api import apply
 from ..checkpoint import save_delta
 from ..config import DeltaConfig, config_from_dict
 from ..data import (
+    GLUE_TASKS,
     ClassificationCollator,
     TextPairExample,
     glue_task,
@@ -42,10 +49,13 @@ from ..preflight import check_applicable
 from ..train import TrainConfig, Trainer, set_seed
 from ..validation import check_bool, check_choice, check_float, check_int, check_known_keys, check_type
 from .heads import POOLINGS, build_classifier
-from .rundir import DELTA_DIR, RESULT_FILE
-from .spec import FULL, check_run_fields
+from .layout import CLASSIFICATION, SWEEP_SECTIONS, flatten, legacy_override, to_sections
+from .overrides import OverrideSchema
+from .rundir import CONFIG_FILE, DELTA_DIR, RESULT_FILE, prepare_run_dir
+from .spec import FULL, check_run_fields, plain
 
 __all__ = [
+    "CLASSIFICATION_SCHEMA",
     "ClassificationLoss",
     "CSV_KEYS",
     "DEFAULT_LR",
@@ -53,6 +63,7 @@ __all__ = [
     "FULL",
     "ClassificationConfig",
     "TaskData",
+    "classification_config",
     "classification_loss",
     "load_task_data",
     "predict",
@@ -106,7 +117,10 @@ def sweep_method_names() -> list[str]:
 
 @dataclasses.dataclass
 class ClassificationConfig:
-    """One classification / regression run.
+    """One classification / regression run, as flat fields (for Python). In a YAML file the same fields
+    sit in the sections of :data:`deltatune.tasks.layout.CLASSIFICATION` (``task`` is ``data.dataset``,
+    ``model`` is ``model.name_or_path``, ``seed`` and ``device`` are in ``train``, ``method`` and
+    ``method_config`` are the ``delta`` section ...); :func:`classification_config` reads either.
 
     Attributes:
         task: a GLUE task (``"sst2"``, ``"cola"``, ``"mrpc"``, ``"stsb"``, ``"rte"``, ``"wnli"``; folder
@@ -276,6 +290,45 @@ class ClassificationConfig:
         """A JSON-able dict that :meth:`from_dict` accepts."""
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
+    def to_sections(self) -> dict[str, Any]:
+        """The run's settings in the sectioned layout (what ``config.yaml`` holds; :func:`classification_config`
+        reads it back)."""
+        flat = self.to_dict()
+        flat["method_config"] = {**DEFAULT_METHOD_CONFIGS.get(self.method, {}), **flat["method_config"]}
+        flat.pop("progress")
+        return plain(to_sections(flat, CLASSIFICATION))
+
+
+#: ``--set`` in a classification config: ``data.max_train_examples=200``, ``model.pooling=cls``,
+#: ``train.lr=1e-3``, ``delta.r=4``, ``methods.lora.lr=1e-3`` (a sweep); old flat paths
+#: (``max_train_examples=200``, ``seed=3``) are mapped onto the sections.
+CLASSIFICATION_SCHEMA = OverrideSchema(
+    "classification config",
+    (*CLASSIFICATION.top, *CLASSIFICATION.sections, *SWEEP_SECTIONS),
+    (*CLASSIFICATION.sections, *SWEEP_SECTIONS),
+    ("model", "train", "sweep"),
+    lambda parts, value: legacy_override(parts, value, CLASSIFICATION),
+)
+
+
+def classification_config(raw: Mapping[str, Any] | ClassificationConfig) -> ClassificationConfig:
+    """A :class:`ClassificationConfig` from a mapping in the sectioned layout (or the old flat one, mapped
+    by :func:`deltatune.tasks.layout.to_sections`); unknown keys raise ``DeltaConfigError`` listing the
+    known ones."""
+    if isinstance(raw, ClassificationConfig):
+        return raw
+    check_type("classification config", raw, Mapping, "a mapping")
+    fields = flatten(to_sections(raw, CLASSIFICATION), CLASSIFICATION)
+    names = f"{', '.join(repr(k) for k in GLUE_TASKS)} (or the folder spellings) or 'csv'"
+    if "task" not in fields:
+        raise DeltaConfigError(f"a classification config needs data.dataset ({names}), got keys {sorted(raw)}")
+    if fields["task"] != "csv":
+        try:
+            glue_task(fields["task"])
+        except DeltaConfigError:
+            raise DeltaConfigError(f"data.dataset must be one of {names}, got {fields['task']!r}") from None
+    return ClassificationConfig.from_dict(fields)
+
 
 @dataclasses.dataclass
 class TaskData:
@@ -431,8 +484,13 @@ def _trainable_counts(model: nn.Module) -> tuple[int, int]:
     return int(s.trainable), int(s.total)
 
 
-def run_classification(cfg: ClassificationConfig | Mapping[str, Any]) -> dict[str, Any]:
+def run_classification(cfg: ClassificationConfig | Mapping[str, Any], *, overwrite: bool = False) -> dict[str, Any]:
     """Train ``cfg.method`` on the task's train split and score the dev split.
+
+    A mapping is read by :func:`classification_config` (sectioned or flat layout). With ``output_dir``,
+    the run directory is prepared before any work: one that already holds a run (``train_log.jsonl`` or
+    ``result.json``) raises ``DeltaConfigError`` unless ``overwrite``, which deletes only the files a run
+    writes.
 
     Returns a JSON-able dict: ``task``, ``method``, ``seed``, ``model``, ``pooling``, ``metrics``
     (the task's GLUE metrics, e.g. ``{"accuracy": 0.91}``), ``trainable_params``, ``total_params``,
@@ -442,8 +500,9 @@ def run_classification(cfg: ClassificationConfig | Mapping[str, Any]) -> dict[st
     ``device`` and ``delta_dir`` (where the delta with the head was saved, or ``None``).
     """
     if isinstance(cfg, Mapping):
-        cfg = ClassificationConfig.from_dict(cfg)
+        cfg = classification_config(cfg)
     check_type("cfg", cfg, ClassificationConfig, "a ClassificationConfig or a dict")
+    check_bool("overwrite", overwrite)
     cfg.validate()
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
@@ -451,6 +510,9 @@ def run_classification(cfg: ClassificationConfig | Mapping[str, Any]) -> dict[st
     tcfg.check_cuda_graph_device()  # before the data and the model are loaded
     check_applicable(cfg.method, cfg.method_config_obj(), cfg.model, task="base", added_modules=("classifier", "score"))
     data = load_task_data(cfg)
+    if cfg.output_dir is not None:
+        out = prepare_run_dir(cfg.output_dir, overwrite=overwrite, resumable=False)
+        atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg.to_sections(), sort_keys=False, allow_unicode=True))
 
     set_seed(cfg.seed)
     bundle = build_classifier(
@@ -519,7 +581,6 @@ def run_classification(cfg: ClassificationConfig | Mapping[str, Any]) -> dict[st
     }
     if cfg.output_dir is not None:
         out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
         if cfg.save_delta and method_cfg is not None:
             save_delta(trainer.model, out / DELTA_DIR)
             result["delta_dir"] = str(out / DELTA_DIR)

@@ -3,9 +3,11 @@
 :func:`run_perplexity` measures the perplexity of the base model on a WikiText-2 split, fine-tunes
 a delta method (LoRA by default) on packed blocks of a slice of the training text, and measures
 the perplexity again with the same windows. :func:`load_perplexity_config` reads its YAML file
-(``configs/wikitext_lora.yaml``) with the shared loader, ``--set`` overrides, ``--output-dir`` and
-``--no-progress`` (the ``deltatune perplexity`` command); a run directory that already holds a run is
-replaced only with ``overwrite=True``.
+(``configs/wikitext_lora.yaml``: the sectioned layout of every task, ``model``, ``data``, ``eval``,
+``delta``, ``train``, see :data:`deltatune.tasks.layout.PERPLEXITY`; old flat files are mapped onto it)
+with the shared loader, ``--set`` overrides, ``--output-dir`` and ``--no-progress`` (the ``deltatune
+perplexity`` command); a run directory that already holds a run is replaced only with ``overwrite=True``.
+:class:`PerplexityConfig` holds the run's settings as flat fields (for Python).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from ..api import apply
 from ..checkpoint import save_delta
@@ -32,9 +35,11 @@ from ..metrics import perplexity
 from ..models import load
 from ..train import TrainConfig, Trainer, set_seed
 from ..validation import check_bool, check_choice, check_int, check_known_keys, check_type
+from .layout import PERPLEXITY, flatten, legacy_override, to_sections
+from .loader import resolve_data_dir
 from .overrides import OverrideSchema, apply_overrides
-from .rundir import DELTA_DIR, RESULT_FILE, prepare_run_dir
-from .spec import check_config_kind, check_run_fields, read_yaml
+from .rundir import CONFIG_FILE, DELTA_DIR, RESULT_FILE, prepare_run_dir
+from .spec import check_config_kind, check_run_fields, plain, read_yaml
 
 __all__ = [
     "PERPLEXITY_SCHEMA",
@@ -65,7 +70,10 @@ def wikitext_path(data_dir: str | os.PathLike, split: str) -> str:
 
 @dataclasses.dataclass
 class PerplexityConfig:
-    """A perplexity run: base model, then a delta fine-tune, then the same evaluation.
+    """A perplexity run: base model, then a delta fine-tune, then the same evaluation. Flat fields (for
+    Python); in a YAML file they sit in the sections of :data:`deltatune.tasks.layout.PERPLEXITY`
+    (``eval_max_tokens`` is ``eval.max_tokens``, ``block_size`` is ``data.block_size``, ``seed`` is
+    ``train.seed`` ...), read by :func:`load_perplexity_config`.
 
     Attributes:
         model: a registered name (``"smollm2-135m"``), an HF directory or a ``.gguf`` file.
@@ -154,17 +162,24 @@ class PerplexityConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> PerplexityConfig:
-        """Read a YAML file (``name`` and ``task: perplexity`` keys are allowed and ignored); see
-        :func:`load_perplexity_config`."""
+        """Read a YAML file; see :func:`load_perplexity_config`."""
         return load_perplexity_config(path)
 
+    def to_sections(self) -> dict[str, Any]:
+        """The run's settings in the sectioned layout (what ``config.yaml`` holds)."""
+        flat = json.loads(json.dumps(dataclasses.asdict(self), default=str))
+        flat.pop("progress")
+        return plain(to_sections({**flat, "task": "perplexity"}, PERPLEXITY))
 
-#: ``--set`` in a perplexity config: a field (``eval_max_tokens=512``), ``train.KEY`` or ``delta.KEY``.
+
+#: ``--set`` in a perplexity config: ``eval.max_tokens=512``, ``data.data_dir=...``, ``train.lr=1e-3``,
+#: ``delta.r=16``; old flat paths (``eval_max_tokens=512``, ``seed=3``) are mapped onto the sections.
 PERPLEXITY_SCHEMA = OverrideSchema(
     "perplexity config",
-    ("name", "task", *(f.name for f in dataclasses.fields(PerplexityConfig))),
-    ("delta", "train"),
-    ("train",),
+    (*PERPLEXITY.top, *PERPLEXITY.sections),
+    tuple(PERPLEXITY.sections),
+    ("model", "data", "eval", "train"),
+    lambda parts, value: legacy_override(parts, value, PERPLEXITY),
 )
 
 
@@ -175,31 +190,34 @@ def load_perplexity_config(
     output_dir: str | os.PathLike | None = None,
     progress: bool | None = None,
 ) -> PerplexityConfig:
-    """Read a perplexity YAML file (or mapping), apply ``--set`` overrides (see
+    """Read a perplexity YAML file (or mapping) in the sectioned layout (an old flat one is mapped by
+    :func:`deltatune.tasks.layout.to_sections`), apply ``--set`` overrides (see
     :func:`deltatune.tasks.overrides.apply_overrides`), then ``output_dir`` / ``progress`` when given.
 
     Raises:
-        WrongCommandError: ``source`` is a recipe or a sweep config (the message names its subcommand).
-        DeltaConfigError: unknown or invalid fields, ``task`` other than ``perplexity``.
+        WrongCommandError: the file ``source`` is a recipe or a sweep config (the message names its subcommand).
+        DeltaConfigError: unknown or invalid keys or values, ``task`` other than ``perplexity``.
     """
+    base = None
     if isinstance(source, Mapping):
         data = dict(source)
     else:
         check_type("config", source, (str, os.PathLike), "a YAML file path or a mapping")
         data = read_yaml(source, "perplexity config")
-    check_config_kind(data, source, "perplexity", ("perplexity",))
-    data = apply_overrides(data, list(overrides), PERPLEXITY_SCHEMA)
-    data.pop("name", None)
-    task = data.pop("task", "perplexity")
-    if task != "perplexity":
-        raise DeltaConfigError(f"perplexity config: task must be 'perplexity', got {task!r}")
+        check_config_kind(data, source, "perplexity", ("perplexity",))
+        base = Path(source).resolve().parent
+    data = apply_overrides(to_sections(data, PERPLEXITY), list(overrides), PERPLEXITY_SCHEMA)
+    if base is not None:  # a file: data.data_dir is found as a recipe's is (cwd, the file's folder, its parent)
+        section = data.get("data") or {}
+        check_type("data", section, Mapping, "a mapping (the config's data section)")
+        data["data"] = {**section, "data_dir": resolve_data_dir(section.get("data_dir"), base)}
     if output_dir is not None:
         data["output_dir"] = os.fspath(output_dir)
     if progress is not None:
         data["progress"] = progress
         if not progress and isinstance(data.get("train"), Mapping):
             data["train"] = {**data["train"], "progress_bar": False}
-    return PerplexityConfig.from_dict(data)
+    return PerplexityConfig.from_dict(flatten(data, PERPLEXITY))
 
 
 def pack_token_blocks(ids: list[int], block_size: int) -> list[dict[str, list[int]]]:
@@ -215,7 +233,8 @@ def pack_token_blocks(ids: list[int], block_size: int) -> list[dict[str, list[in
 
 
 def _tokens(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """The token ids of a whole text; windows cut it later, so the tokenizer's length warning is off."""
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def run_perplexity(cfg: PerplexityConfig | Mapping[str, Any], *, overwrite: bool = False) -> dict[str, Any]:
@@ -229,7 +248,7 @@ def run_perplexity(cfg: PerplexityConfig | Mapping[str, Any], *, overwrite: bool
     any work unless ``overwrite``.
     """
     if isinstance(cfg, Mapping):
-        cfg = PerplexityConfig.from_dict(cfg)
+        cfg = load_perplexity_config(cfg)
     check_type("cfg", cfg, PerplexityConfig, "a PerplexityConfig or a dict")
     cfg.validate()
     if cfg.num_threads is not None:
@@ -237,7 +256,8 @@ def run_perplexity(cfg: PerplexityConfig | Mapping[str, Any], *, overwrite: bool
     tcfg = cfg.train_config()
     tcfg.check_cuda_graph_device()  # before the model is loaded
     if cfg.output_dir is not None:
-        prepare_run_dir(cfg.output_dir, overwrite=overwrite)
+        out = prepare_run_dir(cfg.output_dir, overwrite=overwrite, resumable=False)
+        atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg.to_sections(), sort_keys=False, allow_unicode=True))
     set_seed(cfg.seed)
     model, tokenizer = load(cfg.model, task="causal-lm", dtype=cfg.dtype, progress=cfg.progress)
     device = resolve_device(cfg.device, field="device")

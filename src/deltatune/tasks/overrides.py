@@ -14,7 +14,7 @@ of the config (:func:`deltatune.tasks.loader.load_recipe`, the task configs' ``f
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,12 +38,15 @@ class OverrideSchema:
         mapping_keys: the top-level keys that hold a mapping (``KEY.SUB=VALUE`` goes inside them).
         fixed_sections: mapping keys whose keys take values, not sub-keys (``train``, ``data`` ...);
             in the other mapping keys (``delta``, ``methods``) deeper paths are allowed.
+        rewrite: maps a key path (and its value) before it is applied: the old flat layout's paths of a
+            task (:func:`deltatune.tasks.layout.legacy_override`); ``None`` keeps paths as given.
     """
 
     what: str
     keys: tuple[str, ...]
     mapping_keys: tuple[str, ...]
     fixed_sections: tuple[str, ...]
+    rewrite: Callable[[list[str], Any], list[str]] | None = None
 
 
 #: ``--set`` in a data-to-text recipe: ``train.lr=1e-3``, ``delta.rank_pattern.q_proj=8``, ``output_dir=runs/x``.
@@ -76,7 +79,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(
-    raw: Mapping[str, Any], overrides: Sequence[str], schema: OverrideSchema = RECIPE_SCHEMA
+    raw: Mapping[str, Any],
+    overrides: Sequence[str | tuple[Sequence[str], Any]],
+    schema: OverrideSchema = RECIPE_SCHEMA,
 ) -> dict[str, Any]:
     """Return a copy of ``raw`` with ``--set``-style overrides applied, in order.
 
@@ -84,14 +89,22 @@ def apply_overrides(
     section given as a YAML mapping (``delta={method: bitfit}``) or, inside a section that is not
     fixed (``delta``, ``methods``), deeper paths (``delta.rank_pattern.q_proj=8``). An unknown
     top-level key raises ``DeltaConfigError`` naming it and listing the known ones; a section's own
-    keys are checked by the config's loader.
+    keys are checked by the config's loader. An item may also be an already-parsed ``(key path, value)``
+    pair (programmatic overrides: the value is used as it is).
     """
     check_type(f"raw {schema.what}", raw, Mapping, "a mapping")
     if isinstance(overrides, str) or not isinstance(overrides, Sequence):
         raise DeltaConfigTypeError(f"overrides must be a list of 'key=value' strings, got {overrides!r}")
     out = copy.deepcopy(dict(raw))
-    for text in overrides:
-        parts, value = parse_override(text)
+    for item in overrides:
+        if isinstance(item, tuple):
+            parts, value = [str(p) for p in item[0]], item[1]
+            text = f"{'.'.join(parts)}={value!r}"
+        else:
+            parts, value = parse_override(item)
+            text = item
+        if schema.rewrite is not None:
+            parts = schema.rewrite(parts, value)
         top = parts[0]
         if top not in schema.keys:
             raise DeltaConfigError(

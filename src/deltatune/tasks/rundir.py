@@ -5,7 +5,9 @@ run's settings), ``run_info.json``, ``train_log.jsonl`` (and TensorBoard events)
 ``checkpoint-<step>/`` directories, ``delta/`` (``model/`` for full fine-tuning),
 ``train_summary.json``, ``predictions.txt``, ``references.txt`` (the official E2E scorer's format),
 ``sources.txt``, ``categories.txt``, ``generation_info.json``, ``metrics.json``, ``report.md`` and
-the PNG plots. A perplexity run directory holds ``result.json``, ``train_log.jsonl`` and ``delta/``.
+the PNG plots. A classification or perplexity run directory holds ``config.yaml`` (its settings in the
+sectioned layout of :mod:`deltatune.tasks.layout`), ``result.json``, ``train_log.jsonl``, ``train_summary.json``
+and ``delta/``.
 
 :func:`prepare_run_dir` refuses to replace an existing run unless asked to (``--overwrite``), and then
 deletes only the files and directories a run writes (checkpoints only when complete and ours). Every
@@ -92,8 +94,11 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def prepare_run_dir(run_dir: str | os.PathLike, *, overwrite: bool, resuming: bool = False) -> Path:
-    """Create ``run_dir``, or empty it of a previous run's files when ``overwrite``.
+def prepare_run_dir(
+    run_dir: str | os.PathLike, *, overwrite: bool, resuming: bool = False, resumable: bool = True
+) -> Path:
+    """Create ``run_dir``, or empty it of a previous run's files when ``overwrite``. ``resumable``: the
+    task can resume a run (data-to-text); the refusal then names ``train.resume_from`` as a way out.
 
     Raises:
         DeltaConfigError: ``run_dir`` is a file, or it holds a run (``train_log.jsonl`` or
@@ -106,10 +111,10 @@ def prepare_run_dir(run_dir: str | os.PathLike, *, overwrite: bool, resuming: bo
     held = [m for m in _RUN_MARKERS if (run_dir / m).exists()] if run_dir.is_dir() else []
     if held and not resuming:
         if not overwrite:
+            resume = " --set train.resume_from=latest to resume it," if resumable else ""
             raise DeltaConfigError(
                 f"output_dir {os.fspath(run_dir)!r} already holds a run ({held[0]}); pass --overwrite "
-                f"(overwrite=True) to replace it, --set train.resume_from=latest to resume it, or choose another "
-                f"--output-dir"
+                f"(overwrite=True) to replace it,{resume} or choose another --output-dir"
             )
         cleanup_stale_checkpoints(run_dir)  # ForeignFileError, before anything is deleted, for checkpoints not ours
         for name in ARTEFACTS:

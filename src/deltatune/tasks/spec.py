@@ -13,10 +13,12 @@ This module owns:
   ``export``; see :mod:`deltatune.tasks.loader` for the loading and :mod:`deltatune.tasks.data_to_text`
   for the pipeline).
 
-Classification sweeps (:mod:`deltatune.tasks.classification`) and perplexity runs
-(:mod:`deltatune.tasks.lm`) keep their flat dialect (``model: minilm-l6``, ``train: {...}``,
-``seed``, ``device``, ``output_dir`` at the top); they share the run fields, the YAML loader, the
-override parser (:mod:`deltatune.tasks.overrides`) and the full-fine-tuning name with recipes.
+Classification / regression (:mod:`deltatune.tasks.classification`) and perplexity
+(:mod:`deltatune.tasks.lm`) configs use the same sections (``model``, ``data``, ``delta``, ``train``
+with ``seed`` and ``device``, ``eval``; ``name``, ``output_dir``, ``num_threads`` at the top): their
+known keys and the one mapping of the old flat files are in :mod:`deltatune.tasks.layout`. Every task
+shares the run-field checks, the YAML reader, the override parser (:mod:`deltatune.tasks.overrides`)
+and the full-fine-tuning name.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from ..generate import GenerationConfig
 from ..io_utils import read_text_file, yaml_load
 from ..train import TrainConfig
 from ..validation import check_bool, check_choice, check_float, check_int, check_str_list, check_type
+from .layout import task_of
 
 __all__ = [
     "DATA_DIR_ENV_VAR",
@@ -122,9 +125,6 @@ def read_yaml(path: str | os.PathLike, what: str = "recipe") -> dict[str, Any]:
     return data
 
 
-_PERPLEXITY_ONLY = ("eval_split", "eval_max_tokens", "stride", "eval_batch_size", "train_max_tokens", "block_size")
-_RECIPE_ONLY = ("delta", "data", "generate", "eval", "export")
-
 #: kind -> (what it is, the subcommand that runs it)
 KINDS: dict[str, tuple[str, str]] = {
     "data-to-text": ("a data-to-text recipe (one run)", "run"),
@@ -137,15 +137,13 @@ KINDS: dict[str, tuple[str, str]] = {
 
 def config_kind(raw: Mapping[str, Any]) -> str | None:
     """Which kind of YAML ``raw`` is: ``"data-to-text"``, ``"data-to-text-sweep"`` (a recipe with a
-    ``sweep`` section), ``"classification"`` (a GLUE / CSV sweep config), ``"perplexity"``,
-    ``"perplexity-sweep"``, or ``None`` when nothing identifies it."""
-    if raw.get("task") == "perplexity" or any(k in raw for k in _PERPLEXITY_ONLY):
-        return "perplexity-sweep" if "sweep" in raw or "methods" in raw else "perplexity"
-    if "task" in raw:
-        return "classification"
-    if any(k in raw for k in _RECIPE_ONLY) or isinstance(raw.get("model"), Mapping):
-        return "data-to-text-sweep" if "sweep" in raw or "methods" in raw else "data-to-text"
-    return None
+    ``sweep`` section), ``"classification"`` (a GLUE / CSV config; always run by ``sweep``),
+    ``"perplexity"``, ``"perplexity-sweep"``, or ``None`` when nothing identifies it. Both the
+    sectioned layout and the old flat one are recognised (:func:`deltatune.tasks.layout.task_of`)."""
+    task = task_of(raw)
+    if task in ("data-to-text", "perplexity") and ("sweep" in raw or "methods" in raw):
+        return f"{task}-sweep"
+    return task
 
 
 def check_config_kind(raw: Mapping[str, Any], source: Any, command: str, accepted: tuple[str, ...]) -> None:
