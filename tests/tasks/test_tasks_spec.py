@@ -130,6 +130,12 @@ def test_one_override_parser_for_every_kind(tmp_path):
         load_perplexity_config(CONFIGS / "wikitext_lora.yaml", [f"data.data_dir={data}", "eval.strid=1"])
     # the same function applies a recipe's --set
     assert apply_overrides({"train": {"lr": 1.0}}, ["train.lr=2"]) == {"train": {"lr": 2}}
+    assert apply_overrides({}, ["delta.rank_pattern.q_proj=2"]) == {"delta": {"rank_pattern": {"q_proj": 2}}}
+    with pytest.raises(DeltaConfigError, match=r"^--set 'train.lr=2': recipe section 'train' is not a mapping \(5\)$"):
+        apply_overrides({"train": 5}, ["train.lr=2"])
+    with pytest.raises(DeltaConfigError, match=r"^--set 'delta.rank_pattern.q_proj=2': 'rank_pattern' holds 3, not a "
+                                               r"mapping$"):
+        apply_overrides({"delta": {"rank_pattern": 3}}, ["delta.rank_pattern.q_proj=2"])
 
 
 def test_recipe_delta_config_is_built_and_validated_once(monkeypatch):

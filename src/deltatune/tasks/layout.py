@@ -28,7 +28,7 @@ that knows the old names. :func:`task_of` tells which task a YAML mapping config
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,15 +190,22 @@ def task_of(raw: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _put(out: dict[str, Any], path: tuple[str, ...], value: Any, old: str) -> None:
-    node = out
-    for p in path[:-1]:
-        nxt = node.get(p)
+def descend(node: dict[str, Any], keys: Sequence[str], not_mapping: Callable[[str, Any], Exception]) -> dict[str, Any]:
+    """The mapping at ``node[keys[0]][keys[1]]...``, with an empty one made where a key is missing; raises
+    ``not_mapping(key, value)`` where a value on the way is not a mapping."""
+    for k in keys:
+        nxt = node.get(k)
         if nxt is None:
-            nxt = node[p] = {}
+            nxt = node[k] = {}
         if not isinstance(nxt, dict):
-            raise DeltaConfigTypeError(f"{'.'.join(path[:-1])} must be a mapping, got {nxt!r}")
+            raise not_mapping(k, nxt)
         node = nxt
+    return node
+
+
+def _put(out: dict[str, Any], path: tuple[str, ...], value: Any, old: str) -> None:
+    node = descend(out, path[:-1], lambda _k, v: DeltaConfigTypeError(
+        f"{'.'.join(path[:-1])} must be a mapping, got {v!r}"))
     key = path[-1]
     if key in node and node[key] != value:
         raise DeltaConfigError(

@@ -23,6 +23,7 @@ import yaml
 from ..errors import DeltaConfigError, DeltaConfigTypeError
 from ..io_utils import yaml_load
 from ..validation import check_type
+from .layout import descend
 from .spec import MAPPING_SECTIONS, SECTIONS
 
 __all__ = ["RECIPE_SCHEMA", "OverrideSchema", "apply_overrides", "parse_override"]
@@ -122,17 +123,9 @@ def apply_overrides(
             raise DeltaConfigError(f"--set {text!r}: {top!r} is not a section, write {top}=VALUE")
         if top in schema.fixed_sections and len(parts) > 2:
             raise DeltaConfigError(f"--set {text!r}: {'.'.join(parts[:2])!r} takes a value, not sub-keys")
-        node = out.get(top)
-        if node is None:
-            node = out[top] = {}
-        if not isinstance(node, dict):
-            raise DeltaConfigError(f"--set {text!r}: {schema.what} section {top!r} is not a mapping ({node!r})")
-        for p in parts[1:-1]:
-            nxt = node.get(p)
-            if nxt is None:
-                nxt = node[p] = {}
-            if not isinstance(nxt, dict):
-                raise DeltaConfigError(f"--set {text!r}: {p!r} holds {nxt!r}, not a mapping")
-            node = nxt
+        node = descend(out, [top], lambda k, v, text=text: DeltaConfigError(
+            f"--set {text!r}: {schema.what} section {k!r} is not a mapping ({v!r})"))
+        node = descend(node, parts[1:-1], lambda k, v, text=text: DeltaConfigError(
+            f"--set {text!r}: {k!r} holds {v!r}, not a mapping"))
         node[parts[-1]] = value
     return out
