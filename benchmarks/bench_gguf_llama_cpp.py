@@ -182,7 +182,8 @@ def _error_budget(args, files, merged, ids_of, ref, cpp_f16, greedy) -> dict:
     with gc.f16_matmuls(merged, activations=False):
         vs["PyTorch, weights rounded to F16"] = _maxdiff([gc.torch_logits(merged, i) for i in ids_of], ref)
     with gc.f16_matmuls(merged):
-        vs["PyTorch, F16 weights and F16 matmul inputs"] = _maxdiff([gc.torch_logits(merged, i) for i in ids_of], ref)
+        emulated = [gc.torch_logits(merged, i) for i in ids_of]
+    vs["PyTorch, F16 weights and F16 matmul inputs"] = _maxdiff(emulated, ref)
     cpp = {}
     for label, kv in (("merged F32", "f16"), ("merged F32", "f32"), ("merged F16", "f16"), ("merged F16", "f32"),
                       ("merged F16, output F32", "f16"), ("merged F16, output F32", "f32")):
@@ -190,6 +191,9 @@ def _error_budget(args, files, merged, ids_of, ref, cpp_f16, greedy) -> dict:
         cpp[label, kv] = [gc.llama_cpp_logits(llm, i) for i in ids_of]
         vs[f"llama.cpp {label}, KV cache {kv.upper()}"] = _maxdiff(cpp[label, kv], ref)
         print(f"{label}, KV cache {kv}: {vs[f'llama.cpp {label}, KV cache {kv.upper()}']}", flush=True)
+    # the emulation against the file it emulates (llama.cpp's F16 cache is not emulated: F32 cache here)
+    out["max_abs_logit_diff_f16_matmuls_vs_llama_cpp_f16_kv_f32"] = _maxdiff(emulated, cpp["merged F16", "f32"])
+    out["same_at_first_position"] = _maxdiff([e[:1] for e in emulated], [c[:1] for c in cpp["merged F16", "f32"]])
     ad = out["max_abs_logit_diff_adapter"]
     for base, kv in (("F16", "f16"), ("F32", "f16"), ("F32", "f32")):
         llm = _cpp(files[f"base {base}"], files["adapter F32"], kv_cache=kv)
