@@ -180,7 +180,11 @@ def _error_budget(args, files, merged, ids_of, ref, cpp_f16, greedy) -> dict:
     out: dict = {"max_abs_logit_diff_vs_torch": {}, "max_abs_logit_diff_adapter": {}, "greedy": {}}
     vs = out["max_abs_logit_diff_vs_torch"]
     with gc.f16_matmuls(merged, activations=False):
-        vs["PyTorch, weights rounded to F16"] = _maxdiff([gc.torch_logits(merged, i) for i in ids_of], ref)
+        weights16 = [gc.torch_logits(merged, i) for i in ids_of]
+        # the F16 weights' values in an F32 file: llama.cpp then computes at F32 on F16-valued weights
+        f16_values = dt.export_gguf(merged, files["merged F16"].parent / "merged-f16-values.f32.gguf", quant="f32",
+                                    progress=False)
+    vs["PyTorch, weights rounded to F16"] = _maxdiff(weights16, ref)
     with gc.f16_matmuls(merged):
         emulated = [gc.torch_logits(merged, i) for i in ids_of]
     vs["PyTorch, F16 weights and F16 matmul inputs"] = _maxdiff(emulated, ref)
@@ -191,6 +195,11 @@ def _error_budget(args, files, merged, ids_of, ref, cpp_f16, greedy) -> dict:
         cpp[label, kv] = [gc.llama_cpp_logits(llm, i) for i in ids_of]
         vs[f"llama.cpp {label}, KV cache {kv.upper()}"] = _maxdiff(cpp[label, kv], ref)
         print(f"{label}, KV cache {kv}: {vs[f'llama.cpp {label}, KV cache {kv.upper()}']}", flush=True)
+    values16 = [gc.llama_cpp_logits(_cpp(f16_values, kv_cache="f32"), i) for i in ids_of]
+    out["llama_cpp_f32_file_of_f16_values_kv_f32_vs_pytorch_f16_weights"] = _maxdiff(values16, weights16)
+    # what llama.cpp's F16 products add to F16 weights: the F16 file vs the F32 file of the same values
+    out["llama_cpp_f16_file_vs_f32_file_of_same_values_kv_f32"] = _maxdiff(cpp["merged F16", "f32"], values16)
+    out["pytorch_f16_matmuls_vs_f16_weights_only"] = _maxdiff(emulated, weights16)
     # the emulation against the file it emulates (llama.cpp's F16 cache is not emulated: F32 cache here)
     out["max_abs_logit_diff_f16_matmuls_vs_llama_cpp_f16_kv_f32"] = _maxdiff(emulated, cpp["merged F16", "f32"])
     out["same_at_first_position"] = _maxdiff([e[:1] for e in emulated], [c[:1] for c in cpp["merged F16", "f32"]])
