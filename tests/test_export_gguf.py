@@ -17,6 +17,7 @@ import deltatune as dt
 from deltatune.errors import DeltaConfigError
 from deltatune.export_gguf import ExportSpec, export_gguf, find_source_gguf
 from deltatune.gguf_check import (
+    f16_matmuls,
     llama_cpp_greedy,
     llama_cpp_logits,
     llama_cpp_model,
@@ -175,15 +176,19 @@ def test_merged_quantised_values(assets, tmp_path):
     _, tok, _ = assets
     model = _lora(tiny_llama())
     want = _reference_gguf(_merged_reference(model))
-    for quant, tname in (("f16", "F16"), ("q8_0", "Q8_0"), ("q4_0", "Q4_0"), ("q4_1", "Q4_1")):
-        reader = _read(export_gguf(model, tmp_path / f"{quant}.gguf", quant=quant, source_gguf=tok, progress=False))
-        assert _kv(reader)["general.file_type"] == {"f16": 1, "q8_0": 7, "q4_0": 2, "q4_1": 3}[quant]
+    for file_quant, tname in (("f16", "F16"), ("q8_0", "Q8_0"), ("q4_0", "Q4_0"), ("q4_1", "Q4_1")):
+        reader = _read(export_gguf(model, tmp_path / f"{file_quant}.gguf", quant=file_quant, source_gguf=tok,
+                                   progress=False))
+        assert _kv(reader)["general.file_type"] == {"f16": 1, "q8_0": 7, "q4_0": 2, "q4_1": 3}[file_quant]
         for name, (kind, values) in _tensors(reader).items():
             ref = want[name].numpy()
             if ref.ndim == 1:  # norms stay F32, exactly
                 assert kind == "F32" and np.array_equal(values, ref), name
                 continue
-            assert kind == tname, name
+            # the 4-bit files keep the output matrix at Q8_0 (DEFAULT_OUTPUT_QUANTS)
+            want_kind = "Q8_0" if name == "output.weight" and file_quant in ("q4_0", "q4_1") else tname
+            assert kind == want_kind, name
+            quant = want_kind.lower()
             if quant == "f16":
                 assert np.array_equal(values, ref.astype(np.float16).astype(np.float32)), name
                 continue
@@ -282,6 +287,43 @@ def test_tied_embeddings_write_no_output_tensor(assets, tmp_path):
     assert "output.weight" not in names and "token_embd.weight" in names
 
 
+def test_output_quant_keeps_the_output_matrix_at_its_own_type(assets, tmp_path):
+    """The output matrix (token_embd when tied, else output.weight) gets output_quant, every other matrix
+    quant; the 4-bit files default to Q8_0 for it; general.file_type stays that of quant."""
+    _, tok, _ = assets
+    cases = [  # (tie, quant, output_quant, the output tensor, its type, the other matrices' type)
+        (True, "q8_0", "f32", "token_embd.weight", "F32", "Q8_0"),
+        (True, "f16", "f32", "token_embd.weight", "F32", "F16"),
+        (True, "q8_0", "f16", "token_embd.weight", "F16", "Q8_0"),
+        (True, "q4_1", None, "token_embd.weight", "Q8_0", "Q4_1"),
+        (True, "q4_0", None, "token_embd.weight", "Q8_0", "Q4_0"),
+        (True, "q4_1", "q4_1", "token_embd.weight", "Q4_1", "Q4_1"),
+        (True, "q8_0", None, "token_embd.weight", "Q8_0", "Q8_0"),
+        (False, "f16", "f32", "output.weight", "F32", "F16"),
+        (False, "q4_0", None, "output.weight", "Q8_0", "Q4_0"),
+    ]
+    for i, (tie, quant, output_quant, out_name, out_type, rest_type) in enumerate(cases):
+        model = _lora(tiny_llama(tie=tie))
+        want = _reference_gguf(_merged_reference(model))
+        reader = _read(export_gguf(model, tmp_path / f"{i}.gguf", quant=quant, output_quant=output_quant,
+                                   source_gguf=tok, progress=False))
+        assert _kv(reader)["general.file_type"] == {"f16": 1, "q8_0": 7, "q4_0": 2, "q4_1": 3}[quant]
+        got = _tensors(reader)
+        assert ("output.weight" in got) == (not tie)
+        for name, (kind, values) in got.items():
+            ref = want[name].numpy()
+            expected = out_type if name == out_name else "F32" if ref.ndim == 1 else rest_type
+            assert kind == expected, (i, name, kind)
+            if kind == "F32":
+                assert np.array_equal(values, ref), (i, name)
+            elif kind == "F16":
+                assert np.array_equal(values, ref.astype(np.float16).astype(np.float32)), (i, name)
+            elif kind == "Q8_0" and name == out_name:  # within half a step of its block (plus the F16 rounding of the scale)
+                blocks, err = ref.reshape(-1, 32), np.abs(values - ref).reshape(-1, 32).max(axis=1)
+                amax = np.abs(blocks).max(axis=1)
+                assert (err <= amax / 127 * 0.5 + amax * 2.0**-10).all(), (i, name)
+
+
 # --------------------------------------------------------------------------------------------------
 # errors: named, listing what is supported, and nothing written
 
@@ -321,6 +363,10 @@ def test_errors_before_any_write(assets, tmp_path):
          r"adapter 'default' \('prefix'\) cannot be merged into the weights"),
         (lambda: export_gguf(tiny_llama(), out, source_gguf=tok),
          r"path must be a file path, got .* which is a directory"),
+        (lambda: export_gguf(tiny_llama(), target, quant="q8_0", output_quant="q6_k", source_gguf=tok),
+         r"output_quant must be one of 'f32', 'f16', 'q8_0', 'q4_0', 'q4_1' for kind='merged', got 'q6_k'"),
+        (lambda: export_gguf(_lora(tiny_llama()), target, kind="adapter", output_quant="f32"),
+         r"output_quant is used with kind='merged' only \(an adapter has no output matrix\), got 'f32'"),
     ]
     for call, match in cases:
         with pytest.raises(DeltaConfigError, match=match):
@@ -450,7 +496,8 @@ def cpp_files(assets, llama_cpp_mod, tmp_path_factory):
     norm scaled by 1/3 so its logits stay within about +-5: the absolute tolerance of 1e-2 then asks
     for about 2e-3 relative agreement, what F16 weights and arithmetic allow. It goes through the GGUF
     round trip users take (F32 GGUF -> deltatune.models.load), gets a LoRA adapter with random B, and is
-    exported as base F16, merged F16, merged Q8_0 and adapter F32."""
+    exported as base F16, merged F16, merged Q8_0, adapter F32, merged F32 and merged F16 with an F32
+    output matrix (base F32 is the file it was loaded from)."""
     from tests.gguf_fixtures import hf_tokenizer
 
     root, tok, _ = assets
@@ -475,12 +522,15 @@ def cpp_files(assets, llama_cpp_mod, tmp_path_factory):
     files["merged"] = export_gguf(model, d / "merged-f16.gguf", quant="f16", progress=False)
     files["q8_0"] = export_gguf(model, d / "merged-q8_0.gguf", quant="q8_0", progress=False)
     files["adapter"] = export_gguf(model, d / "adapter.gguf", kind="adapter", progress=False)
+    files["f32"] = export_gguf(model, d / "merged-f32.gguf", quant="f32", progress=False)
+    files["f16_out32"] = export_gguf(model, d / "merged-f16-out32.gguf", quant="f16", output_quant="f32", progress=False)
+    files["base_f32"] = base_gguf
     merged = dt.merge_and_unload(model)
     return files, merged, tokenizer
 
 
-def _cpp(path: Path, lora: Path | None = None):
-    return llama_cpp_model(path, lora=lora, n_ctx=256, n_threads=2)
+def _cpp(path: Path, lora: Path | None = None, kv_cache: str = "f16"):
+    return llama_cpp_model(path, lora=lora, n_ctx=256, n_threads=2, kv_cache=kv_cache)
 
 
 def test_perplexity_helper_equals_cross_entropy():
@@ -498,6 +548,74 @@ def test_perplexity_helper_equals_cross_entropy():
     assert perplexity(lambda c: torch_logits(model, c), ids, 10) == pytest.approx(want, rel=1e-6)
     with pytest.raises(DeltaConfigError, match=r"window must be at least 2 tokens, got 1"):
         perplexity(lambda c: torch_logits(model, c), ids, 1)
+
+
+def _f16(x: torch.Tensor) -> torch.Tensor:
+    return x.half().float()
+
+
+def test_f16_matmuls_rounds_weights_and_linear_inputs_and_restores():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 5)
+    x = torch.randn(3, 8) * 3
+    w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    assert not torch.equal(_f16(w), w) and not torch.equal(_f16(x), x)
+    with torch.no_grad():
+        with f16_matmuls(lin):  # the 1-D bias stays float32, as llama.cpp keeps it
+            assert torch.equal(lin(x), torch.nn.functional.linear(_f16(x), _f16(w), b))
+        with f16_matmuls(lin, activations=False):
+            assert torch.equal(lin(x), torch.nn.functional.linear(x, _f16(w), b))
+        with f16_matmuls(lin, weights=False):
+            assert torch.equal(lin(x), torch.nn.functional.linear(_f16(x), w, b))
+        assert torch.equal(lin.weight, w) and torch.equal(lin(x), torch.nn.functional.linear(x, w, b))
+    # a whole model: weights rounded once (tied embeddings included) and restored bit for bit after
+    model = tiny_llama(tie=True)
+    ids = [5, 9, 3, 7]
+    before = torch_logits(model, ids)
+    rounded = tiny_llama(tie=True)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            if p.ndim == 2:
+                p.copy_(_f16(p))
+    with f16_matmuls(model, activations=False):
+        assert np.array_equal(torch_logits(model, ids), torch_logits(rounded, ids))
+    with f16_matmuls(model):
+        assert not np.array_equal(torch_logits(model, ids), torch_logits(rounded, ids))
+    assert np.array_equal(torch_logits(model, ids), before)
+
+
+def test_llama_cpp_model_checks_kv_cache_first(tmp_path):
+    with pytest.raises(DeltaConfigError, match=r"kv_cache must be one of 'f32', 'f16', got 'q8_0'"):
+        llama_cpp_model(tmp_path / "none.gguf", kv_cache="q8_0")
+
+
+@pytest.mark.slow
+def test_llama_cpp_f32_export_equals_pytorch(cpp_files, llama_cpp_mod):
+    """The exporter itself adds nothing: the F32 file with an F32 KV cache gives PyTorch's logits to
+    float32 accumulation order, and base F32 + adapter gives the merged F32 file's; what the F16 checks
+    below allow for is the F16 format and arithmetic."""
+    files, merged, tokenizer = cpp_files
+    f32 = _cpp(files["f32"], kv_cache="f32")
+    with_lora = _cpp(files["base_f32"], lora=files["adapter"], kv_cache="f32")
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        ref = torch_logits(merged, ids)
+        a, b = llama_cpp_logits(f32, ids), llama_cpp_logits(with_lora, ids)
+        print(f"merged F32 vs PyTorch {np.abs(a - ref).max():.2e}; base F32 + adapter vs merged F32 {np.abs(a - b).max():.2e}")
+        assert np.abs(a - ref).max() <= 1e-4, prompt
+        assert np.abs(a - b).max() <= 1e-4, prompt
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_an_f16_file_with_an_f32_output_matrix(cpp_files, llama_cpp_mod):
+    files, merged, tokenizer = cpp_files
+    llm = _cpp(files["f16_out32"])
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt)["input_ids"]
+        diff = np.abs(llama_cpp_logits(llm, ids) - torch_logits(merged, ids)).max()
+        print(f"merged F16, output F32 vs PyTorch: max |logit diff| {diff:.2e}")
+        assert diff <= 1e-2, (prompt, diff)
+        assert llama_cpp_greedy(llm, ids, 32) == torch_greedy(merged, ids, 32), prompt
 
 
 @pytest.mark.slow

@@ -56,7 +56,7 @@ LAYERS: list[tuple[str, tuple[str, ...], str]] = [
      "loralib-compatible layers over the LoRA kernels and method"),
     ("models", ("models", "models.*"),
      "the bundled model registry, the GGUF -> safetensors cache and model loading"),
-    ("export", ("export_gguf", "export_gguf.*"),
+    ("export", ("export_gguf", "export_gguf.*", "gguf_tensors", "gguf_vocab"),
      "exporting merged models / adapters to GGUF"),
     ("train", ("train", "train.*"),
      "the Trainer (trainer, with its parts step, evaluation, trainer_checkpoints), its configs, losses, "

@@ -5,13 +5,19 @@ builds and installs it) used by the tests and ``benchmarks/bench_gguf_llama_cpp.
 token sequence, greedy decoding and windowed perplexity, the same functions for llama.cpp and for a
 PyTorch causal LM, so the two can be compared token for token. Token ids go in directly (no
 tokenisation), so both sides see the same input.
+
+:func:`f16_matmuls` makes a PyTorch model compute as llama.cpp does with an F16 file on the CPU (weights
+rounded to F16, and every matrix product's input too: ggml converts the activations to F16 for an F16
+weight), to tell the format's rounding from an export error; ``kv_cache="f32"`` keeps llama.cpp's
+attention cache at F32 (its default is F16) for the same purpose.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +26,8 @@ import torch
 from .errors import DeltaConfigError, MissingPackageError
 
 __all__ = [
+    "KV_CACHE_TYPES",
+    "f16_matmuls",
     "llama_cpp_greedy",
     "llama_cpp_logits",
     "llama_cpp_model",
@@ -29,15 +37,24 @@ __all__ = [
 ]
 
 
+#: llama.cpp's attention cache types (``--cache-type-k/-v``) :func:`llama_cpp_model` takes -> ggml type id
+KV_CACHE_TYPES: dict[str, int] = {"f32": 0, "f16": 1}
+
+
 def llama_cpp_model(
-    path: str | os.PathLike, *, lora: str | os.PathLike | None = None, n_ctx: int = 512, n_threads: int | None = None
+    path: str | os.PathLike, *, lora: str | os.PathLike | None = None, n_ctx: int = 512, n_threads: int | None = None,
+    kv_cache: str = "f16",
 ) -> Any:
     """A ``llama_cpp.Llama`` over the GGUF file ``path`` (with the GGUF LoRA adapter ``lora`` applied),
-    keeping the logits of every position.
+    keeping the logits of every position. ``kv_cache`` is the type of the attention's key/value cache:
+    ``"f16"`` (llama.cpp's default) or ``"f32"`` (``--cache-type-k f32 --cache-type-v f32``).
 
     Raises:
+        DeltaConfigError: an unknown ``kv_cache``.
         MissingPackageError: llama-cpp-python is not installed (the message says how to build it).
     """
+    if kv_cache not in KV_CACHE_TYPES:
+        raise DeltaConfigError(f"kv_cache must be one of {', '.join(map(repr, KV_CACHE_TYPES))}, got {kv_cache!r}")
     try:
         from llama_cpp import Llama
     except ImportError as exc:
@@ -47,6 +64,7 @@ def llama_cpp_model(
     return Llama(
         model_path=os.fspath(path), lora_path=os.fspath(lora) if lora is not None else None, n_ctx=n_ctx,
         n_batch=n_ctx, n_threads=n_threads or os.cpu_count() or 1, logits_all=True, verbose=False, seed=0,
+        type_k=KV_CACHE_TYPES[kv_cache], type_v=KV_CACHE_TYPES[kv_cache],
     )
 
 
@@ -93,6 +111,41 @@ def torch_greedy(model: torch.nn.Module, ids: Sequence[int], steps: int) -> list
     for _ in range(steps):
         seq.append(int(torch_logits(model, seq)[-1].argmax()))
     return seq[len(ids):]
+
+
+def _f16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).to(x.dtype)
+
+
+@contextlib.contextmanager
+def f16_matmuls(model: torch.nn.Module, *, weights: bool = True, activations: bool = True) -> Iterator[torch.nn.Module]:
+    """Inside the block, ``model`` computes its matrix products as llama.cpp's CPU backend does for an F16
+    GGUF file: every matrix parameter (Linear and embedding weights) rounded to F16 (``weights``) and every
+    ``nn.Linear``'s input rounded to F16 (``activations``: ggml converts the activations to the weight's
+    type before the product); the products themselves accumulate in float32 as ggml's do. Norms,
+    rotary embeddings, softmax and the attention's own products stay float32 (llama.cpp's F16 key/value
+    cache is not emulated: compare with ``kv_cache="f32"``). The weights are restored on exit.
+    """
+    saved = []
+    hooks = []
+    try:
+        if weights:
+            with torch.no_grad():
+                for p in model.parameters():  # a tied matrix is one parameter, rounded once
+                    if p.ndim == 2 and p.is_floating_point():
+                        saved.append((p, p.detach().clone()))
+                        p.copy_(_f16(p))
+        if activations:
+            for m in model.modules():
+                if isinstance(m, torch.nn.Linear):
+                    hooks.append(m.register_forward_pre_hook(lambda _m, args: (_f16(args[0]), *args[1:])))
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for p, v in saved:
+                p.copy_(v)
 
 
 def perplexity(logits_fn: Callable[[list[int]], np.ndarray], ids: Sequence[int], window: int) -> float:
