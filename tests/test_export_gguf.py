@@ -420,6 +420,16 @@ def test_export_spec_validation():
         ExportSpec("adapter", "q4_0")
     with pytest.raises(DeltaConfigError, match=r"export.quant needs export.gguf \(adapter or merged\), got quant 'q8_0' alone"):
         ExportSpec(None, "q8_0")
+    assert ExportSpec("merged", "q8_0", "f16").output_quant == "f16" and ExportSpec("merged").output_quant is None
+    with pytest.raises(DeltaConfigError, match=r"^export.output_quant needs export.gguf \(adapter or merged\), got "
+                                               r"output_quant 'f16' alone$"):
+        ExportSpec(None, None, "f16")
+    with pytest.raises(DeltaConfigError, match=r"^export.output_quant is used with gguf 'merged' only \(an adapter has "
+                                               r"no output matrix\), got output_quant 'f32' with gguf 'adapter'$"):
+        ExportSpec("adapter", None, "f32")
+    with pytest.raises(DeltaConfigError, match=r"^export.output_quant must be one of 'f32', 'f16', 'q8_0', 'q4_0', "
+                                               r"'q4_1' for kind='merged', got 'q6_k'"):
+        ExportSpec("merged", "q8_0", "q6_k")
 
 
 def test_recipe_adapter_export_needs_lora(assets, tmp_path):
@@ -447,13 +457,22 @@ def test_run_leaves_a_gguf_file_and_cli_exports_the_adapter(assets, tmp_path, mo
     monkeypatch.setenv("DELTATUNE_CACHE", str(root / "cache-env"))
     data = write_e2e_data(tmp_path / "data")
     run = tmp_path / "run"
-    raw = recipe_dict(base, data, run, export={"gguf": "merged", "quant": "q8_0"},
+    raw = recipe_dict(base, data, run, export={"gguf": "merged", "quant": "q8_0", "output_quant": "f16"},
                       train={"max_steps": 2, "eval_every": 2}, generate={"num_beams": 1})
     cfg = write_recipe(tmp_path / "r.yaml", raw)
     assert main(["run", str(cfg), "--no-progress"]) == 0, capsys.readouterr().err
     merged = _read(run / "model.q8_0.gguf")
     assert _kv(merged)["general.file_type"] == 7 and _kv(merged)["general.name"] == "tiny-test"
     assert {t.name for t in merged.tensors} == {t.name for t in _read(base).tensors}
+    out_name = "output.weight" if "output.weight" in _tensors(merged) else "token_embd.weight"
+    kinds = {name: kind for name, (kind, _) in _tensors(merged).items()}
+    assert kinds[out_name] == "F16" and kinds["blk.0.attn_q.weight"] == "Q8_0"  # the recipe's output_quant
+
+    # the CLI's --output-quant: the same run exported again, the output matrix at F32
+    assert main(["export-gguf", str(run), "--kind", "merged", "--quant", "q8_0", "--output-quant", "f32",
+                 "--out", str(tmp_path / "out32.gguf"), "--no-progress"]) == 0
+    kinds = {name: kind for name, (kind, _) in _tensors(_read(tmp_path / "out32.gguf")).items()}
+    assert kinds[out_name] == "F32" and kinds["blk.0.attn_q.weight"] == "Q8_0"
 
     capsys.readouterr()
     assert main(["export-gguf", str(run), "--kind", "adapter", "--no-progress"]) == 0

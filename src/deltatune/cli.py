@@ -8,7 +8,7 @@
     deltatune evaluate [CONFIG] [--set ...] [--output-dir DIR] [--predictions FILE] [--references FILE]
                        [--override-run-config]
     deltatune compare RUN_DIR RUN_DIR ... --out DIR
-    deltatune export-gguf RUN_DIR --kind adapter|merged [--quant Q] [--out FILE]
+    deltatune export-gguf RUN_DIR --kind adapter|merged [--quant Q] [--output-quant Q] [--out FILE]
     deltatune align CONFIG [--mode exact|seed] [--set ...] [--output-dir DIR] [--overwrite]
     deltatune sweep CONFIG [--methods ...] [--seeds ...] [--set ...] [--output-dir DIR]
     deltatune perplexity CONFIG [--set ...] [--output-dir DIR] [--overwrite] [--no-progress]
@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", required=True, choices=("adapter", "merged"),
                    help="adapter: a LoRA adapter for llama.cpp's --lora; merged: the base with the delta merged")
     p.add_argument("--quant", help="merged: f32 f16 q8_0 q4_0 q4_1 (default f16); adapter: f32 f16 (default f32)")
+    p.add_argument("--output-quant", help="merged: the output matrix's type (token_embd when tied): f32 f16 q8_0 q4_0 "
+                   "q4_1 (default q8_0 in 4-bit files, else --quant)")
     p.add_argument("--out", help="output file (default: RUN_DIR/model.QUANT.gguf or RUN_DIR/adapter.QUANT.gguf)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -283,7 +285,8 @@ def _cmd_export_gguf(args: argparse.Namespace) -> int:
     if not config.is_file():
         raise DeltaConfigError(f"RUN_DIR must be a run directory holding {CONFIG_FILE}, got {args.run_dir!r} (no {config})")
     recipe = load_recipe(config, output_dir=run_dir, check_data=False, command="export-gguf")
-    out = export_run_gguf(recipe, args.kind, args.quant, path=args.out, progress=not args.no_progress)
+    out = export_run_gguf(recipe, args.kind, args.quant, path=args.out, progress=not args.no_progress,
+                          output_quant=args.output_quant)
     print(f"written: {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return 0
 

@@ -293,26 +293,40 @@ def _check_quant(field: str, kind: str, quant: str) -> None:
 
 @dataclass
 class ExportSpec:
-    """A recipe's ``export`` section: ``export: {gguf: adapter|merged, quant: q8_0}``.
+    """A recipe's ``export`` section: ``export: {gguf: adapter|merged, quant: q8_0, output_quant: f16}``.
 
     Attributes:
         gguf: ``None`` (no export), ``"adapter"`` or ``"merged"`` (see :func:`export_gguf`).
         quant: the storage type (default: ``"f16"`` for merged, ``"f32"`` for adapter).
+        output_quant: merged only: the output matrix's storage type (:func:`export_gguf`'s
+            ``output_quant``; default: Q8_0 in 4-bit files, else ``quant``).
     """
 
     gguf: str | None = None
     quant: str | None = None
+    output_quant: str | None = None
 
     def __post_init__(self) -> None:
         if self.gguf is None:
-            if self.quant is not None:
-                raise DeltaConfigError(f"export.quant needs export.gguf (adapter or merged), got quant {self.quant!r} alone")
+            for name in ("quant", "output_quant"):
+                value = getattr(self, name)
+                if value is not None:
+                    raise DeltaConfigError(
+                        f"export.{name} needs export.gguf (adapter or merged), got {name} {value!r} alone"
+                    )
             return
         check_type("export.gguf", self.gguf, str, "None, 'adapter' or 'merged'")
         check_choice("export.gguf", self.gguf, KINDS)
         if self.quant is None:
             self.quant = DEFAULT_QUANTS[self.gguf]
         _check_quant("export.quant", self.gguf, self.quant)
+        if self.output_quant is not None:
+            if self.gguf != "merged":
+                raise DeltaConfigError(
+                    f"export.output_quant is used with gguf 'merged' only (an adapter has no output matrix), got "
+                    f"output_quant {self.output_quant!r} with gguf {self.gguf!r}"
+                )
+            _check_quant("export.output_quant", self.gguf, self.output_quant)
 
 
 def default_filename(kind: str, quant: str) -> str:

@@ -492,19 +492,20 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, progress: bool = True
     if summary.get("sharded"):  # the FSDP-sharded model cannot run on one rank: reload the saved delta
         model, tok = _load_trained(recipe, None, progress)
     if export is not None:
-        _export(recipe, model, tok, export.gguf, export.quant, None, progress)
+        _export(recipe, model, tok, export.gguf, export.quant, None, progress, export.output_quant)
     generate_outputs(recipe, model, tok, data.eval, run_dir, progress)
     return evaluate_run(recipe, run_dir=run_dir, started_at=t0)
 
 
-def _export(recipe: Recipe, model: Any, tok: Any, kind: str, quant: str | None, path: Any, progress: bool) -> Path:
+def _export(recipe: Recipe, model: Any, tok: Any, kind: str, quant: str | None, path: Any, progress: bool,
+            output_quant: str | None = None) -> Path:
     quant = quant or DEFAULT_QUANTS[kind]
     out = Path(path) if path is not None else recipe.run_dir / default_filename(kind, quant)
     if kind == "adapter":
         return export_gguf(model, out, kind=kind, quant=quant, progress=progress)
     source = source_gguf_of(recipe.model.name_or_path)
     return export_gguf(model, out, kind=kind, quant=quant, source_gguf=source,
-                       tokenizer=tok if source is None else None, progress=progress)
+                       tokenizer=tok if source is None else None, progress=progress, output_quant=output_quant)
 
 
 def export_run_gguf(
@@ -514,17 +515,18 @@ def export_run_gguf(
     *,
     path: str | os.PathLike | None = None,
     progress: bool = True,
+    output_quant: str | None = None,
 ) -> Path:
     """Export a finished run as GGUF (see :func:`deltatune.export_gguf.export_gguf`): the base model with
     the run's delta (``delta/``, or ``model/`` for full fine-tuning) loaded, written to ``path`` (default:
     ``RUN_DIR/model.<quant>.gguf`` or ``RUN_DIR/adapter.<quant>.gguf``). The tokenizer of a merged file
     comes from the base model's GGUF file, or else from its Hugging Face tokenizer."""
     check_type("recipe", recipe, Recipe, "a Recipe (see load_recipe)")
-    spec = ExportSpec(gguf=kind, quant=quant)
+    spec = ExportSpec(gguf=kind, quant=quant, output_quant=output_quant)
     if kind == "adapter" and recipe.method != "lora":
         raise DeltaConfigError(
             f"kind 'adapter' writes a llama.cpp LoRA adapter and needs a LoRA run, but this run's delta.method is "
             f"{recipe.method!r}; use kind 'merged'"
         )
     model, tok = _load_trained(recipe, None, progress)
-    return _export(recipe, model, tok, kind, spec.quant, path, progress)
+    return _export(recipe, model, tok, kind, spec.quant, path, progress, spec.output_quant)
