@@ -247,6 +247,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(args, args.child)), flush=True)
         return
     results: dict[str, dict[str, Any]] = {}
+    load_start = os.getloadavg()  # the CPU numbers depend on what else runs on the machine: recorded
     for name in args.trainers:
         if args.no_isolate:
             results[name] = run_one(args, name)
@@ -258,18 +259,22 @@ def main() -> None:
             sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
             raise SystemExit(f"{name} failed (exit {proc.returncode})")
         results[name] = json.loads(line[-1][len("RESULT "):])
+    load = {"start": load_start, "end": os.getloadavg()}
     title = (f"{args.shape}, batch {args.batch}, {args.min_len}-{args.max_len} tokens, r={args.r} on "
              f"{','.join(args.targets)}, dropout {args.dropout}, {args.dtype}, {args.device}, {args.steps} steps "
              f"({args.warmup} warm-up), threads {torch.get_num_threads()}")
     print(title)
+    print(f"load average (1/5/15 min) at the start: {load['start']}, at the end: {load['end']}")
     mem = "peak GiB" if args.device == "cuda" else "peak RSS GiB"
     key = "peak_gib" if args.device == "cuda" else "peak_rss_gib"
-    print(f"| trainer | s/step | steps/s | tokens/s | {mem} | notes |")
-    print("|---|---|---|---|---|---|")
+    added = "" if args.device == "cuda" else " RSS added by training GiB |"
+    print(f"| trainer | s/step | steps/s | tokens/s | {mem} |{added} notes |")
+    print("|---|---|---|---|---|---|" + ("---|" if added else ""))
     for name, r in results.items():
         notes = ", ".join(f"{k}={r[k]}" for k in ("captured", "chunked_loss", "fused_kernels") if k in r)
+        extra = f" {r[key] - r['rss_before_training_gib']:.3f} |" if added else ""
         print(f"| {name} | {r['s_per_step']:.4f} | {1 / r['s_per_step']:.2f} | "
-              f"{r['tokens_per_step'] / r['s_per_step']:.0f} | {r[key]:.3f} | {notes} |")
+              f"{r['tokens_per_step'] / r['s_per_step']:.0f} | {r[key]:.3f} |{extra} {notes} |")
     cmp = None
     if set(results) == set(TRAINERS):
         cmp = compare(results, args.device)
@@ -279,7 +284,8 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "trainers.json").write_text(json.dumps({"args": vars(args), "results": results, "compare": cmp}, indent=2))
+        record = {"args": vars(args), "results": results, "compare": cmp, "loadavg": load}
+        (out / "trainers.json").write_text(json.dumps(record, indent=2))
         if cmp is not None:
             plot(results, cmp, out / "trainers.png", title)
         print(f"wrote {out / 'trainers.json'}" + (f" and {out / 'trainers.png'}" if cmp else ""))

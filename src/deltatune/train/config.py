@@ -75,8 +75,9 @@ class TrainConfig:
     Llama-style blocks (RMSNorm, rotary embeddings, SwiGLU; :func:`deltatune.train.fuse_llama`):
     ``"liger"`` with liger-kernel's Triton kernels (CUDA), ``"torch"`` with the pure-PyTorch versions of
     the same functions, ``"compile"`` with :func:`~deltatune.train.compile_blocks` (not captured);
-    ``"auto"`` is ``"liger"`` where CUDA, Triton and liger-kernel are there and the model has Llama
-    blocks, else ``"none"``.
+    ``"auto"`` fuses models with Llama blocks only: ``"liger"`` on CUDA where Triton and liger-kernel
+    are there, the pure-torch SwiGLU alone on the CPU (``"torch-swiglu"``: bitwise the unfused
+    training, one activation less kept per block), else ``"none"``.
 
     Other: ``seed``, ``shuffle`` (training data order; a deterministic function of seed and epoch),
     ``num_workers`` (DataLoader workers), ``progress_bar``.
