@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Issue 18 on one H100, in one command (about 9 minutes wall; every part has its own time limit, and
-# a part that fails or runs out of time does not stop the others). Results under $OUT (default ./out-issue18):
+# Issue 18 on one H100, in one command (about 13 minutes wall; every part has its own time limit, and
+# a part that fails or runs out of time does not stop the others). Where a command may run 10 minutes at
+# most, run it in two: PARTS="tests trainers" and PARTS="steps decode" (default: every part). Results under $OUT (default ./out-issue18):
 #   tests.txt                    pytest -m gpu of the files issue 18 touches (captured Trainer incl. classification,
 #                                liger vs unfused in bf16, captured steps, CUDA kernels)
 #   trainers-e2e/                dt.Trainer vs transformers.Trainer + PEFT, the LoRA paper's E2E regime
 #                                (batch 8, 40-130 tokens, r=4 on q,v, bf16): table, trainers.json, trainers.png
-#   step-smollm2-*.json          step benchmark, SmolLM2 shape 16x1024, r=16 all linears, dropout 0.05:
-#                                full FT, PEFT, deltatune (captured) with --fused none / liger / torch
-#   step-llama1b-*.json          the same on the Llama-1B shape 8x2048 (PEFT without dropout as the reference)
+#   trainers-llama1b/, trainers-smollm2-16x1024/   the same trainers on the two large shapes (r=16, all linears)
+#   step-smollm2.json            step benchmark, SmolLM2 shape 16x1024, r=16 all linears, dropout 0.05:
+#                                full FT, PEFT, deltatune captured (with and without dropout), liger-fused
+#   step-llama1b.json            the same on the Llama-1B shape 8x2048: full FT, PEFT without dropout,
+#                                deltatune captured and eager
 #   decode/                      decoding tokens/s per method vs the base model (decode_methods.json/.png)
 #   summary.txt                  everything printed
 # Needs: torch (CUDA) with triton, transformers, peft, safetensors, PyYAML, tqdm, matplotlib (no internet).
@@ -36,30 +39,37 @@ if [ -n "$WHEEL" ] && [ -f "$WHEEL" ]; then
 fi
 $PY -c 'from deltatune.train.fused import liger_available as a; print("liger:", a() or "available")' 2>&1 | tee -a "$LOG"
 
-# 1. GPU tests (about 1.5 min)
+want() { [ -z "${PARTS:-}" ] || [[ " $PARTS " == *" $1 "* ]]; }
+
+# 1. GPU tests (about 20 s)
+if want tests; then
 part 100 tests $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
     tests/train/test_trainer_cuda_graph.py tests/train/test_fused.py tests/train/test_cuda_graph.py \
-    tests/kernels/test_kernels_cuda.py
+    tests/kernels/test_kernels_cuda.py tests/kernels/test_kernels_lora.py tests/train/test_collate.py
 cp "$LOG" "$OUT/tests.txt"
+fi
 
 cd benchmarks
-# 2. what users run: the E2E regime through both trainers (about 1.5 min)
+# 2. what users run: both trainers, the E2E regime (about 1 min) and the two large shapes (about 4 min;
+#    --warmup covers the steps cuda_graph "auto" times before it decides)
+if want trainers; then
 part 100 trainers-e2e $PY bench_trainers.py --steps 200 --warmup 20 --out "$OUT/trainers-e2e"
+part 170 trainers-llama1b $PY bench_trainers.py --shape llama1b --batch 8 --min-len 2048 --max-len 2048 --r 16 \
+    --targets all --dropout 0.05 --steps 24 --warmup 10 --out "$OUT/trainers-llama1b"
+part 110 trainers-smollm2 $PY bench_trainers.py --batch 16 --min-len 1024 --max-len 1024 --r 16 --targets all \
+    --dropout 0.05 --steps 40 --warmup 12 --out "$OUT/trainers-smollm2-16x1024"
+fi
 
-# 3. step benchmark, SmolLM2 shape 16x1024 (each mode in its own process)
-part 75 step-smollm2-base $PY bench_lora_vs_peft.py --shape smollm2 --batch 16 --seq 1024 --isolate \
-    --modes full,peft,deltatune --json "$OUT/step-smollm2-none.json"
-for f in liger torch; do
-    part 45 "step-smollm2-$f" $PY bench_lora_vs_peft.py --shape smollm2 --batch 16 --seq 1024 --isolate \
-        --modes deltatune --fused "$f" --json "$OUT/step-smollm2-$f.json"
-done
+# 3. step benchmark, every mode of a shape in the same call (about 1 + 1.5 min)
+if want steps; then
+part 100 step-smollm2 $PY bench_lora_vs_peft.py --shape smollm2 --batch 16 --seq 1024 --isolate \
+    --modes full,peft,deltatune,deltatune_nodrop --fused liger --json "$OUT/step-smollm2.json"
+part 150 step-llama1b $PY bench_lora_vs_peft.py --shape llama1b --batch 8 --seq 2048 --isolate \
+    --modes full,peft_nodrop,deltatune,deltatune_eager --fused liger --json "$OUT/step-llama1b.json"
+fi
 
-# 4. step benchmark, Llama-1B shape 8x2048
-part 75 step-llama1b-base $PY bench_lora_vs_peft.py --shape llama1b --batch 8 --seq 2048 --isolate \
-    --modes peft_nodrop,deltatune --json "$OUT/step-llama1b-none.json"
-part 45 step-llama1b-liger $PY bench_lora_vs_peft.py --shape llama1b --batch 8 --seq 2048 --isolate \
-    --modes deltatune --fused liger --json "$OUT/step-llama1b-liger.json"
-
-# 5. decoding per method (about 1 min)
-part 50 decode $PY bench_decode_methods.py --shape smollm2 --batch 8 --new-tokens 64 --repeats 3 --out "$OUT/decode"
+# 4. decoding per method (about 1 min)
+if want decode; then
+part 90 decode $PY bench_decode_methods.py --shape smollm2 --batch 8 --new-tokens 64 --repeats 2 --out "$OUT/decode"
+fi
 say "done"
