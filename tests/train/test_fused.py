@@ -99,33 +99,28 @@ def test_fused_torch_model_equals_unfused_outputs_and_gradients(monkeypatch):
     assert calls["rope"] == 2
 
 
-def test_trainer_with_fused_torch_trains_as_unfused():
-    def run(choice):
-        model = _lora_llama()
-        cfg = TrainConfig(progress_bar=False, tensorboard=False, device="cpu", lr=5e-3, batch_size=4, max_steps=3,
-                          log_every=1, shuffle=False, fused_kernels=choice)
-        tr = Trainer(model, cfg, lm_examples(12, seed=2, min_len=3, max_len=12))
-        tr.train()
-        return tr.fused_kernels, [r["loss"] for r in tr.log_history if r["split"] == "train"]
+def _train_fused(choice):
+    """Three CPU Trainer steps of the LoRA Llama with ``fused_kernels=choice``: (what the Trainer used, the
+    model, the train losses, the trained tensors)."""
+    model = _lora_llama()
+    cfg = TrainConfig(progress_bar=False, tensorboard=False, device="cpu", lr=5e-3, batch_size=4, max_steps=3,
+                      log_every=1, shuffle=False, fused_kernels=choice)
+    tr = Trainer(model, cfg, lm_examples(12, seed=2, min_len=3, max_len=12))
+    tr.train()
+    losses = [r["loss"] for r in tr.log_history if r["split"] == "train"]
+    return tr.fused_kernels, model, losses, [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
-    used, losses = run("torch")
-    ref_used, ref = run("none")
+
+def test_trainer_with_fused_torch_trains_as_unfused():
+    used, _, losses, _ = _train_fused("torch")
+    ref_used, _, ref, _ = _train_fused("none")
     assert (used, ref_used) == ("torch", "none")
     assert losses == pytest.approx(ref, rel=1e-5)
 
 
 def test_auto_on_cpu_fuses_swiglu_only_and_trains_bitwise_as_unfused():
-    def run(choice):
-        model = _lora_llama()
-        cfg = TrainConfig(progress_bar=False, tensorboard=False, device="cpu", lr=5e-3, batch_size=4, max_steps=3,
-                          log_every=1, shuffle=False, fused_kernels=choice)
-        tr = Trainer(model, cfg, lm_examples(12, seed=2, min_len=3, max_len=12))
-        tr.train()
-        losses = [r["loss"] for r in tr.log_history if r["split"] == "train"]
-        return tr.fused_kernels, model, losses, [p.detach().clone() for p in model.parameters() if p.requires_grad]
-
-    used, model, losses, params = run("auto")
-    ref_used, ref_model, ref_losses, ref_params = run("none")
+    used, model, losses, params = _train_fused("auto")
+    ref_used, ref_model, ref_losses, ref_params = _train_fused("none")
     assert (used, ref_used) == ("torch-swiglu", "none")
     assert getattr(model, fused_mod._MARK) == {"rms_norm": 0, "swiglu": 2, "rope": 0}
     assert not hasattr(ref_model, fused_mod._MARK)
