@@ -225,3 +225,11 @@ def test_glue_counts_equal_the_recorded_sweep(capsys):
     sections = re.findall(r"^\[methods\.(\w+)\]$", out, flags=re.M)
     counts = [int(c.replace(",", "")) for c in re.findall(r"^trainable params: ([\d,]+)", out, flags=re.M)]
     assert dict(zip(sections, counts)) == want
+
+
+def test_no_progress_leaves_no_loading_bar(dirs, capsys):
+    code, out, err = _run(capsys, dirs["llama"], "--no-progress")
+    assert code == 0 and out.startswith(f"{dirs['llama']}: LlamaForCausalLM") and err == ""
+    code, out, err = _run(capsys, "--config", REPO / "configs" / "glue" / "sst2_cpu.yaml", "--model", dirs["bert"], "--method",
+                          "lora", "--no-progress")
+    assert code == 0 and err == "", err

@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="what models.load builds: causal-lm, base or sequence-classification "
                    "(default: the config's pipeline, else the model's own kind)")
     p.add_argument("--num-labels", type=int, help="classes of the head with --task sequence-classification (default 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (loading the weights)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a method-config field, e.g. --set r=16 (every method shown) or, in a sweep config, "
@@ -366,11 +367,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     heads: list[str] = []
     if classifier is not None:
         bundle = build_classifier(name, classifier.num_labels, pooling=classifier.pooling or "auto",
-                                  dropout=classifier.head_dropout, dtype=classifier.dtype)
+                                  dropout=classifier.head_dropout, dtype=classifier.dtype,
+                                  progress=not args.no_progress)
         model, heads = bundle.model, list(bundle.head_modules)
         how = f"{bundle.pooling} pooling + head {heads} for {classifier.num_labels} label(s)"
     else:
-        model, _ = load(name, task=task, num_labels=num_labels, dtype=next((s.dtype for s in setups if s.dtype), None))
+        model, _ = load(name, task=task, num_labels=num_labels, dtype=next((s.dtype for s in setups if s.dtype), None),
+                        progress=not args.no_progress)
         how = f"task {task}" + (f", {num_labels} labels" if num_labels is not None else "")
     info = model_info(model)
     print(
