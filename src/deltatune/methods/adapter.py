@@ -233,19 +233,8 @@ class _CastLinear(nn.Linear):
     """``nn.Linear`` whose (fp32) weights are cast to the input's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dt = x.dtype
-        if torch.is_grad_enabled() or (self.weight.dtype == dt and (self.bias is None or self.bias.dtype == dt)):
-            bias = self.bias.to(dt) if self.bias is not None else None
-            return F.linear(x, self.weight.to(dt), bias)
-        # without gradients (decoding): the cast copies are made once per version of the weights
-        key = (dt, self.weight._version, self.weight.data_ptr(),
-               None if self.bias is None else (self.bias._version, self.bias.data_ptr()))
-        cached = self.__dict__.get("_cast_cache")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                cast = (self.weight.to(dt), None if self.bias is None else self.bias.to(dt))
-            self.__dict__["_cast_cache"] = cached = (key, cast)
-        return F.linear(x, *cached[1])
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.weight.to(x.dtype), bias)
 
 
 class AdapterLayer(BottleneckAdapterLayer):
