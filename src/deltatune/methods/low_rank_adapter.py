@@ -114,20 +114,11 @@ class LowRankLinear(nn.Module):
         dt = x.dtype
         if torch.is_grad_enabled():
             return (x @ self.w_left.to(dt)) @ self.w_right.to(dt) + self.bias.to(dt)
-        # without gradients (decoding, evaluation): one matmul with the composed matrix, made once per
-        # version of the factors (an optimiser step or a load changes their version counters)
-        return F.linear(x, self._composed(dt), self.bias.to(dt))
-
-    def _composed(self, dtype: torch.dtype) -> torch.Tensor:
-        """``(w_left · w_right)ᵀ`` in ``dtype`` (computed in the factors' dtype), cached per factor version."""
-        key = (dtype, self.w_left.device, self.w_left._version, self.w_right._version,
-               self.w_left.data_ptr(), self.w_right.data_ptr())
-        cached = self.__dict__.get("_composed_cache")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                w = (self.w_left @ self.w_right).t().to(dtype).contiguous()
-            self.__dict__["_composed_cache"] = cached = (key, w)
-        return cached[1]
+        # without gradients (decoding, evaluation): the small composed matrix, then the batch through one
+        # matmul with the bias fused in, instead of two matmuls and an add (no cache, so no stale copy can
+        # outlive a change of the factors)
+        w = (self.w_left @ self.w_right).to(dt)
+        return F.linear(x, w.t(), self.bias.to(dt))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
