@@ -424,8 +424,9 @@ def align(recipe: Any, mode: str = "exact", *, overwrite: bool = False, progress
     run_dir = recipe.run_dir
     _prepare_dir(run_dir, overwrite)
     from ..io_utils import atomic_write_text
+    from ..tasks.rundir import write_config
 
-    atomic_write_text(run_dir / "config.yaml", recipe.to_yaml())
+    write_config(run_dir, recipe.to_dict())
     t_dir, j_dir = run_dir / "torch", run_dir / "jittor"
     t_dir.mkdir(exist_ok=True)
     j_dir.mkdir(exist_ok=True)

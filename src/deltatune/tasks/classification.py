@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -51,7 +50,7 @@ from ..validation import check_bool, check_choice, check_float, check_int, check
 from .heads import POOLINGS, build_classifier
 from .layout import CLASSIFICATION, SWEEP_SECTIONS, flatten, legacy_override, to_sections
 from .overrides import OverrideSchema
-from .rundir import CONFIG_FILE, DELTA_DIR, RESULT_FILE, prepare_run_dir
+from .rundir import DELTA_DIR, RESULT_FILE, prepare_run_dir, write_config
 from .spec import FULL, check_run_fields, plain
 
 __all__ = [
@@ -512,7 +511,7 @@ def run_classification(cfg: ClassificationConfig | Mapping[str, Any], *, overwri
     data = load_task_data(cfg)
     if cfg.output_dir is not None:
         out = prepare_run_dir(cfg.output_dir, overwrite=overwrite, resumable=False)
-        atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg.to_sections(), sort_keys=False, allow_unicode=True))
+        write_config(out, cfg.to_sections())
 
     set_seed(cfg.seed)
     bundle = build_classifier(

@@ -51,7 +51,6 @@ from ..export_gguf import (
 )
 from ..freeze import trainable_summary
 from ..generate import generate_text
-from ..io_utils import atomic_write_text
 from ..methods import get_method
 from ..models import load
 from ..preflight import check_applicable
@@ -72,6 +71,7 @@ from .rundir import (
     SOURCES_FILE,
     prepare_run_dir,
     rank,
+    write_config,
     write_json,
     write_lines,
     write_references,
@@ -427,7 +427,7 @@ def _start_run_dir(recipe: Recipe, overwrite: bool) -> Path:
     if rank() != 0:
         return recipe.run_dir
     run_dir = prepare_run_dir(recipe.run_dir, overwrite=overwrite, resuming=recipe.train.resume_from is not None)
-    atomic_write_text(run_dir / CONFIG_FILE, recipe.to_yaml())
+    write_config(run_dir, recipe.to_dict())
     return run_dir
 
 

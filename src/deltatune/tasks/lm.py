@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from ..api import apply
 from ..checkpoint import save_delta
@@ -38,7 +37,7 @@ from ..validation import check_bool, check_choice, check_int, check_known_keys, 
 from .layout import PERPLEXITY, flatten, legacy_override, to_sections
 from .loader import resolve_data_dir
 from .overrides import OverrideSchema, apply_overrides
-from .rundir import CONFIG_FILE, DELTA_DIR, RESULT_FILE, prepare_run_dir
+from .rundir import DELTA_DIR, RESULT_FILE, prepare_run_dir, write_config
 from .spec import check_config_kind, check_run_fields, plain, read_yaml
 
 __all__ = [
@@ -257,7 +256,7 @@ def run_perplexity(cfg: PerplexityConfig | Mapping[str, Any], *, overwrite: bool
     tcfg.check_cuda_graph_device()  # before the model is loaded
     if cfg.output_dir is not None:
         out = prepare_run_dir(cfg.output_dir, overwrite=overwrite, resumable=False)
-        atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg.to_sections(), sort_keys=False, allow_unicode=True))
+        write_config(out, cfg.to_sections())
     set_seed(cfg.seed)
     model, tokenizer = load(cfg.model, task="causal-lm", dtype=cfg.dtype, progress=cfg.progress)
     device = resolve_device(cfg.device, field="device")

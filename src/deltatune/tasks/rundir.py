@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..errors import DataFormatError, DeltaConfigError
 from ..io_utils import atomic_write_text, read_text_file
 from ..train.resume import cleanup_stale_checkpoints, list_checkpoints, remove_checkpoint
@@ -47,6 +49,7 @@ __all__ = [
     "prepare_run_dir",
     "rank",
     "read_json",
+    "write_config",
     "write_json",
     "write_lines",
     "write_references",
@@ -125,6 +128,11 @@ def prepare_run_dir(
             remove_checkpoint(ckpt)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def write_config(run_dir: str | os.PathLike, settings: Mapping[str, Any]) -> None:
+    """Write a run's settings (plain YAML-able values) as ``run_dir/config.yaml``, atomically, keys in order."""
+    atomic_write_text(Path(run_dir) / CONFIG_FILE, yaml.safe_dump(dict(settings), sort_keys=False, allow_unicode=True))
 
 
 def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
