@@ -68,9 +68,9 @@ from .tasks.data_to_text import run_recipe
 from .tasks.layout import CLASSIFICATION, PERPLEXITY, to_sections
 from .tasks.lm import PERPLEXITY_SCHEMA, load_perplexity_config, run_perplexity
 from .tasks.loader import load_recipe, resolve_data_dir
-from .tasks.overrides import OverrideSchema, apply_overrides
+from .tasks.overrides import RECIPE_SCHEMA, OverrideSchema, apply_overrides
 from .tasks.rundir import GENERATION_INFO_FILE, RUN_INFO_FILE, read_json
-from .tasks.spec import FULL, MAPPING_SECTIONS, SECTIONS, check_config_kind, config_kind, read_yaml
+from .tasks.spec import FULL, SECTIONS, check_config_kind, config_kind, read_yaml
 from .validation import check_bool, check_int, check_known_keys, check_run_name, check_type
 
 __all__ = [
@@ -91,13 +91,13 @@ _METHOD_OVERRIDE_KEYS = ("lr", "config", "train")
 _BUDGET_KEYS = ("epochs", "max_steps", "batch_size", "grad_accum_steps")
 
 
-def _sweep_schema(schema: OverrideSchema, fixed: tuple[str, ...]) -> OverrideSchema:
+def _sweep_schema(schema: OverrideSchema) -> OverrideSchema:
     """A task's ``--set`` schema with ``methods`` and ``sweep`` added."""
     return OverrideSchema(
         f"sweep {schema.what}",
         tuple(dict.fromkeys((*schema.keys, *SWEEP_KEYS))),
         tuple(dict.fromkeys((*schema.mapping_keys, "methods", "sweep"))),
-        tuple(dict.fromkeys((*fixed, "sweep"))),
+        tuple(dict.fromkeys((*schema.fixed_sections, "sweep"))),
         schema.rewrite,
     )
 
@@ -106,14 +106,9 @@ def _sweep_schema(schema: OverrideSchema, fixed: tuple[str, ...]) -> OverrideSch
 #: ``eval.max_examples=50``) and ``methods.lora.lr=1e-3``, ``sweep.seeds=[1,2]``; old flat paths of
 #: classification / perplexity files are mapped onto the sections.
 _SCHEMAS = {
-    "classification": _sweep_schema(CLASSIFICATION_SCHEMA, CLASSIFICATION_SCHEMA.fixed_sections),
-    "data-to-text": OverrideSchema(
-        "sweep recipe",
-        (*SECTIONS, "methods", "sweep"),
-        (*MAPPING_SECTIONS, "methods", "sweep"),
-        (*(s for s in MAPPING_SECTIONS if s != "delta"), "sweep"),
-    ),
-    "perplexity": _sweep_schema(PERPLEXITY_SCHEMA, PERPLEXITY_SCHEMA.fixed_sections),
+    "classification": _sweep_schema(CLASSIFICATION_SCHEMA),
+    "data-to-text": _sweep_schema(RECIPE_SCHEMA),
+    "perplexity": _sweep_schema(PERPLEXITY_SCHEMA),
 }
 
 
