@@ -42,7 +42,6 @@ from ..data import (
 from ..device import resolve_device
 from ..errors import CheckpointError, DeltaConfigError
 from ..export_gguf import (
-    DEFAULT_QUANTS,
     ExportSpec,
     check_exportable,
     default_filename,
@@ -492,20 +491,20 @@ def run_recipe(recipe: Recipe, *, overwrite: bool = False, progress: bool = True
     if summary.get("sharded"):  # the FSDP-sharded model cannot run on one rank: reload the saved delta
         model, tok = _load_trained(recipe, None, progress)
     if export is not None:
-        _export(recipe, model, tok, export.gguf, export.quant, None, progress, export.output_quant)
+        _export(recipe, model, tok, export, None, progress)
     generate_outputs(recipe, model, tok, data.eval, run_dir, progress)
     return evaluate_run(recipe, run_dir=run_dir, started_at=t0)
 
 
-def _export(recipe: Recipe, model: Any, tok: Any, kind: str, quant: str | None, path: Any, progress: bool,
-            output_quant: str | None = None) -> Path:
-    quant = quant or DEFAULT_QUANTS[kind]
+def _export(recipe: Recipe, model: Any, tok: Any, spec: ExportSpec, path: Any, progress: bool) -> Path:
+    kind, quant = spec.gguf, spec.quant  # ExportSpec has filled in the default quant
+    assert kind is not None and quant is not None
     out = Path(path) if path is not None else recipe.run_dir / default_filename(kind, quant)
     if kind == "adapter":
         return export_gguf(model, out, kind=kind, quant=quant, progress=progress)
     source = source_gguf_of(recipe.model.name_or_path)
     return export_gguf(model, out, kind=kind, quant=quant, source_gguf=source,
-                       tokenizer=tok if source is None else None, progress=progress, output_quant=output_quant)
+                       tokenizer=tok if source is None else None, progress=progress, output_quant=spec.output_quant)
 
 
 def export_run_gguf(
@@ -529,4 +528,4 @@ def export_run_gguf(
             f"{recipe.method!r}; use kind 'merged'"
         )
     model, tok = _load_trained(recipe, None, progress)
-    return _export(recipe, model, tok, kind, spec.quant, path, progress, spec.output_quant)
+    return _export(recipe, model, tok, spec, path, progress)
