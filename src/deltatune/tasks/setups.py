@@ -144,9 +144,7 @@ def config_setups(path: str, overrides: Sequence[str] = (), method: str | None =
                 raise DeltaConfigError(f"--method must be one of {', '.join(known)}, got {method!r}")
             names = [method]
             configs.setdefault(method, {})
-        missing = sorted(set(per_method) - set(names))
-        if missing:
-            raise DeltaConfigError(f"--set methods.{missing[0]}.config...: {missing[0]!r} is not among the methods shown {names}")
+        _check_shown(per_method, names)
         out = []
         for m in names:
             mine = {**configs[m], **per_method.get(m, {})}
@@ -154,18 +152,14 @@ def config_setups(path: str, overrides: Sequence[str] = (), method: str | None =
             out.append(InfoSetup(f"methods.{m}", m, cfg, **common))
         return out
     if recipe_sweep:  # a data-to-text / perplexity recipe with a sweep: the recipe's delta, then each method
-        spec = data.get("model")
-        model = spec.get("name_or_path") if isinstance(spec, Mapping) else spec
-        dtype = spec.get("dtype") if isinstance(spec, Mapping) else data.get("dtype")
+        model, dtype = _model_of(data)
         base = dict(data["delta"])
         names = list(dict.fromkeys([*data["methods"], *((data.get("sweep") or {}).get("methods") or [])]))
         if method is not None:
             if method not in names:
                 raise DeltaConfigError(f"--method {method!r}: {path} sweeps the methods {names}")
             names = [method]
-        missing = sorted(set(per_method) - set(names))
-        if missing:
-            raise DeltaConfigError(f"--set methods.{missing[0]}.config...: {missing[0]!r} is not among the methods shown {names}")
+        _check_shown(per_method, names)
         out = []
         for m in names:
             own = {**((data["methods"].get(m) or {}).get("config") or {}), **per_method.get(m, {})}
@@ -177,9 +171,7 @@ def config_setups(path: str, overrides: Sequence[str] = (), method: str | None =
         delta, model, task, dtype, where = data, None, None, None, "--config"
     else:  # a recipe (model: {name_or_path}) or a perplexity config (model: NAME)
         delta, where, task = data["delta"], "delta", "causal-lm"
-        spec = data.get("model")
-        model = spec.get("name_or_path") if isinstance(spec, Mapping) else spec
-        dtype = spec.get("dtype") if isinstance(spec, Mapping) else data.get("dtype")
+        model, dtype = _model_of(data)
     if "method" not in delta and not is_pet_config(delta):
         raise DeltaConfigError(
             f"{path} is not a config info reads: a method config has a 'method' key, a recipe or perplexity config "
@@ -192,3 +184,18 @@ def config_setups(path: str, overrides: Sequence[str] = (), method: str | None =
     if method is not None and method != m:
         raise DeltaConfigError(f"--method {method!r}: {path} has the one method {m!r}")
     return [InfoSetup(where, m, cfg, model, task, dtype)]
+
+
+def _check_shown(per_method: Mapping[str, Any], names: Sequence[str]) -> None:
+    """``--set methods.NAME.config...`` must name one of the methods ``info`` shows."""
+    missing = sorted(set(per_method) - set(names))
+    if missing:
+        raise DeltaConfigError(f"--set methods.{missing[0]}.config...: {missing[0]!r} is not among the methods shown {list(names)}")
+
+
+def _model_of(data: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(model name or path, dtype) a recipe or perplexity config names (``model: NAME`` or ``model: {...}``)."""
+    spec = data.get("model")
+    if isinstance(spec, Mapping):
+        return spec.get("name_or_path"), spec.get("dtype")
+    return spec, data.get("dtype")
