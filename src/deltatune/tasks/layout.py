@@ -222,10 +222,10 @@ def to_sections(raw: Mapping[str, Any], layout: TaskLayout) -> dict[str, Any]:
     out: dict[str, Any] = {}
     flat: list[tuple[str, Any]] = []
     for key, value in raw.items():
-        if key in layout.sections and (isinstance(value, Mapping) or value is None) and key != "model":
-            _merge_section(out, key, value)
-        elif key == "model" and isinstance(value, Mapping):
-            _merge_section(out, key, value)
+        if key in layout.sections and (isinstance(value, Mapping) or (value is None and key != "model")):
+            out.setdefault(key, {})  # (an empty section stays, for flatten to check)
+            for k, v in (value or {}).items():
+                _put(out, (key, k), v, f"{key}.{k}")
         elif key in layout.top or key in SWEEP_SECTIONS or key not in (*legacy, "task", "model"):
             out[key] = copy.deepcopy(value)
         else:
@@ -257,13 +257,6 @@ def to_sections(raw: Mapping[str, Any], layout: TaskLayout) -> dict[str, Any]:
         out["data"] = {"dataset": out["data"]["dataset"], **out["data"]}
     order = [*layout.top, *layout.sections, *SWEEP_SECTIONS]
     return {k: out[k] for k in sorted(out, key=lambda k: order.index(k) if k in order else len(order))}
-
-
-def _merge_section(out: dict[str, Any], key: str, value: Mapping[str, Any] | None) -> None:
-    node = out.setdefault(key, {})
-    for k, v in (value or {}).items():
-        _put(out, (key, k), v, f"{key}.{k}")
-    out[key] = node
 
 
 def legacy_override(parts: list[str], value: Any, layout: TaskLayout) -> list[str]:
