@@ -11,6 +11,8 @@
 #                                full FT, PEFT, deltatune captured (with and without dropout), liger-fused
 #   step-llama1b.json            the same on the Llama-1B shape 8x2048: full FT, PEFT without dropout,
 #                                deltatune captured and eager
+#   step-smollm2-nativedrop.json deltatune on the SmolLM2 shape with DELTATUNE_TRITON_DROPOUT=0 (part abdrop)
+#   prof-e2e.txt                 operator table of the E2E-regime Trainer step, eager (part prof)
 #   decode/                      decoding tokens/s per method vs the base model (decode_methods.json/.png)
 #   summary.txt                  everything printed
 # Needs: torch (CUDA) with triton, transformers, peft, safetensors, PyYAML, tqdm, matplotlib (no internet).
@@ -45,7 +47,8 @@ want() { [ -z "${PARTS:-}" ] || [[ " $PARTS " == *" $1 "* ]]; }
 if want tests; then
 part 100 tests $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
     tests/train/test_trainer_cuda_graph.py tests/train/test_fused.py tests/train/test_cuda_graph.py \
-    tests/kernels/test_kernels_cuda.py tests/kernels/test_kernels_lora.py tests/train/test_collate.py
+    tests/kernels/test_kernels_cuda.py tests/kernels/test_kernels_lora.py tests/train/test_collate.py \
+    tests/kernels/test_dropout_triton.py
 cp "$LOG" "$OUT/tests.txt"
 fi
 
@@ -66,6 +69,17 @@ part 100 step-smollm2 $PY bench_lora_vs_peft.py --shape smollm2 --batch 16 --seq
     --modes full,peft,deltatune,deltatune_nodrop --fused liger --json "$OUT/step-smollm2.json"
 part 150 step-llama1b $PY bench_lora_vs_peft.py --shape llama1b --batch 8 --seq 2048 --isolate \
     --modes full,peft_nodrop,deltatune,deltatune_eager --fused liger --json "$OUT/step-llama1b.json"
+fi
+
+# 3b. the LoRA dropout with and without the Triton kernels (kernels/dropout_triton.py), same shape
+if want abdrop; then
+DELTATUNE_TRITON_DROPOUT=0 part 60 step-smollm2-nativedrop $PY bench_lora_vs_peft.py --shape smollm2 --batch 16 \
+    --seq 1024 --isolate --modes deltatune --fused liger --json "$OUT/step-smollm2-nativedrop.json"
+fi
+
+# 3c. where the E2E-regime Trainer step spends its device time (eager, 3 steps)
+if want prof; then
+part 90 prof-e2e $PY profile_trainer_step.py --out "$OUT/prof-e2e.txt"
 fi
 
 # 4. decoding per method (about 1 min)

@@ -1,4 +1,6 @@
-"""lora_linear & friends against the plain autograd formula."""
+"""lora_linear & friends against the plain autograd formula, on the unfused dropout path
+(``torch.native_dropout`` and a saved mask). Where triton runs, the Triton dropout path is turned off here;
+it has its own tests in ``test_dropout_triton.py``."""
 
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ from deltatune.kernels import (
     unpack_mask,
 )
 from deltatune.kernels.lora_autograd import run_lora
+
+
+@pytest.fixture(autouse=True)
+def _unfused_dropout(monkeypatch):
+    monkeypatch.setenv("DELTATUNE_TRITON_DROPOUT", "0")
 
 
 def _native_mask(shape, p, dtype, seed):

@@ -18,6 +18,9 @@ element of the compute dtype):
   costs an eighth of a byte per input element; on CUDA one byte per element (``in`` bytes), because
   packing it costs more time there than the memory is worth (``common.saved_mask``). (A naive ``lora_B(lora_A(dropout(x)))`` after a base layer
   that saved ``x`` keeps ``x``, the dropped copy *and* a 1-byte mask.)
+* with dropout on CUDA (Triton installed, no explicit ``seed``, outside ``torch.compile``): ``x`` itself and
+  an int64 seed, no dropped copy and no mask: the mask is regenerated inside the A-side kernels of
+  :mod:`deltatune.kernels.dropout_triton`, so the step costs about what it costs without dropout;
 * the small product ``xa = drop(x) @ A^T``: ``R * s`` bytes (needed for ``dB``);
 * references to ``W``, ``A``, ``B`` (parameters: no extra memory). ``W`` is never saved as a cast copy; if
   its dtype differs from the compute dtype it is re-cast in the backward.
@@ -46,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import DeltaConfigError
+from . import dropout_triton as tri
 from .common import cast, compute_dtype, drop, saved_mask, undrop, unpack_mask
 
 __all__ = [
@@ -84,14 +88,21 @@ def _lora_forward(
     cdt: torch.dtype,
 ) -> tuple[Tensor, Tensor | None, Tensor, list[Tensor], bool]:
     """Shared forward body. Returns the adapter input (``x`` in the compute dtype, ``x`` itself when no cast
-    is needed; with dropout the dropped ``(N, in)`` copy), the keep-mask (None without dropout), ``xa`` and
+    is needed; with dropout the dropped ``(N, in)`` copy, or ``x`` when the dropout runs inside the Triton
+    kernels of :mod:`deltatune.kernels.dropout_triton`), the keep-mask (None without dropout; with the Triton
+    kernels the int64 seed tensor that regenerates it), ``xa`` and
     the outputs (both shaped like ``x`` up to the last dimension), and whether the plan is "whole" (every
     slice covers the full output of its own group, in order: :func:`lora_linear` and
     :func:`lora_linear_multi`). Written for few tensor operations: the per-call cost of small layers is
     dominated by the number of dispatched operations."""
     xc = cast(x, cdt)
     A = cast(lora_A, cdt)
-    if p > 0.0:
+    if p > 0.0 and seed is None and tri.usable(xc, cdt):
+        # dropout inside the A-side kernels: the adapter input stays x itself, the "mask" is its seed
+        xd = xc.reshape(-1, xc.shape[-1]).contiguous()
+        mask = tri.draw_seed(xc.device)
+        xa = tri.dropped_xa(xd, A.contiguous(), mask, p).view(*xc.shape[:-1], A.shape[0])
+    elif p > 0.0:
         xd, mask = drop(xc.reshape(-1, xc.shape[-1]), p, seed)
         xa = F.linear(xd, A).view(*xc.shape[:-1], A.shape[0])
     else:
@@ -150,7 +161,9 @@ class _LoRAFn(torch.autograd.Function):
         # them again
         if n_As > 1:
             As = (lora_A,)
-        kept = None if mask is None else saved_mask(mask)
+        kept = None if mask is None or mask.dtype == torch.int64 else saved_mask(mask)
+        if mask is not None and mask.dtype == torch.int64:
+            kept = mask  # the Triton kernels' seed
         if recompute_xa:
             ctx.save_for_backward(xd, kept, *As, *weights, *Bs)
         else:
@@ -169,7 +182,10 @@ class _LoRAFn(torch.autograd.Function):
         plan, scalings, p, seed, fifo, cdt, recompute_xa, n_groups, n_As, has_bias = ctx.meta
         whole, x_shape, x_dtype = ctx.extra
         saved = ctx.saved_tensors
-        x_saved, mask = saved[0], saved[1]  # x (dropped when p > 0) and the keep-mask (None when p == 0)
+        # x (dropped when p > 0, unless the dropout runs in the Triton kernels) and the keep-mask (None when
+        # p == 0; the int64 seed of the Triton kernels' mask)
+        x_saved, mask = saved[0], saved[1]
+        fused_drop = mask is not None and mask.dtype == torch.int64
         rest = saved[2:] if recompute_xa else saved[3:]
         A_saved = rest[0]  # the one A, or the concatenation (compute dtype) of several
         weights, Bs = rest[1 : 1 + n_groups], rest[1 + n_groups :]
@@ -185,7 +201,7 @@ class _LoRAFn(torch.autograd.Function):
         A = cast(A_saved, cdt)
         n_rows = xd.shape[0]
         if recompute_xa:
-            xa = F.linear(xd, A)
+            xa = tri.dropped_xa(xd, A.contiguous(), mask, p) if fused_drop else F.linear(xd, A)
         else:
             xa = saved[2]
             if xa.dim() != 2:
@@ -213,7 +229,7 @@ class _LoRAFn(torch.autograd.Function):
 
         dAs: list[Tensor | None] = [None] * n_As
         if any(need_As):
-            dA = torch.mm(dxa.t(), xd)
+            dA = tri.dropped_grad_A(dxa.contiguous(), xd, mask, p) if fused_drop else torch.mm(dxa.t(), xd)
             if n_As == 1:
                 dAs[0] = cast(dA, A_saved.dtype)
             else:
@@ -231,7 +247,9 @@ class _LoRAFn(torch.autograd.Function):
                     dx = torch.mm(dy2[g], wt)
                 else:
                     dx.addmm_(dy2[g], wt)
-            if mask is not None:
+            if fused_drop:
+                tri.add_dropped_grad_x(dx, dxa.contiguous(), A.contiguous(), mask, p)
+            elif mask is not None:
                 dx.add_(undrop(torch.mm(dxa, A), unpack_mask(mask), p))
             else:
                 dx.addmm_(dxa, A)

@@ -1,0 +1,230 @@
+"""LoRA dropout fused into the adapter's A-side matmuls (Triton, CUDA): no dropped copy, no saved mask.
+
+The unfused path (:mod:`deltatune.kernels.lora_autograd`) runs ``torch.native_dropout`` on the adapter input,
+keeps the dropped copy and a one-byte mask for the backward and applies the mask again to the input
+gradient: three passes over an ``(N, in)`` tensor that the frozen base matmul never needed. Here the keep
+mask is a pure function of ``(seed, row, column)``, computed inside the matmul kernels from Philox
+(counter-based, 10 rounds, as ``torch.native_dropout``'s CUDA generator):
+
+* forward: ``xa = (x * keep / (1 - p)) @ A^T`` reads ``x`` once and writes only the small ``(N, R)`` product;
+* backward: ``dA = dxa^T @ (x * keep / (1 - p))`` (split over row blocks, partial sums added in a fixed
+  order: deterministic) and ``dx += (dxa @ A) * keep / (1 - p)`` in place, each regenerating the same mask.
+
+So the backward keeps ``x`` itself (which the rest of the graph usually keeps anyway) and one int64 seed,
+instead of a dropped copy and a mask; the step reads and writes about as much memory as without dropout.
+
+The seed is drawn on the device by ``torch.randint`` from the default CUDA generator, so
+``torch.manual_seed`` makes runs reproducible, a CUDA-graph replay draws a fresh mask, and
+``torch.utils.checkpoint`` (which restores the RNG state) recomputes the same one. The masks differ from
+``torch.native_dropout``'s (another stream of the same distribution: each element kept with probability
+``1 - p``, to 2^-24).
+
+The kernels are defined only when ``triton`` imports and CUDA is available (or ``TRITON_INTERPRET=1``, the
+Triton interpreter on CPU tensors, which the CPU tests use); :func:`usable` says whether a call can take
+this path. ``DELTATUNE_TRITON_DROPOUT=0`` turns it off (the unfused path then runs). Imports only torch
+(and triton).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+__all__ = ["TRITON_DROPOUT", "draw_seed", "dropped_grad_A", "dropped_xa", "keep_mask", "add_dropped_grad_x", "usable"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+#: whether the Triton kernels are defined in this process (triton importable, and CUDA or the interpreter)
+TRITON_DROPOUT: bool = importlib.util.find_spec("triton") is not None and (
+    _INTERPRET or torch.cuda.is_available()
+)
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_BN = 64  # rows per tile
+_BK = 64  # input features per tile (a multiple of 4: one Philox call gives 4 numbers)
+
+if TRITON_DROPOUT:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _keep_tile(seed, rows, k0, K, p, BN: tl.constexpr, BK: tl.constexpr):
+        """The (BN, BK) keep mask of rows ``rows`` and columns ``k0 .. k0+BK``: element (n, k) uses number
+        ``k % 4`` of Philox counter ``n * ceil(K/4) + k // 4``, its top 24 bits as a uniform in [0, 1)."""
+        KG = (K + 3) // 4
+        groups = k0 // 4 + tl.arange(0, BK // 4)
+        ctr = rows.to(tl.int64)[:, None] * KG + groups[None, :]
+        r0, r1, r2, r3 = tl.randint4x(seed, ctr)
+        r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BN, BK))
+        u = (r >> 8).to(tl.int32).to(tl.float32) * (1.0 / 16777216.0)
+        return u >= p
+
+    @triton.jit
+    def _xa_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, N, K, R, p, scale,
+                   sxn, sak, sar, son,
+                   BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = pid * BN + tl.arange(0, BN)
+        rr = tl.arange(0, BR)
+        seed = tl.load(seed_ptr)
+        acc = tl.zeros((BN, BR), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            cols = k0 + tl.arange(0, BK)
+            xm = (rows[:, None] < N) & (cols[None, :] < K)
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * sxn + cols[None, :], mask=xm, other=0.0)
+            keep = _keep_tile(seed, rows, k0, K, p, BN, BK)
+            x = tl.where(keep, x, tl.zeros_like(x))
+            am = (cols[:, None] < K) & (rr[None, :] < R)
+            a = tl.load(a_ptr + cols[:, None] * sak + rr[None, :] * sar, mask=am, other=0.0)
+            if IEEE:
+                acc += tl.dot(x, a, input_precision="ieee")
+            else:
+                acc += tl.dot(x, a)
+        acc = acc * scale
+        om = (rows[:, None] < N) & (rr[None, :] < R)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * son + rr[None, :], acc.to(out_ptr.dtype.element_ty), mask=om)
+
+    @triton.jit
+    def _da_kernel(dxa_ptr, x_ptr, part_ptr, seed_ptr, N, K, R, p, scale, rows_per,
+                   sdn, sxn,
+                   BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
+        pk = tl.program_id(0)
+        ps = tl.program_id(1)
+        cols = pk * BK + tl.arange(0, BK)
+        rr = tl.arange(0, BR)
+        seed = tl.load(seed_ptr)
+        acc = tl.zeros((BR, BK), dtype=tl.float32)
+        start = ps * rows_per
+        for n0 in range(start, start + rows_per, BN):
+            rows = n0 + tl.arange(0, BN)
+            rm = rows < N
+            g = tl.load(dxa_ptr + rows[:, None].to(tl.int64) * sdn + rr[None, :],
+                        mask=rm[:, None] & (rr[None, :] < R), other=0.0)
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * sxn + cols[None, :],
+                        mask=rm[:, None] & (cols[None, :] < K), other=0.0)
+            keep = _keep_tile(seed, rows, pk * BK, K, p, BN, BK)
+            x = tl.where(keep, x, tl.zeros_like(x))
+            if IEEE:
+                acc += tl.dot(tl.trans(g), x, input_precision="ieee")
+            else:
+                acc += tl.dot(tl.trans(g), x)
+        acc = acc * scale
+        out = part_ptr + ps.to(tl.int64) * R * K + rr[:, None] * K + cols[None, :]
+        tl.store(out, acc, mask=(rr[:, None] < R) & (cols[None, :] < K))
+
+    @triton.jit
+    def _dx_kernel(dx_ptr, dxa_ptr, a_ptr, seed_ptr, N, K, R, p, scale,
+                   sdxn, sdn, sak, sar,
+                   BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
+        pn = tl.program_id(0)
+        pk = tl.program_id(1)
+        rows = pn * BN + tl.arange(0, BN)
+        cols = pk * BK + tl.arange(0, BK)
+        rr = tl.arange(0, BR)
+        seed = tl.load(seed_ptr)
+        g = tl.load(dxa_ptr + rows[:, None].to(tl.int64) * sdn + rr[None, :],
+                    mask=(rows[:, None] < N) & (rr[None, :] < R), other=0.0)
+        a = tl.load(a_ptr + rr[:, None] * sar + cols[None, :] * sak,
+                    mask=(rr[:, None] < R) & (cols[None, :] < K), other=0.0)
+        if IEEE:
+            t = tl.dot(g, a, input_precision="ieee")
+        else:
+            t = tl.dot(g, a)
+        keep = _keep_tile(seed, rows, pk * BK, K, p, BN, BK)
+        t = tl.where(keep, t * scale, tl.zeros_like(t))
+        m = (rows[:, None] < N) & (cols[None, :] < K)
+        ptrs = dx_ptr + rows[:, None].to(tl.int64) * sdxn + cols[None, :]
+        dx = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
+        tl.store(ptrs, (dx + t).to(dx_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _mask_kernel(out_ptr, seed_ptr, N, K, p, BN: tl.constexpr, BK: tl.constexpr):
+        pn = tl.program_id(0)
+        pk = tl.program_id(1)
+        rows = pn * BN + tl.arange(0, BN)
+        cols = pk * BK + tl.arange(0, BK)
+        keep = _keep_tile(tl.load(seed_ptr), rows, pk * BK, K, p, BN, BK)
+        m = (rows[:, None] < N) & (cols[None, :] < K)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], keep.to(tl.int8), mask=m)
+
+
+def usable(x: Tensor, cdt: torch.dtype) -> bool:
+    """Whether a dropout call on ``x`` (compute dtype ``cdt``) can take the fused path: the kernels are
+    defined, ``DELTATUNE_TRITON_DROPOUT`` is not ``0``, ``x`` is on CUDA (any device under the interpreter),
+    ``cdt`` is float16, bfloat16 or float32, and no ``torch.compile`` trace is running."""
+    if not TRITON_DROPOUT or os.environ.get("DELTATUNE_TRITON_DROPOUT", "1") == "0":
+        return False
+    if not (x.is_cuda or _INTERPRET) or cdt not in _DTYPES:
+        return False
+    return not torch.compiler.is_compiling()
+
+
+def draw_seed(device: torch.device) -> Tensor:
+    """A fresh mask seed, an int64 scalar tensor drawn on ``device`` from its default generator (no host
+    round trip; captured CUDA graphs draw a new one at every replay)."""
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+
+
+def _br(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def dropped_xa(x2: Tensor, A: Tensor, seed: Tensor, p: float) -> Tensor:
+    """``(x2 * keep / (1 - p)) @ A^T`` for a row-major ``(N, K)`` ``x2`` and ``(R, K)`` ``A`` of one dtype,
+    in that dtype (fp32 accumulation)."""
+    N, K = x2.shape
+    R = A.shape[0]
+    out = x2.new_empty((N, R))
+    _xa_kernel[(triton.cdiv(N, _BN),)](
+        x2, A, out, seed, N, K, R, p, 1.0 / (1.0 - p),
+        x2.stride(0), A.stride(1), A.stride(0), out.stride(0),
+        BN=_BN, BK=_BK, BR=_br(R), IEEE=x2.dtype == torch.float32,
+    )
+    return out
+
+
+def dropped_grad_A(dxa: Tensor, x2: Tensor, seed: Tensor, p: float) -> Tensor:
+    """``dxa^T @ (x2 * keep / (1 - p))``, ``(R, K)`` in float32: row blocks are split over enough programs
+    to fill the device, and their partial sums are added in a fixed order (deterministic)."""
+    N, K = x2.shape
+    R = dxa.shape[1]
+    col_blocks = triton.cdiv(K, _BK)
+    row_blocks = triton.cdiv(N, _BN)
+    if x2.is_cuda:
+        target = 4 * torch.cuda.get_device_properties(x2.device).multi_processor_count
+    else:
+        target = 8
+    splits = max(1, min(row_blocks, triton.cdiv(target, col_blocks)))
+    rows_per = triton.cdiv(row_blocks, splits) * _BN
+    splits = triton.cdiv(N, rows_per)
+    part = torch.empty((splits, R, K), device=x2.device, dtype=torch.float32)
+    _da_kernel[(col_blocks, splits)](
+        dxa, x2, part, seed, N, K, R, p, 1.0 / (1.0 - p), rows_per,
+        dxa.stride(0), x2.stride(0),
+        BN=_BN, BK=_BK, BR=_br(R), IEEE=x2.dtype == torch.float32,
+    )
+    return part[0] if splits == 1 else part.sum(0)
+
+
+def add_dropped_grad_x(dx: Tensor, dxa: Tensor, A: Tensor, seed: Tensor, p: float) -> Tensor:
+    """``dx += (dxa @ A) * keep / (1 - p)`` in place (``dx`` row-major ``(N, K)``); returns ``dx``."""
+    N, K = dx.shape
+    R = A.shape[0]
+    _dx_kernel[(triton.cdiv(N, _BN), triton.cdiv(K, _BK))](
+        dx, dxa, A, seed, N, K, R, p, 1.0 / (1.0 - p),
+        dx.stride(0), dxa.stride(0), A.stride(1), A.stride(0),
+        BN=_BN, BK=_BK, BR=_br(R), IEEE=dx.dtype == torch.float32,
+    )
+    return dx
+
+
+def keep_mask(n_rows: int, n_cols: int, seed: Tensor, p: float) -> Tensor:
+    """The bool ``(n_rows, n_cols)`` keep mask the kernels use for ``seed`` (for tests and checks)."""
+    out = torch.empty((n_rows, n_cols), device=seed.device, dtype=torch.int8)
+    _mask_kernel[(triton.cdiv(n_rows, _BN), triton.cdiv(n_cols, _BK))](
+        out, seed, n_rows, n_cols, p, BN=_BN, BK=_BK
+    )
+    return out.bool()
