@@ -1,5 +1,6 @@
 """What the LoRA kernels share: the compute dtype, cheap casts, and dropout masks (seeded or drawn by
-``torch.native_dropout``) with their one-bit-per-element packing (CPU) for the backward.
+``torch.native_dropout``) with their one-bit-per-element packing (CPU) for the backward, and matmuls that
+write a gradient in its parameter's dtype (:func:`mm_in`).
 
 Imports only :mod:`deltatune.validation` and torch.
 """
@@ -18,6 +19,7 @@ __all__ = [
     "compute_dtype",
     "drop",
     "dropout_mask",
+    "mm_in",
     "pack_mask",
     "saved_mask",
     "seeded_mask",
@@ -120,3 +122,32 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 def cast(t: Tensor, cdt: torch.dtype) -> Tensor:
     """``t.to(cdt)`` without the dispatcher round trip when ``t`` already has that dtype."""
     return t if t.dtype == cdt else t.to(cdt)
+
+
+def _has_out_dtype_mm() -> bool:
+    """Whether this torch build has CUDA kernels for ``mm``/``addmm`` with ``out_dtype`` (a half-precision
+    product written as float32 by the matmul itself)."""
+    try:
+        has = torch._C._dispatch_has_kernel_for_dispatch_key
+        return bool(has("aten::mm.dtype", "CUDA") and has("aten::addmm.dtype", "CUDA"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_OUT_DTYPE_MM = _has_out_dtype_mm()
+
+
+def mm_in(dtype: torch.dtype, a: Tensor, b: Tensor, alpha: float = 1.0) -> Tensor:
+    """``alpha * a @ b`` returned in ``dtype`` (the gradient of a parameter in the parameter's own dtype).
+
+    On CUDA, for float16/bfloat16 inputs and a float32 ``dtype``, one matmul accumulates in float32 and writes
+    float32 (``out_dtype``): no cast kernel, and no rounding to half precision on the way. Elsewhere the
+    product is computed in the inputs' dtype, scaled inside the same matmul, then cast (as before)."""
+    if dtype == torch.float32 and a.dtype != dtype and a.is_cuda and _OUT_DTYPE_MM:
+        if alpha == 1.0:
+            return torch.mm(a, b, out_dtype=dtype)
+        return torch.addmm(a.new_empty((a.shape[0], b.shape[1]), dtype=dtype), a, b, beta=0, alpha=alpha,
+                           out_dtype=dtype)
+    if alpha == 1.0:
+        return cast(torch.mm(a, b), dtype)
+    return cast(torch.addmm(a.new_empty((a.shape[0], b.shape[1])), a, b, beta=0, alpha=alpha), dtype)

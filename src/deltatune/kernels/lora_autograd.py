@@ -50,7 +50,7 @@ from torch import Tensor
 
 from ..errors import DeltaConfigError
 from . import dropout_triton as tri
-from .common import cast, compute_dtype, drop, saved_mask, undrop, unpack_mask
+from .common import cast, compute_dtype, drop, mm_in, saved_mask, undrop, unpack_mask
 
 __all__ = [
     "LoraProjection",
@@ -86,14 +86,15 @@ def _lora_forward(
     seed: int | None,
     fifo: bool,
     cdt: torch.dtype,
-) -> tuple[Tensor, Tensor | None, Tensor, list[Tensor], bool]:
+) -> tuple[Tensor, Tensor | None, Tensor, list[Tensor], bool, list[Tensor]]:
     """Shared forward body. Returns the adapter input (``x`` in the compute dtype, ``x`` itself when no cast
     is needed; with dropout the dropped ``(N, in)`` copy, or ``x`` when the dropout runs inside the Triton
     kernels of :mod:`deltatune.kernels.dropout_triton`), the keep-mask (None without dropout; with the Triton
     kernels the int64 seed tensor that regenerates it), ``xa`` and
     the outputs (both shaped like ``x`` up to the last dimension), and whether the plan is "whole" (every
     slice covers the full output of its own group, in order: :func:`lora_linear` and
-    :func:`lora_linear_multi`). Written for few tensor operations: the per-call cost of small layers is
+    :func:`lora_linear_multi`), and the B matrices in the compute dtype (saved for the backward, so that it
+    does not cast them again). Written for few tensor operations: the per-call cost of small layers is
     dominated by the number of dispatched operations."""
     xc = cast(x, cdt)
     A = cast(lora_A, cdt)
@@ -115,16 +116,17 @@ def _lora_forward(
     whole = len(plan) == len(ys) and all(
         g == i and o0 == 0 and o1 == ys[g].shape[-1] for i, (g, o0, o1, _, _) in enumerate(plan)
     )
+    xa2 = xa.reshape(-1, xa.shape[-1])
+    Bcs = [cast(B, cdt) for B in Bs]
     if whole:
-        xas = (xa,) if len(plan) == 1 else xa.split([r1 - r0 for (_, _, _, r0, r1) in plan], dim=-1)
-        for y, xa_g, B, s in zip(ys, xas, Bs, scalings):
-            y.add_(F.linear(xa_g, cast(B, cdt)), alpha=s)
+        xas = (xa2,) if len(plan) == 1 else xa2.split([r1 - r0 for (_, _, _, r0, r1) in plan], dim=-1)
+        for y, xa_g, Bc, s in zip(ys, xas, Bcs, scalings):
+            y.view(-1, y.shape[-1]).addmm_(xa_g, Bc.t(), alpha=s)  # one kernel: y += s * xa @ B^T
     else:  # LoRA on output slices (lora_merged_linear)
-        xa2 = xa.reshape(-1, xa.shape[-1])
-        for (g, o0, o1, r0, r1), B, s in zip(plan, Bs, scalings):
+        for (g, o0, o1, r0, r1), Bc, s in zip(plan, Bcs, scalings):
             y2 = ys[g].view(-1, ys[g].shape[-1])
-            y2[:, o0:o1].addmm_(xa2[:, r0:r1], cast(B, cdt).t(), alpha=s)
-    return xd, mask, xa, ys, whole
+            y2[:, o0:o1].addmm_(xa2[:, r0:r1], Bc.t(), alpha=s)
+    return xd, mask, xa, ys, whole, Bcs
 
 
 def cat_cdt(As: Sequence[Tensor], cdt: torch.dtype) -> Tensor:
@@ -153,7 +155,7 @@ class _LoRAFn(torch.autograd.Function):
             biases = (None,) * n_groups
             Bs = tensors[n_As + n_groups :]
         lora_A = cat_cdt(As, cdt)
-        xd, mask, xa, ys, whole = _lora_forward(
+        xd, mask, xa, ys, whole, Bcs = _lora_forward(
             x, lora_A, weights, biases, Bs, plan, scalings, p, seed, fifo, cdt
         )
         # without dropout xd is x itself when no cast was needed, so the saved tensor is x's own storage;
@@ -164,10 +166,13 @@ class _LoRAFn(torch.autograd.Function):
         kept = None if mask is None or mask.dtype == torch.int64 else saved_mask(mask)
         if mask is not None and mask.dtype == torch.int64:
             kept = mask  # the Triton kernels' seed
+        # the Bs in the compute dtype (the parameters themselves when no cast was needed; a cast copy is
+        # out x r, small): the backward uses them as they are
         if recompute_xa:
-            ctx.save_for_backward(xd, kept, *As, *weights, *Bs)
+            ctx.save_for_backward(xd, kept, *As, *weights, *Bcs)
         else:
-            ctx.save_for_backward(xd, kept, xa, *As, *weights, *Bs)
+            ctx.save_for_backward(xd, kept, xa, *As, *weights, *Bcs)
+        ctx.B_dtypes = [B.dtype for B in Bs]
         if n_As > 1:
             ctx.A_info = [(a.shape[0], a.dtype) for a in tensors[:n_As]]
         ctx.meta = meta
@@ -212,24 +217,30 @@ class _LoRAFn(torch.autograd.Function):
         if whole:
             xas = (xa,) if len(plan) == 1 else xa.split([r1 - r0 for (_, _, _, r0, r1) in plan], dim=1)
             parts = []
-            for dy, xa_g, B, s, nb in zip(dy2, xas, Bs, scalings, need_B):
-                Bc = cast(B, cdt)
+            for dy, xa_g, Bc, b_dtype, s, nb in zip(dy2, xas, Bs, ctx.B_dtypes, scalings, need_B):
                 # s * (dy @ B) and s * (dy^T @ xa) as single operations (beta=0: the first argument only
-                # supplies the shape and is not read)
+                # supplies the shape and is not read); dB straight in the parameter's dtype where a matmul
+                # can write it (CUDA), else cast
                 parts.append(torch.addmm(xa_g, dy, Bc, beta=0, alpha=s))
-                dBs.append(cast(torch.addmm(Bc, dy.t(), xa_g, beta=0, alpha=s), B.dtype) if nb else None)
+                dBs.append(mm_in(b_dtype, dy.t(), xa_g, s) if nb else None)
             dxa = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         else:
             dxa = xa.new_empty(xa.shape)
-            for (g, o0, o1, r0, r1), B, s, nb in zip(plan, Bs, scalings, need_B):
+            for (g, o0, o1, r0, r1), Bc, b_dtype, s, nb in zip(plan, Bs, ctx.B_dtypes, scalings, need_B):
                 dy = dy2[g]
                 dy_s = dy if (o0 == 0 and o1 == dy.shape[1]) else dy[:, o0:o1]
-                dxa[:, r0:r1] = torch.mm(dy_s, cast(B, cdt)).mul_(s)
-                dBs.append(cast(torch.mm(dy_s.t(), xa[:, r0:r1]).mul_(s), B.dtype) if nb else None)
+                dxa[:, r0:r1] = torch.mm(dy_s, Bc).mul_(s)
+                dBs.append(mm_in(b_dtype, dy_s.t(), xa[:, r0:r1], s) if nb else None)
 
         dAs: list[Tensor | None] = [None] * n_As
         if any(need_As):
-            dA = tri.dropped_grad_A(dxa.contiguous(), xd, mask, p) if fused_drop else torch.mm(dxa.t(), xd)
+            if fused_drop:
+                dA = tri.dropped_grad_A(dxa.contiguous(), xd, mask, p)
+            elif n_As == 1:
+                dA = mm_in(A_saved.dtype, dxa.t(), xd)
+            else:
+                dA = mm_in(ctx.A_info[0][1] if all(d == ctx.A_info[0][1] for _, d in ctx.A_info) else cdt,
+                           dxa.t(), xd)
             if n_As == 1:
                 dAs[0] = cast(dA, A_saved.dtype)
             else:
