@@ -102,6 +102,21 @@ PATCHES: tuple[Patch, ...] = (
         '        if nvcc_version >= [13, 0]:  # deltatune jittor_cuda13: CCCL 3 (cub, thrust, libcu++) needs C++17\n'
         '            nvcc_flags = nvcc_flags.replace("-std=c++14", "-std=c++17")\n',
         1, "CUDA 13's CCCL headers (cub, thrust) refuse to compile below C++17; Jittor passes -std=c++14 to nvcc"),
+    Patch(
+        "code_softmax.cub_Max", "jittor/other/code_softmax.py",
+        "BlockReduce(temp_storage).Reduce(v1, cub::Max());",
+        "BlockReduce(temp_storage).Reduce(v1, ::cuda::maximum<>());",
+        1, "cub::Max was removed in CCCL 3 (CUDA 13); cuda::maximum replaces it (jt.nn.softmax on CUDA)"),
+    Patch(
+        "cub_where.CountingInputIterator", "jittor/extern/cuda/cub/ops/cub_where_op.cc",
+        "cub::CountingInputIterator<To> counting_itr(0);",
+        "thrust::counting_iterator<To> counting_itr(0);",
+        1, "cub::CountingInputIterator was removed in CCCL 3 (CUDA 13); thrust::counting_iterator replaces it"),
+    Patch(
+        "cub_where.TransformInputIterator", "jittor/extern/cuda/cub/ops/cub_where_op.cc",
+        "cub::TransformInputIterator<bool, NonZeroOp<Ti>, Ti*> itr(cond->ptr<Ti>(), NonZeroOp<Ti>());",
+        "thrust::transform_iterator<NonZeroOp<Ti>, Ti*, bool> itr(cond->ptr<Ti>(), NonZeroOp<Ti>());",
+        1, "cub::TransformInputIterator was removed in CCCL 3 (CUDA 13); thrust::transform_iterator replaces it"),
 )
 
 
