@@ -15,7 +15,7 @@
 #              max |logits difference| and max |LoRA gradient difference| of one summed loss
 #   align      `deltatune align --mode exact` on the tiny Llama for 10 steps, PyTorch and Jittor both on
 #              the GPU (use_cuda=2 forces every Jittor operator onto CUDA); verdict lines and the measured
-#              differences go to the summary
+#              differences go to the summary (runs whenever import is OK, whatever fwd-bwd found)
 # Files under $OUT: summary.txt (what is printed), jittor_cuda13.log (everything, compiler output included),
 # align/ (align_summary.json, verdict.txt, align_scores.md; no checkpoints).
 # Jittor's compile cache lives in ~/.cache/jittor (JITTOR_HOME moves it); on a warm machine a second call
@@ -48,7 +48,8 @@ step() {
     if (( limit < 5 )); then STATUS[$name]=TIMEOUT; say "STEP $name: TIMEOUT (no time left of BUDGET_S=$BUDGET_S)"; return; fi
     local part="$OUT/.part-$name.log" t0; t0=$(date +%s)
     echo "===== $(date -u +%H:%M:%S) step $name (limit ${limit}s): $*" >> "$LOG"
-    timeout --kill-after=5 "$limit" "$@" > "$part" 2>&1
+    # (in a subshell: bash's own "Aborted" notice for a crashed command stays out of the output)
+    ( timeout --kill-after=5 "$limit" "$@" > "$part" 2>&1 ) 2>/dev/null
     local rc=$? dt=$(( $(date +%s) - t0 ))
     cat "$part" >> "$LOG"
     echo "===== step $name: exit $rc after ${dt}s" >> "$LOG"
@@ -57,7 +58,7 @@ step() {
     elif (( rc == 124 || rc == 137 )); then STATUS[$name]=TIMEOUT
         say "STEP $name: TIMEOUT after ${dt}s (a second call on the warm machine continues from Jittor's cache)"
     else STATUS[$name]=FAIL; say "STEP $name: FAIL (exit $rc after ${dt}s); first errors:"
-        { grep -a -m 12 -E 'error|Error|FAIL|Check failed' "$part" || tail -n 12 "$part"; } | cut -c1-400 | sed 's/^/  | /' | tee -a "$SUMMARY"
+        { grep -a -m 12 -E 'error|Error|Exception|FAIL|Check failed' "$part" || tail -n 12 "$part"; } | cut -c1-400 | sed 's/^/  | /' | tee -a "$SUMMARY"
     fi
     rm -f "$part"
 }
@@ -183,7 +184,7 @@ raise SystemExit(1 if bad else 0)
 EOF
 fi
 
-if needs align fwd-bwd; then
+if needs align import; then
 mkdir -p "$OUT/align"
 step align 150 bash -c "
 set -e

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -165,3 +166,36 @@ def test_the_copy_imports_as_jittor_from_its_own_folder(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [str(dest / "jittor"), str(dest / "jittor_utils")]
     shutil.rmtree(dest)
+
+
+GPU_SCRIPT = REPO / "benchmarks" / "gpu_jittor_cuda13.sh"
+
+
+def test_gpu_script_reports_every_step_and_exits_cleanly_without_cuda(tmp_path):
+    """benchmarks/gpu_jittor_cuda13.sh on a machine without nvcc: the patch step builds the copy, the
+    import step fails with Jittor's own message in the summary, the steps that need it are skipped, and
+    the script still exits 0 with the log written."""
+    _installed()
+    out, nvcc = tmp_path / "out", tmp_path / "no-cuda" / "bin" / "nvcc"
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "VIRTUAL_ENV", "TMPDIR")
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    env.update({"OUT": str(out), "NVCC": str(nvcc), "PY": sys.executable, "BUDGET_S": "200",
+                "JITTOR_CUDA13_DEST": str(tmp_path / "copy"), "JITTOR_HOME": str(tmp_path / "home")})
+    r = subprocess.run(["bash", str(GPU_SCRIPT)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = (out / "summary.txt").read_text()
+    assert r.stdout == summary
+    steps = [ln for ln in summary.splitlines() if ln.startswith("STEP ")]
+    assert [ln.split(":")[0] for ln in steps] == ["STEP versions", "STEP patch", "STEP import", "STEP fwd-bwd",
+                                                 "STEP align"]
+    assert steps[0].startswith("STEP versions: OK") and steps[1].startswith("STEP patch: OK")
+    assert steps[2].startswith("STEP import: FAIL (exit 1 after")
+    assert f'Run cmd failed: "{nvcc}" --version' in summary  # Jittor's own message, from the log
+    assert steps[3:] == ["STEP fwd-bwd: SKIP (import is FAIL)", "STEP align: SKIP (import is FAIL)"]
+    assert summary.splitlines()[-1].endswith("versions=OK patch=OK import=FAIL fwd-bwd=SKIP align=SKIP ")
+    assert f'  export PYTHONPATH="{tmp_path / "copy"}${{PYTHONPATH:+:$PYTHONPATH}}"' in summary
+    assert f"  export nvcc_path={nvcc}" in summary
+    log = (out / "jittor_cuda13.log").read_text()
+    assert "===== step import: exit 1 after" in log and "Traceback" in log
+    assert (tmp_path / "copy" / jc.MANIFEST).is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["jittor_cuda13.log", "summary.txt"]
