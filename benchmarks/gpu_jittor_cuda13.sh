@@ -9,8 +9,9 @@
 #   patch      scripts/jittor_cuda13.py: the patched copy of Jittor in ~/.cache/deltatune/jittor-cuda13/
 #              (the installed package is never modified) and the environment that imports it
 #   import     import the copy with nvcc_path set: Jittor compiles its core and its cuBLAS/cuRAND/cub
-#              operators with CUDA (minutes on a fresh machine), then runs a matmul, a softmax and a
-#              where() on the GPU with use_cuda=1 and compares them with NumPy
+#              operators with CUDA (minutes on a fresh machine), then a matmul on the GPU (use_cuda=1)
+#              against NumPy
+#   ops        softmax, log_softmax and where() on the GPU against NumPy (the patched cub code paths)
 #   fwd-bwd    tiny GPT-2 and tiny Llama with LoRA: Jittor on the GPU vs PyTorch on the GPU (float32):
 #              max |logits difference| and max |LoRA gradient difference| of one summed loss
 #   align      `deltatune align --mode exact` on the tiny Llama for 10 steps, PyTorch and Jittor both on
@@ -98,7 +99,9 @@ step import 150 "$PY" - <<'EOF'
 import time
 t0 = time.time()
 import numpy as np
-import jittor as jt
+from deltatune.jittor import require_jittor
+jt = require_jittor()  # the patched copy (PYTHONPATH); nvcc_path and use_mkl come from the environment
+from deltatune.jittor.models import to_jt, to_np  # float32/int32 in, Var.data out (numpy 2 safe)
 print("RESULT jittor:", jt.__file__, "version", jt.__version__, "has_cuda", jt.compiler.has_cuda,
       f"import {time.time() - t0:.1f}s")
 assert jt.compiler.has_cuda, "jittor did not pick up CUDA (has_cuda = 0)"
@@ -106,17 +109,40 @@ jt.flags.use_cuda = 1
 rng = np.random.default_rng(0)
 a, b = rng.normal(size=(64, 48)).astype(np.float32), rng.normal(size=(48, 32)).astype(np.float32)
 t1 = time.time()
-mm = jt.matmul(jt.array(a), jt.array(b)).numpy()
-print(f"RESULT matmul on GPU: max |diff| vs numpy {np.abs(mm - a @ b).max():.3g} ({time.time() - t1:.1f}s incl. JIT)")
+mm = to_np(jt.matmul(to_jt(a), to_jt(b)))
+d = np.abs(mm - a @ b).max()
+print(f"RESULT matmul (cuBLAS) on GPU: max |diff| vs numpy {d:.3g} ({time.time() - t1:.1f}s incl. JIT)")
+assert d < 1e-3, d
+EOF
+fi
+
+if needs ops import; then
+step ops 90 "$PY" - <<'EOF'
+import time
+import numpy as np
+from deltatune.jittor import require_jittor
+jt = require_jittor()
+from deltatune.jittor.models import to_jt, to_np
+jt.flags.use_cuda = 1
+rng = np.random.default_rng(0)
 x = rng.normal(size=(8, 256)).astype(np.float32)
-t1 = time.time()
-sm = jt.nn.softmax(jt.array(x), dim=-1).numpy()
 e = np.exp(x - x.max(-1, keepdims=True))
-print(f"RESULT softmax on GPU (cub BlockReduce): max |diff| {np.abs(sm - e / e.sum(-1, keepdims=True)).max():.3g} "
-      f"({time.time() - t1:.1f}s)")
-t1 = time.time()
-w = jt.where(jt.array(x[0] > 0))[0].numpy()
-print(f"RESULT where on GPU (cub DeviceSelect): equal {np.array_equal(w, np.nonzero(x[0] > 0)[0])} ({time.time() - t1:.1f}s)")
+SM, LSM, WH = "softmax (cub BlockReduce, patched cub::Max)", "log_softmax", "where (cub DeviceSelect, patched iterators)"
+want = {SM: e / e.sum(-1, keepdims=True), LSM: np.log(e / e.sum(-1, keepdims=True)), WH: np.nonzero(x[0] > 0)[0]}
+run = {SM: lambda: jt.nn.softmax(to_jt(x), dim=-1), LSM: lambda: jt.nn.log_softmax(to_jt(x), dim=-1),
+       WH: lambda: jt.where(to_jt((x[0] > 0).astype(np.float32)))[0]}
+bad = 0
+for name, fn in run.items():
+    t1 = time.time()
+    try:
+        got = to_np(fn())
+        ok = got.shape == want[name].shape and np.allclose(got, want[name], atol=1e-5)
+        print(f"RESULT {name} on GPU: {'OK' if ok else 'WRONG'} ({time.time() - t1:.1f}s incl. JIT)")
+    except Exception as err:  # report and go on to the next operator
+        ok = False
+        print(f"RESULT {name} on GPU: FAIL {type(err).__name__}: {str(err).splitlines()[0][:300]}")
+    bad += not ok
+raise SystemExit(1 if bad else 0)
 EOF
 fi
 
@@ -206,5 +232,5 @@ rm -rf \"\$RUN\"
 "
 fi
 
-say "done in $(( $(date +%s) - START ))s: $(for k in versions patch import fwd-bwd align; do printf '%s=%s ' "$k" "${STATUS[$k]:-not run}"; done)"
+say "done in $(( $(date +%s) - START ))s: $(for k in versions patch import ops fwd-bwd align; do printf '%s=%s ' "$k" "${STATUS[$k]:-not run}"; done)"
 exit 0

@@ -186,13 +186,14 @@ def test_gpu_script_reports_every_step_and_exits_cleanly_without_cuda(tmp_path):
     summary = (out / "summary.txt").read_text()
     assert r.stdout == summary
     steps = [ln for ln in summary.splitlines() if ln.startswith("STEP ")]
-    assert [ln.split(":")[0] for ln in steps] == ["STEP versions", "STEP patch", "STEP import", "STEP fwd-bwd",
-                                                 "STEP align"]
+    assert [ln.split(":")[0] for ln in steps] == ["STEP versions", "STEP patch", "STEP import", "STEP ops",
+                                                 "STEP fwd-bwd", "STEP align"]
     assert steps[0].startswith("STEP versions: OK") and steps[1].startswith("STEP patch: OK")
     assert steps[2].startswith("STEP import: FAIL (exit 1 after")
     assert f'Run cmd failed: "{nvcc}" --version' in summary  # Jittor's own message, from the log
-    assert steps[3:] == ["STEP fwd-bwd: SKIP (import is FAIL)", "STEP align: SKIP (import is FAIL)"]
-    assert summary.splitlines()[-1].endswith("versions=OK patch=OK import=FAIL fwd-bwd=SKIP align=SKIP ")
+    assert steps[3:] == ["STEP ops: SKIP (import is FAIL)", "STEP fwd-bwd: SKIP (import is FAIL)",
+                         "STEP align: SKIP (import is FAIL)"]
+    assert summary.splitlines()[-1].endswith("versions=OK patch=OK import=FAIL ops=SKIP fwd-bwd=SKIP align=SKIP ")
     assert f'  export PYTHONPATH="{tmp_path / "copy"}${{PYTHONPATH:+:$PYTHONPATH}}"' in summary
     assert f"  export nvcc_path={nvcc}" in summary
     log = (out / "jittor_cuda13.log").read_text()
