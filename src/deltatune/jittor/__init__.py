@@ -5,7 +5,9 @@ imports jittor; :func:`require_jittor` imports it on first use. Jittor reads two
 variables on import: ``use_mkl`` (it tries to download oneDNN when MKL is on) and ``nvcc_path``
 (it looks for CUDA). When they are unset, :func:`require_jittor` sets ``use_mkl=0`` and
 ``nvcc_path=""`` so that Jittor runs on the CPU offline, and says so once on stderr. Set them
-yourself (``nvcc_path=/usr/local/cuda/bin/nvcc``) to try Jittor's CUDA build.
+yourself (``nvcc_path=/usr/local/cuda/bin/nvcc``) to try Jittor's CUDA build; against CUDA 13, Jittor
+1.3.11 needs the patched copy that ``scripts/jittor_cuda13.py`` makes (README, "Alignment: PyTorch and
+Jittor"), and ``use_cuda=2`` in the environment puts every Jittor operator on the GPU.
 
 Modules: :mod:`.models` (the networks and safetensors loading), :mod:`.lora` (LoRA layers and the
 delta format), :mod:`.train` (AdamW, schedule, loss, one training step, evaluation),

@@ -132,6 +132,11 @@ def _prepare_dir(run_dir: Path, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def _jittor_device() -> str:
+    """``jittor-cuda`` when Jittor runs its operators on CUDA (its ``use_cuda`` flag), else ``jittor-cpu``."""
+    return "jittor-cuda" if require_jittor().flags.use_cuda else "jittor-cpu"
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -293,7 +298,7 @@ def _decode_jittor(recipe: Any, jmodel: Any, tok: Any, torch_model: Any, example
     _write_lines(out / SOURCES_FILE, [p["source"] for p in prompts])
     info = {"split": recipe.eval.split, "num_inputs": len(prompts), "num_references": sum(len(p["references"]) for p in prompts),
             "generate_time_s": round(gen_time, 4), "generate_peak_memory_mb": round(_peak_rss_mb(), 2),
-            "device": "jittor-cpu", "merged": False, "empty_predictions": sum(1 for p in preds if not p)}
+            "device": _jittor_device(), "merged": False, "empty_predictions": sum(1 for p in preds if not p)}
     _write_json(out / GENERATION_INFO_FILE, info)
     return {"ids": ids, "info": info}
 
