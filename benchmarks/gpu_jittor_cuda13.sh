@@ -228,7 +228,9 @@ use_cuda=2 '$PY' -m deltatune align \"\$RUN/align.yaml\" --mode exact --no-progr
 cp \"\$RUN/out/align_summary.json\" \"\$RUN/out/verdict.txt\" \"\$RUN/out/align_scores.md\" '$OUT/align/'
 sed 's/^/RESULT /' \"\$RUN/out/verdict.txt\"
 '$PY' -c \"import json,sys; m=json.load(open('\$RUN/out/align_summary.json'))['measured']; print('RESULT measured:', json.dumps(m)[:600])\"
+FAILS=\$(grep -c '^FAIL' \"\$RUN/out/verdict.txt\" || true)
 rm -rf \"\$RUN\"
+[ \"\$FAILS\" = 0 ]  # the step fails when a verdict does
 "
 fi
 
