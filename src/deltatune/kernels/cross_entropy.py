@@ -61,8 +61,14 @@ def _acc_dtype(dt: torch.dtype) -> torch.dtype:
 
 def _chunk_log_softmax(h_c: Tensor, w: Tensor, b: Tensor | None, acc: torch.dtype) -> Tensor:
     """Log-softmax of one chunk's logits in ``acc`` precision: the matmul in the compute dtype, then one
-    fused ``log_softmax`` kernel that reads the logits in place of an upcast copy."""
+    fused ``log_softmax`` kernel that reads the logits in place of an upcast copy. On the CPU, when the
+    logits already are in ``acc`` (fp32/fp64 models), the log-softmax overwrites them: the CPU kernel
+    writes each element from the same element of its input after the row's max and sum are known, so
+    the result is bitwise the out-of-place one (a test pins this) and a chunk needs one ``(rows, V)``
+    buffer instead of two."""
     z = torch.addmm(b, h_c, w.t()) if b is not None else h_c @ w.t()
+    if z.device.type == "cpu" and z.dtype == acc:
+        return torch.log_softmax(z, dim=1, out=z)
     return torch.log_softmax(z, dim=1, dtype=acc)
 
 
@@ -73,17 +79,25 @@ def _row_loss(logp: Tensor, safe_y: Tensor, valid: Tensor, eps: float) -> Tensor
     return torch.where(valid, row, torch.zeros((), dtype=row.dtype, device=row.device))
 
 
-def _dlogits(logp: Tensor, safe_y: Tensor, coef: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
+def _dlogits(
+    logp: Tensor, safe_y: Tensor, coef: Tensor, eps: float, out_dtype: torch.dtype, unit_coef: bool = False
+) -> Tensor:
     """``coef[:, None] * (softmax - target_distribution)`` from the log-softmax (consumed in place), written
     in ``out_dtype``: the products are formed in ``logp``'s precision and rounded once, by the kernel that
-    writes the result (no separate cast pass)."""
+    writes the result (no separate cast pass). ``unit_coef``: every ``coef`` is 0 or 1 (the valid-row
+    mask of ``"sum"``/``"none"``) and ``logp`` is on the CPU; then the rows of coefficient 0 are zeroed
+    instead of multiplying every element by its row's coefficient (bitwise the same: the values are
+    finite), which saves a pass over the chunk (the row indices are read on the host)."""
     p = logp.exp_()
     p.scatter_add_(1, safe_y[:, None], torch.full_like(logp[:, :1], -(1.0 - eps)))
-    c = coef[:, None]
     if out_dtype == p.dtype:
         if eps > 0.0:
             p.sub_(eps / p.shape[1])
-        return p.mul_(c)
+        if unit_coef:
+            zero_rows = (coef == 0).nonzero()[:, 0]
+            return p.index_fill_(0, zero_rows, 0.0) if zero_rows.numel() else p
+        return p.mul_(coef[:, None])
+    c = coef[:, None]
     out = torch.empty(p.shape, dtype=out_dtype, device=p.device)
     if eps > 0.0:
         return torch.addcmul(c * (-eps / p.shape[1]), p, c, out=out)
@@ -122,6 +136,7 @@ class _LinearCEFn(torch.autograd.Function):
             coef = torch.where(valid, 1.0 / n_valid, torch.zeros((), dtype=acc, device=n_valid.device))
         else:
             coef = valid.to(acc)
+        unit_coef = reduction != "mean" and hidden.device.type == "cpu" and not torch.compiler.is_compiling()
 
         rows = torch.empty(n, dtype=acc, device=hidden.device)
         dh = torch.empty_like(h) if (precompute and need_h) else None
@@ -135,7 +150,7 @@ class _LinearCEFn(torch.autograd.Function):
             rows[s:e] = _row_loss(logp, safe_y[s:e], valid[s:e], eps)
             if precompute:
                 # the bias gradient is summed in full precision, so it needs the products before rounding
-                dz = _dlogits(logp, safe_y[s:e], coef[s:e], eps, acc if db is not None else cdt)
+                dz = _dlogits(logp, safe_y[s:e], coef[s:e], eps, acc if db is not None else cdt, unit_coef)
                 if db is not None:
                     db.add_(dz.sum(0))
                     dz = dz.to(cdt)
