@@ -336,3 +336,26 @@ def test_decode_step_dispatches_fewer_ops_with_the_cache(monkeypatch):
     assert uncached.count("aten::matmul") - cached.count("aten::matmul") == n_inserted
     assert len(cached) - n_base <= len(uncached) - n_base - n_inserted
     assert len(cached) > n_base
+
+
+def test_inference_tensors_are_not_cached_and_still_correct():
+    with torch.inference_mode():
+        layer = _random_low_rank_linear()  # parameters made in inference mode: no version counter
+        x = torch.randn(2, 12)
+        assert torch.equal(layer(x), _uncached(layer, x))
+        assert layer._composed is None
+        layer.w_left.mul_(2.0)
+        assert torch.equal(layer(x), _uncached(layer, x))
+    plain = _random_low_rank_linear()
+    with torch.inference_mode():  # normal parameters used in inference mode: cached, and still exact
+        x = torch.randn(2, 12)
+        assert torch.equal(plain(x), _uncached(plain, x)) and plain._composed is not None
+    with torch.no_grad():
+        plain.bias.add_(1.0)
+        assert torch.equal(plain(x.clone()), _uncached(plain, x.clone()))
+    with torch.inference_mode():
+        plain(x)  # caches inference tensors
+    plain.requires_grad_(False)  # frozen, with a trainable input: the composed path with gradients
+    xg = torch.randn(2, 12, requires_grad=True)
+    plain(xg).sum().backward()
+    assert xg.grad is not None

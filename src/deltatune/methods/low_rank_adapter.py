@@ -125,12 +125,17 @@ class LowRankLinear(nn.Module):
         return self.w_left @ self.w_right
 
     def _key(self, dt: torch.dtype) -> tuple[Any, ...] | None:
-        """What the composed matrices depend on (None: a parameter is an inference tensor, which has no
-        version counter, so nothing is cached)."""
+        """What the composed matrices depend on. None (nothing is cached): a parameter is an inference tensor
+        (no version counter), ``torch.compile`` is tracing, or a CUDA graph is being captured (a tensor made
+        during a capture lives in the graph's memory pool, which a later replay may overwrite)."""
         params = (self.w_left, self.w_right, self.bias)
-        if any(p.is_inference() for p in params):
+        if any(p.is_inference() for p in params) or torch.compiler.is_compiling():
             return None
-        return (dt, *((p.data_ptr(), p.dtype, p.device, p.shape, p._version) for p in params))
+        if self.w_left.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        # (inference mode makes inference tensors, which a later autograd-recording call cannot save)
+        inference = torch.is_inference_mode_enabled()
+        return (dt, inference, *((p.data_ptr(), p.dtype, p.device, p.shape, p._version) for p in params))
 
     def composed(self, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``((w_left · w_right)ᵀ, bias)`` in ``dt``, for ``F.linear``: the cached pair while the parameters
