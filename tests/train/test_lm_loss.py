@@ -221,7 +221,7 @@ def test_out_of_range_labels_are_refused_on_the_host_before_training():
 def test_cpu_chunk_log_softmax_in_place_is_bitwise_the_out_of_place_one(dtype, with_bias):
     """On the CPU the chunk's log-softmax overwrites its logits (one (rows, V) buffer); the values must be
     bitwise those of the out-of-place kernel, which the chunked loss used before."""
-    from deltatune.kernels.cross_entropy import _chunk_log_softmax
+    from deltatune.kernels.cross_entropy import _chunk_buffer, _chunk_log_softmax
 
     g = torch.Generator().manual_seed(3)
     for rows, v in [(170, 4099), (7, 50), (1, 3)]:
@@ -230,9 +230,18 @@ def test_cpu_chunk_log_softmax_in_place_is_bitwise_the_out_of_place_one(dtype, w
         b = torch.randn(v, generator=g, dtype=dtype) if with_bias else None
         z = torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
         expected = torch.log_softmax(z, dim=1, dtype=dtype)
-        got = _chunk_log_softmax(h, w, b, dtype)
-        assert got.dtype == dtype
-        assert torch.equal(got, expected), (rows, v)
+        assert torch.equal(_chunk_log_softmax(h, w, b, dtype), expected), (rows, v)  # without a buffer
+        buf = _chunk_buffer(h, w, rows + 5, dtype)  # a buffer of at most the rows there are, reused
+        assert buf is not None and buf.shape == (rows, v)
+        for chunk_rows in (rows, max(1, rows // 2)):  # a full chunk, then a last, shorter one
+            hc = h[:chunk_rows]
+            zc = torch.addmm(b, hc, w.t()) if b is not None else hc @ w.t()
+            got = _chunk_log_softmax(hc, w, b, dtype, buf)
+            assert got.dtype == dtype and got.data_ptr() == buf.data_ptr()  # written into the buffer
+            assert torch.equal(got, torch.log_softmax(zc, dim=1, dtype=dtype)), (rows, v, chunk_rows)
+    # no buffer off the CPU or when the logits are not in the accumulation dtype (bf16 upcasts)
+    hb = torch.randn(4, 24, dtype=torch.bfloat16)
+    assert _chunk_buffer(hb, torch.randn(9, 24, dtype=torch.bfloat16), 4, torch.float32) is None
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
