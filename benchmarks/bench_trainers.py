@@ -11,6 +11,7 @@ ends only). The loss curves (the logged window means) must agree.
 Default: the LoRA paper's E2E regime (batch 8, sequences of 40-130 tokens, r=4 on q_proj and v_proj).
 
     python benchmarks/bench_trainers.py --device cpu --dtype fp32 --steps 12 --warmup 2 --out results/trainers-cpu
+    python benchmarks/bench_trainers.py --device cpu --steps 8 --warmup 2 --interleave   # speed on a shared machine
     python benchmarks/bench_trainers.py --steps 400 --out results/trainers-e2e                           # GPU, bf16
     python benchmarks/bench_trainers.py --batch 16 --min-len 1024 --max-len 1024 --r 16 --targets all \\
         --dropout 0.05 --steps 30 --out results/trainers-16x1024                                           # GPU
