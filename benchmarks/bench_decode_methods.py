@@ -5,7 +5,10 @@ IA3) decode merged, as a user deploys them; Prefix-Tuning decodes with its prefi
 (``dt.fold_prefix``); Adapter, the low-rank adapter and P-Tuning v2 decode as they train. Every
 model generates the same prompts greedily for a fixed number of new tokens (no EOS), through
 ``deltatune.generate``. The base model is timed first and last, so the table shows the run-to-run noise.
-Prints a table (tokens/s, time vs base), writes JSON and a PNG bar chart.
+Prints a table (tokens/s, time vs base), writes JSON and a PNG bar chart. With ``--count-ops`` it also
+counts the aten operations one decode step dispatches (top-level ones, i.e. not called from inside
+another aten op; torch.profiler, on any device): decoding at small batch is launch-bound on a GPU, so
+this count is what a method adds to each decoded token.
 
     python benchmarks/bench_decode_methods.py --shape smollm2 --batch 8 --new-tokens 64 --out results/decode  # GPU
     python benchmarks/bench_decode_methods.py --shape smollm2 --batch 2 --new-tokens 16 --device cpu --dtype fp32
@@ -14,6 +17,7 @@ Prints a table (tokens/s, time vs base), writes JSON and a PNG bar chart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -54,6 +58,23 @@ def deploy(base: torch.nn.Module, config: Any, how: str) -> torch.nn.Module:
     return model.eval()
 
 
+def decode_step_ops(model: torch.nn.Module, prompts: list[list[int]], device: str) -> dict[str, int]:
+    """aten operations dispatched by one decode step (one new token per sequence after the prompts, with the
+    key/value cache), after one unprofiled step: ``{"top_level": n, "all": n}``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.tensor(prompts, device=device)
+    with torch.no_grad():
+        for profiled in (False, True):
+            out = model(input_ids=ids, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            with profile(activities=[ProfilerActivity.CPU]) if profiled else contextlib.nullcontext() as prof:
+                model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    return {"top_level": len(top), "all": len(events)}
+
+
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -75,6 +96,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*", default=list(METHODS), help=f"subset of {list(METHODS)}")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--out", default=None, help="directory for decode_methods.json and decode_methods.png")
+    ap.add_argument("--count-ops", action="store_true", help="also count the aten ops of one decode step per model")
     args = ap.parse_args()
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
@@ -84,12 +106,15 @@ def main() -> None:
     base, prompts, cfg = decode_setup(args)
     _time(base, prompts, cfg, args.device, 1)  # warm-up (CUDA context, kernels, first-call allocations)
     seconds = {"base": _time(base, prompts, cfg, args.device, args.repeats)}
+    ops = {"base": decode_step_ops(base, prompts, args.device)} if args.count_ops else {}
     for name in args.methods:
         config, how = METHODS[name]
         torch.manual_seed(0)
         model = deploy(base, config, how)
         _time(model, prompts[:1], cfg, args.device, 1)  # warm-up (first-call allocations)
         seconds[name] = _time(model, prompts, cfg, args.device, args.repeats)
+        if args.count_ops:
+            ops[name] = decode_step_ops(model, prompts, args.device)
         del model
     seconds["base (again)"] = _time(base, prompts, cfg, args.device, args.repeats)
     ref = statistics.mean([seconds["base"], seconds["base (again)"]])
@@ -98,13 +123,22 @@ def main() -> None:
     for name, s in seconds.items():
         how = METHODS[name][1] if name in METHODS else "-"
         rows.append({"model": name, "deployed": how, "seconds": s, "tokens_per_s": n_tokens / s, "time_vs_base": s / ref})
+        if name in ops:
+            rows[-1]["ops_per_step"] = ops[name]
+            rows[-1]["extra_ops_per_step"] = ops[name]["top_level"] - ops["base"]["top_level"]
     head = (f"{args.shape} batch {args.batch} prompt {args.prompt_len} new {args.new_tokens} {args.dtype} "
             f"{args.device} threads {torch.get_num_threads()}, median of {args.repeats}")
     print(head)
-    print("| model | deployed | tokens/s | time vs base |")
-    print("|---|---|---|---|")
+    extra = " aten ops per decode step (top-level / all) | top-level ops vs base |" if ops else ""
+    print("| model | deployed | tokens/s | time vs base |" + extra)
+    print("|---|---|---|---|" + ("---|---|" if ops else ""))
     for r in rows:
-        print(f"| {r['model']} | {r['deployed']} | {r['tokens_per_s']:.1f} | {r['time_vs_base']:.2f}x |")
+        cells = ""
+        if "ops_per_step" in r:
+            cells = f" {r['ops_per_step']['top_level']} / {r['ops_per_step']['all']} | {r['extra_ops_per_step']:+d} |"
+        elif ops:
+            cells = " | |"
+        print(f"| {r['model']} | {r['deployed']} | {r['tokens_per_s']:.1f} | {r['time_vs_base']:.2f}x |{cells}")
     noise = abs(seconds["base (again)"] / seconds["base"] - 1)
     over = [r["model"] for r in rows if r["deployed"] == "as-is" and r["time_vs_base"] > NON_MERGEABLE_BUDGET]
     print(f"noise (base timed twice): {noise:.1%}; over the {NON_MERGEABLE_BUDGET}x budget: {over or 'none'}")

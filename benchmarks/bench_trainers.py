@@ -11,6 +11,7 @@ ends only). The loss curves (the logged window means) must agree.
 Default: the LoRA paper's E2E regime (batch 8, sequences of 40-130 tokens, r=4 on q_proj and v_proj).
 
     python benchmarks/bench_trainers.py --device cpu --dtype fp32 --steps 12 --warmup 2 --out results/trainers-cpu
+    python benchmarks/bench_trainers.py --device cpu --steps 8 --warmup 2 --interleave   # speed on a shared machine
     python benchmarks/bench_trainers.py --steps 400 --out results/trainers-e2e                           # GPU, bf16
     python benchmarks/bench_trainers.py --batch 16 --min-len 1024 --max-len 1024 --r 16 --targets all \\
         --dropout 0.05 --steps 30 --out results/trainers-16x1024                                           # GPU
@@ -22,8 +23,10 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -71,8 +74,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_one(args: argparse.Namespace, trainer: str) -> dict[str, Any]:
-    """Train with ``trainer`` in this process; returns its measurements."""
+def run_one(args: argparse.Namespace, trainer: str, on_step: Any = None) -> dict[str, Any]:
+    """Train with ``trainer`` in this process; returns its measurements. ``on_step(step)``, if given, is
+    called at the end of every optimiser step (after the timing marks)."""
     from bench_lora_vs_peft import build_model
 
     if args.threads:
@@ -98,6 +102,8 @@ def run_one(args: argparse.Namespace, trainer: str) -> dict[str, Any]:
         if step == args.steps:
             _sync(device)
             marks["t1"] = time.perf_counter()
+        if on_step is not None:
+            on_step(step)
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -167,6 +173,83 @@ def run_one(args: argparse.Namespace, trainer: str) -> dict[str, Any]:
     return out
 
 
+class _Baton:
+    """Lets one of several threads run at a time; ``step_times[name]`` gets each step's seconds (from
+    getting the baton to handing it on at the step's end) and ``cpu_times[name]`` the process's CPU seconds
+    (all threads; only one trainer runs at a time) over the same span."""
+
+    def __init__(self, order: list[str]) -> None:
+        self.cond = threading.Condition()
+        self.order, self.turn, self.done = order, order[0], set()
+        self.step_times: dict[str, list[float]] = {n: [] for n in order}
+        self.cpu_times: dict[str, list[float]] = {n: [] for n in order}
+        self.t0: dict[str, tuple[float, float]] = {}
+
+    def wait(self, name: str) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn == name)
+        self.t0[name] = (time.perf_counter(), time.process_time())
+
+    def pass_on(self, name: str, finished: bool = False) -> None:
+        with self.cond:
+            if finished:
+                self.done.add(name)
+            live = [n for n in self.order if n not in self.done]
+            if live:
+                i = self.order.index(name)
+                self.turn = next(n for n in self.order[i + 1:] + self.order[:i + 1] if n in live)
+            self.cond.notify_all()
+
+    def step_end(self, name: str) -> None:
+        self.step_times[name].append(time.perf_counter() - self.t0[name][0])
+        self.cpu_times[name].append(time.process_time() - self.t0[name][1])
+        self.pass_on(name)
+        self.wait(name)
+
+
+def run_interleaved(args: argparse.Namespace) -> dict[str, Any]:
+    """Both trainers in this process, one optimiser step of each in turn (one thread each, only one running
+    at a time), every step timed: on a machine shared with other jobs, a step of each trainer sees about
+    the same load, so the per-step ratios are far less noisy than two runs one after the other. Returns the
+    step times and the median over the timed steps of the paired ratio (PEFT's step / deltatune's)."""
+    baton = _Baton(list(TRAINERS))
+    results: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def work(name: str) -> None:
+        baton.wait(name)
+        try:
+            results[name] = run_one(args, name, on_step=lambda step: baton.step_end(name))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+        finally:
+            baton.pass_on(name, finished=True)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in TRAINERS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    ours, theirs = baton.step_times["deltatune"], baton.step_times["hf_peft"]
+    timed = range(args.warmup, min(len(ours), len(theirs)))
+    ratios = [theirs[i] / ours[i] for i in timed]
+    cpu_ours, cpu_theirs = baton.cpu_times["deltatune"], baton.cpu_times["hf_peft"]
+    cpu_ratios = [cpu_theirs[i] / cpu_ours[i] for i in timed]
+    return {
+        "step_s": baton.step_times,
+        "step_cpu_s": baton.cpu_times,
+        "paired_cpu_ratios": cpu_ratios,
+        "median_cpu_speedup": statistics.median(cpu_ratios),
+        "sum_cpu_speedup": sum(cpu_theirs[i] for i in timed) / sum(cpu_ours[i] for i in timed),
+        "paired_ratios": ratios,
+        "median_speedup_steps_per_s": statistics.median(ratios),
+        "sum_speedup_steps_per_s": sum(theirs[i] for i in timed) / sum(ours[i] for i in timed),
+        "losses": {n: results[n]["losses"] for n in TRAINERS},
+    }
+
+
 def compare(results: dict[str, dict[str, Any]], device: str) -> dict[str, Any]:
     """Ratios deltatune / PEFT and the loss-curve agreement."""
     ours, theirs = results["deltatune"], results["hf_peft"]
@@ -234,6 +317,8 @@ def main() -> None:
     ap.add_argument("--fused-kernels", default="auto", help="deltatune TrainConfig.fused_kernels")
     ap.add_argument("--trainers", nargs="+", default=TRAINERS, choices=TRAINERS)
     ap.add_argument("--no-isolate", action="store_true", help="run both in this process (peak memory is shared)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="both in this process, one step of each in turn, every step timed (speed only)")
     ap.add_argument("--out", default=None, help="directory for trainers.json and trainers.png")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tmp", default="/tmp/bench_trainers", help=argparse.SUPPRESS)
@@ -245,6 +330,29 @@ def main() -> None:
         ap.error(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
     if args.child:
         print("RESULT " + json.dumps(run_one(args, args.child)), flush=True)
+        return
+    if args.interleave:
+        load_start = os.getloadavg()
+        rec = run_interleaved(args)
+        rec["loadavg"] = {"start": load_start, "end": os.getloadavg()}
+        a, b = dict(rec["losses"]["deltatune"]), dict(rec["losses"]["hf_peft"])
+        rel = [abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in sorted(set(a) & set(b))]
+        rec["loss_max_rel_diff"] = max(rel) if rel else None
+        print(f"interleaved, threads {torch.get_num_threads()}, load average {rec['loadavg']}")
+        for name, times in rec["step_s"].items():
+            print(f"{name} s/step: " + " ".join(f"{t:.3f}" for t in times))
+            print(f"{name} CPU s/step: " + " ".join(f"{t:.3f}" for t in rec["step_cpu_s"][name]))
+        print(f"deltatune vs transformers.Trainer + PEFT, steps {args.warmup + 1}-{args.steps}: median paired "
+              f"{rec['median_speedup_steps_per_s']:.3f}x steps/s (ratios "
+              + " ".join(f"{r:.3f}" for r in rec["paired_ratios"])
+              + f"), total time {rec['sum_speedup_steps_per_s']:.3f}x; CPU seconds per step: median paired "
+              f"{rec['median_cpu_speedup']:.3f}x, total {rec['sum_cpu_speedup']:.3f}x; loss curves max relative "
+              f"difference {rec['loss_max_rel_diff']:.2e}")
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "trainers_interleaved.json").write_text(json.dumps({"args": vars(args), **rec}, indent=2))
+            print(f"wrote {out / 'trainers_interleaved.json'}")
         return
     results: dict[str, dict[str, Any]] = {}
     load_start = os.getloadavg()  # the CPU numbers depend on what else runs on the machine: recorded

@@ -91,7 +91,7 @@ def test_cpu_default_chunk_is_cpu_chunk_elems_logits_and_equals_the_plain_loss(m
     total, n = lm_loss_sum(model, batch, label_smoothing=0.1)
     total.backward()
     lm_loss_sum(model, batch, chunk_size=5)  # an explicit chunk size is passed on as it is
-    assert seen == [2**23 // 32, 4, 5]
+    assert seen == [2**24 // 32, 4, 5]
     assert int(n) == n_ref
     torch.testing.assert_close(total, ref, rtol=1e-5, atol=1e-5)
     for k, p in model.named_parameters():  # (float32 sums in another order: within 1e-6 of the largest)
@@ -214,3 +214,49 @@ def test_out_of_range_labels_are_refused_on_the_host_before_training():
         tr.evaluate()
     with pytest.raises(DeltaConfigError, match=r"^labels must be in \[0, 32\) or equal ignore_index \(-100\), got 40$"):
         tr.train()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cpu_chunk_log_softmax_in_place_is_bitwise_the_out_of_place_one(dtype, with_bias):
+    """On the CPU the chunk's log-softmax overwrites its logits (one (rows, V) buffer); the values must be
+    bitwise those of the out-of-place kernel, which the chunked loss used before."""
+    from deltatune.kernels.cross_entropy import _chunk_buffer, _chunk_log_softmax
+
+    g = torch.Generator().manual_seed(3)
+    for rows, v in [(170, 4099), (7, 50), (1, 3)]:
+        h = torch.randn(rows, 24, generator=g, dtype=dtype) * 3
+        w = torch.randn(v, 24, generator=g, dtype=dtype)
+        b = torch.randn(v, generator=g, dtype=dtype) if with_bias else None
+        z = torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
+        expected = torch.log_softmax(z, dim=1, dtype=dtype)
+        assert torch.equal(_chunk_log_softmax(h, w, b, dtype), expected), (rows, v)  # without a buffer
+        buf = _chunk_buffer(h, w, rows + 5, dtype)  # a buffer of at most the rows there are, reused
+        assert buf is not None and buf.shape == (rows, v)
+        for chunk_rows in (rows, max(1, rows // 2)):  # a full chunk, then a last, shorter one
+            hc = h[:chunk_rows]
+            zc = torch.addmm(b, hc, w.t()) if b is not None else hc @ w.t()
+            got = _chunk_log_softmax(hc, w, b, dtype, buf)
+            assert got.dtype == dtype and got.data_ptr() == buf.data_ptr()  # written into the buffer
+            assert torch.equal(got, torch.log_softmax(zc, dim=1, dtype=dtype)), (rows, v, chunk_rows)
+    # no buffer off the CPU or when the logits are not in the accumulation dtype (bf16 upcasts)
+    hb = torch.randn(4, 24, dtype=torch.bfloat16)
+    assert _chunk_buffer(hb, torch.randn(9, 24, dtype=torch.bfloat16), 4, torch.float32) is None
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("zero_rows", [[], [0, 3, 4]])
+def test_unit_coefficients_zero_rows_bitwise_as_the_multiplication(eps, zero_rows):
+    """The CPU "sum" path zeroes the ignored rows instead of multiplying every logit's gradient by its row's
+    0/1 coefficient: the same bits."""
+    from deltatune.kernels.cross_entropy import _dlogits
+
+    g = torch.Generator().manual_seed(4)
+    logp = torch.log_softmax(torch.randn(6, 40, generator=g) * 4, dim=1)
+    y = torch.randint(0, 40, (6,), generator=g)
+    coef = torch.ones(6)
+    coef[zero_rows] = 0.0
+    ref = _dlogits(logp.clone(), y, coef, eps, torch.float32, unit_coef=False)
+    got = _dlogits(logp.clone(), y, coef, eps, torch.float32, unit_coef=True)
+    assert torch.equal(got, ref)
+    assert bool((got[zero_rows] == 0).all()) and bool((got[[i for i in range(6) if i not in zero_rows]] != 0).any())
