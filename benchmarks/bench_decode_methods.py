@@ -5,6 +5,9 @@ IA3) decode merged, as a user deploys them; Prefix-Tuning decodes with its prefi
 (``dt.fold_prefix``); Adapter, the low-rank adapter and P-Tuning v2 decode as they train. Every
 model generates the same prompts greedily for a fixed number of new tokens (no EOS), through
 ``deltatune.generate``. The base model is timed first and last, so the table shows the run-to-run noise.
+With ``--interleave`` every model is built first and timed once per round, round after round, and each
+keeps its fastest round: on a machine whose host timing drifts (decoding at small batch is bound by the
+host launching kernels) the drift then hits every model alike.
 Prints a table (tokens/s, time vs base), writes JSON and a PNG bar chart. With ``--count-ops`` it also
 counts the aten operations one decode step dispatches (top-level ones, i.e. not called from inside
 another aten op; torch.profiler, on any device): decoding at small batch is launch-bound on a GPU, so
@@ -90,6 +93,31 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
+def _deployed(base: torch.nn.Module, name: str, args: argparse.Namespace, prompts: list[list[int]], cfg: Any,
+              ops: dict[str, Any]) -> torch.nn.Module:
+    """Method ``name`` applied to a copy of ``base`` and deployed as a user would, warmed up once; its op
+    count goes into ``ops`` with ``--count-ops``."""
+    config, how = METHODS[name]
+    torch.manual_seed(0)
+    model = deploy(base, config, how)
+    _time(model, prompts[:1], cfg, args.device, 1)  # warm-up (first-call allocations)
+    if args.count_ops:
+        ops[name] = decode_step_ops(model, prompts, args.device)
+    return model
+
+
+def _time_interleaved(base: torch.nn.Module, args: argparse.Namespace, prompts: list[list[int]], cfg: Any,
+                      ops: dict[str, Any]) -> dict[str, float]:
+    """Every model timed once per round, ``args.repeats`` rounds; each one's fastest round (seconds)."""
+    models = {"base": base, **{n: _deployed(base, n, args, prompts, cfg, ops) for n in args.methods}}
+    models["base (again)"] = base
+    best = dict.fromkeys(models, float("inf"))
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            best[name] = min(best[name], _time(model, prompts, cfg, args.device, 1))
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_decode_args(ap, repeats=3)
@@ -97,6 +125,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--out", default=None, help="directory for decode_methods.json and decode_methods.png")
     ap.add_argument("--count-ops", action="store_true", help="also count the aten ops of one decode step per model")
+    ap.add_argument("--interleave", action="store_true",
+                    help="build every model first, then time them in turn, round after round (base first and last "
+                         "in each round), and keep each one's fastest round: host noise then hits all models alike")
     args = ap.parse_args()
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
@@ -105,18 +136,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     base, prompts, cfg = decode_setup(args)
     _time(base, prompts, cfg, args.device, 1)  # warm-up (CUDA context, kernels, first-call allocations)
-    seconds = {"base": _time(base, prompts, cfg, args.device, args.repeats)}
     ops = {"base": decode_step_ops(base, prompts, args.device)} if args.count_ops else {}
-    for name in args.methods:
-        config, how = METHODS[name]
-        torch.manual_seed(0)
-        model = deploy(base, config, how)
-        _time(model, prompts[:1], cfg, args.device, 1)  # warm-up (first-call allocations)
-        seconds[name] = _time(model, prompts, cfg, args.device, args.repeats)
-        if args.count_ops:
-            ops[name] = decode_step_ops(model, prompts, args.device)
-        del model
-    seconds["base (again)"] = _time(base, prompts, cfg, args.device, args.repeats)
+    if args.interleave:
+        seconds = _time_interleaved(base, args, prompts, cfg, ops)
+    else:
+        seconds = {"base": _time(base, prompts, cfg, args.device, args.repeats)}
+        for name in args.methods:
+            model = _deployed(base, name, args, prompts, cfg, ops)
+            seconds[name] = _time(model, prompts, cfg, args.device, args.repeats)
+            del model
+        seconds["base (again)"] = _time(base, prompts, cfg, args.device, args.repeats)
     ref = statistics.mean([seconds["base"], seconds["base (again)"]])
     n_tokens = args.batch * args.new_tokens
     rows = []
@@ -126,8 +155,9 @@ def main() -> None:
         if name in ops:
             rows[-1]["ops_per_step"] = ops[name]
             rows[-1]["extra_ops_per_step"] = ops[name]["top_level"] - ops["base"]["top_level"]
+    how_timed = f"fastest of {args.repeats} interleaved rounds" if args.interleave else f"median of {args.repeats}"
     head = (f"{args.shape} batch {args.batch} prompt {args.prompt_len} new {args.new_tokens} {args.dtype} "
-            f"{args.device} threads {torch.get_num_threads()}, median of {args.repeats}")
+            f"{args.device} threads {torch.get_num_threads()}, {how_timed}")
     print(head)
     extra = " aten ops per decode step (top-level / all) | top-level ops vs base |" if ops else ""
     print("| model | deployed | tokens/s | time vs base |" + extra)

@@ -84,6 +84,6 @@ fi
 
 # 4. decoding per method (about 1 min)
 if want decode; then
-part 90 decode $PY bench_decode_methods.py --shape smollm2 --batch 8 --new-tokens 64 --repeats 2 --out "$OUT/decode"
+part 150 decode $PY bench_decode_methods.py --shape smollm2 --batch 8 --new-tokens 64 --repeats 5 --interleave --out "$OUT/decode"
 fi
 say "done"
