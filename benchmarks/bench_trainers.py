@@ -296,8 +296,9 @@ def save_figure(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_args(ap: argparse.ArgumentParser) -> None:
+    """The options that say what is trained (model shape, batch, sequence lengths, LoRA rank, targets, dropout);
+    the LoRA paper's E2E regime by default. Shared with ``profile_trainer_step.py``."""
     ap.add_argument("--shape", default="smollm2")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--min-len", type=int, default=40)
@@ -305,6 +306,11 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=4)
     ap.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"], help="module names, or 'all'")
     ap.add_argument("--dropout", type=float, default=0.0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_args(ap)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5, help="steps before the timing starts")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from bench_lora_vs_peft import build_model
-from bench_trainers import ALL, make_data, set_lora_init
+from bench_trainers import ALL, add_run_args, make_data, set_lora_init
 
 import deltatune as dt
 from deltatune.train import PadCollator
@@ -26,13 +26,7 @@ from deltatune.train import PadCollator
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="smollm2")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--min-len", type=int, default=40)
-    ap.add_argument("--max-len", type=int, default=130)
-    ap.add_argument("--r", type=int, default=4)
-    ap.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"], help="module names, or 'all'")
-    ap.add_argument("--dropout", type=float, default=0.0)
+    add_run_args(ap)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--fused-kernels", default="auto")
