@@ -166,3 +166,21 @@ def test_cuda_graph_replay_draws_a_fresh_mask():
     first = out.clone()
     graph.replay()
     assert not torch.equal(first, out)
+
+
+def test_recomputed_xa_equals_saved_xa():
+    """``recompute_xa`` (xa formed again in the backward) regenerates the same mask from the saved seed."""
+    from deltatune.kernels.lora_autograd import run_lora
+
+    x, Ws, As, Bs = _multi(torch.float32)
+    plan = ((0, 0, 24, 0, 4),)
+    grads = []
+    for recompute in (False, True):
+        for t in (x, As[0], Bs[0]):
+            t.grad = None
+        torch.manual_seed(8)
+        y = run_lora(x, As[0], [Ws[0]], [None], [Bs[0]], plan, [2.0], 0.3, True, None, False, recompute_xa=recompute)[0]
+        y.square().sum().backward()
+        grads.append((y.detach().clone(), x.grad.clone(), As[0].grad.clone(), Bs[0].grad.clone()))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
