@@ -27,13 +27,23 @@ this path. ``DELTATUNE_TRITON_DROPOUT=0`` turns it off (the unfused path then ru
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
 import torch
 from torch import Tensor
 
-__all__ = ["TRITON_DROPOUT", "draw_seed", "dropped_grad_A", "dropped_xa", "keep_mask", "add_dropped_grad_x", "usable"]
+__all__ = [
+    "TRITON_DROPOUT",
+    "add_dropped_grad_x",
+    "draw_seed",
+    "dropped_grad_A",
+    "dropped_xa",
+    "is_seed",
+    "keep_mask",
+    "usable",
+]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -168,6 +178,21 @@ def draw_seed(device: torch.device) -> Tensor:
     return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
 
 
+def is_seed(t: Tensor) -> bool:
+    """Whether ``t`` (a saved "mask" of the LoRA kernels) is a seed of :func:`draw_seed` rather than a keep-mask
+    (masks are bool or uint8)."""
+    return t.dtype == torch.int64
+
+
+@functools.cache
+def _row_splits_target(device: torch.device) -> int:
+    """Programs the ``dA`` kernel aims for on ``device``: four per multiprocessor on CUDA (read once per
+    device, not in every backward), 8 under the interpreter."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
 def _br(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
@@ -193,10 +218,7 @@ def dropped_grad_A(dxa: Tensor, x2: Tensor, seed: Tensor, p: float) -> Tensor:
     R = dxa.shape[1]
     col_blocks = triton.cdiv(K, _BK)
     row_blocks = triton.cdiv(N, _BN)
-    if x2.is_cuda:
-        target = 4 * torch.cuda.get_device_properties(x2.device).multi_processor_count
-    else:
-        target = 8
+    target = _row_splits_target(x2.device)
     splits = max(1, min(row_blocks, triton.cdiv(target, col_blocks)))
     rows_per = triton.cdiv(row_blocks, splits) * _BN
     splits = triton.cdiv(N, rows_per)

@@ -102,7 +102,7 @@ def _lora_forward(
         # dropout inside the A-side kernels: the adapter input stays x itself, the "mask" is its seed
         xd = xc.reshape(-1, xc.shape[-1]).contiguous()
         mask = tri.draw_seed(xc.device)
-        xa = tri.dropped_xa(xd, A.contiguous(), mask, p).view(*xc.shape[:-1], A.shape[0])
+        xa = tri.dropped_xa(xd, A, mask, p).view(*xc.shape[:-1], A.shape[0])
     elif p > 0.0:
         xd, mask = drop(xc.reshape(-1, xc.shape[-1]), p, seed)
         xa = F.linear(xd, A).view(*xc.shape[:-1], A.shape[0])
@@ -163,9 +163,8 @@ class _LoRAFn(torch.autograd.Function):
         # them again
         if n_As > 1:
             As = (lora_A,)
-        kept = None if mask is None or mask.dtype == torch.int64 else saved_mask(mask)
-        if mask is not None and mask.dtype == torch.int64:
-            kept = mask  # the Triton kernels' seed
+        # a keep-mask is saved as common.saved_mask stores it; the Triton kernels' seed as it is
+        kept = mask if mask is None or tri.is_seed(mask) else saved_mask(mask)
         # the Bs in the compute dtype (the parameters themselves when no cast was needed; a cast copy is
         # out x r, small): the backward uses them as they are
         if recompute_xa:
@@ -190,7 +189,7 @@ class _LoRAFn(torch.autograd.Function):
         # x (dropped when p > 0, unless the dropout runs in the Triton kernels) and the keep-mask (None when
         # p == 0; the int64 seed of the Triton kernels' mask)
         x_saved, mask = saved[0], saved[1]
-        fused_drop = mask is not None and mask.dtype == torch.int64
+        fused_drop = mask is not None and tri.is_seed(mask)
         rest = saved[2:] if recompute_xa else saved[3:]
         A_saved = rest[0]  # the one A, or the concatenation (compute dtype) of several
         weights, Bs = rest[1 : 1 + n_groups], rest[1 + n_groups :]
@@ -206,7 +205,7 @@ class _LoRAFn(torch.autograd.Function):
         A = cast(A_saved, cdt)
         n_rows = xd.shape[0]
         if recompute_xa:
-            xa = tri.dropped_xa(xd, A.contiguous(), mask, p) if fused_drop else F.linear(xd, A)
+            xa = tri.dropped_xa(xd, A, mask, p) if fused_drop else F.linear(xd, A)
         else:
             xa = saved[2]
             if xa.dim() != 2:
@@ -234,13 +233,12 @@ class _LoRAFn(torch.autograd.Function):
 
         dAs: list[Tensor | None] = [None] * n_As
         if any(need_As):
+            # written in the A matrices' dtype when they share one (else in the compute dtype, cast per A below)
+            a_dtypes = {A_saved.dtype} if n_As == 1 else {d for _, d in ctx.A_info}
             if fused_drop:
                 dA = tri.dropped_grad_A(dxa.contiguous(), xd, mask, p)
-            elif n_As == 1:
-                dA = mm_in(A_saved.dtype, dxa.t(), xd)
             else:
-                dA = mm_in(ctx.A_info[0][1] if all(d == ctx.A_info[0][1] for _, d in ctx.A_info) else cdt,
-                           dxa.t(), xd)
+                dA = mm_in(a_dtypes.pop() if len(a_dtypes) == 1 else cdt, dxa.t(), xd)
             if n_As == 1:
                 dAs[0] = cast(dA, A_saved.dtype)
             else:
@@ -259,7 +257,7 @@ class _LoRAFn(torch.autograd.Function):
                 else:
                     dx.addmm_(dy2[g], wt)
             if fused_drop:
-                tri.add_dropped_grad_x(dx, dxa.contiguous(), A.contiguous(), mask, p)
+                tri.add_dropped_grad_x(dx, dxa.contiguous(), A, mask, p)
             elif mask is not None:
                 dx.add_(undrop(torch.mm(dxa, A), unpack_mask(mask), p))
             else:
