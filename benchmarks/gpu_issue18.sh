@@ -12,6 +12,8 @@
 #   step-llama1b.json            the same on the Llama-1B shape 8x2048: full FT, PEFT without dropout,
 #                                deltatune captured and eager
 #   step-smollm2-nativedrop.json deltatune on the SmolLM2 shape with DELTATUNE_TRITON_DROPOUT=0 (part abdrop)
+#   dropout-kernels.json, tiles.env   the dropout kernels alone per mask setting and a tile sweep (part dropk),
+#   step-llama1b-*.json          the 1B step with each mask setting and the swept tiles (part dropk)
 #   prof-e2e.txt                 operator table of the E2E-regime Trainer step, eager (part prof)
 #   decode/                      decoding tokens/s per method vs the base model (decode_methods.json/.png)
 #   summary.txt                  everything printed
@@ -75,6 +77,20 @@ fi
 if want abdrop; then
 DELTATUNE_TRITON_DROPOUT=0 part 60 step-smollm2-nativedrop $PY bench_lora_vs_peft.py --shape smollm2 --batch 16 \
     --seq 1024 --isolate --modes deltatune --fused liger --json "$OUT/step-smollm2-nativedrop.json"
+fi
+
+# 3b'. the dropout kernels alone (each mask setting, a tile sweep), then the 1B step with each setting: the
+#      defaults (24 bits, 10 rounds, 64x64x4 tiles), the swept tiles, 16 bits with 10 and with 7 rounds
+if want dropk; then
+part 240 dropout-kernels $PY bench_dropout_kernels.py --sweep --json "$OUT/dropout-kernels.json" --tiles-out "$OUT/tiles.env"
+TILES="$(sed -n 's/^DELTATUNE_DROPOUT_TILES=//p' "$OUT/tiles.env" 2>/dev/null)"
+part 150 step-llama1b-default $PY bench_lora_vs_peft.py --shape llama1b --batch 8 --seq 2048 --isolate \
+    --modes peft_nodrop,deltatune_eager,deltatune_nodrop_eager --fused liger --json "$OUT/step-llama1b-default.json"
+for rng in 24,10 16,10 16,7; do
+    part 60 "step-llama1b-rng$rng-tiles" env DELTATUNE_DROPOUT_TILES="$TILES" DELTATUNE_DROPOUT_BITS="${rng%,*}" \
+        DELTATUNE_DROPOUT_ROUNDS="${rng#*,}" $PY bench_lora_vs_peft.py --shape llama1b --batch 8 --seq 2048 --isolate \
+        --modes deltatune_eager --fused liger --json "$OUT/step-llama1b-rng${rng/,/-}-tiles.json"
+done
 fi
 
 # 3c. where the E2E-regime Trainer step spends its device time (eager, 3 steps)
