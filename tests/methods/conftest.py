@@ -6,6 +6,8 @@ Fixtures:
         with labels; ``tiny.train(model, batch, steps)`` runs AdamW (lr 1e-2) on the trainable
         parameters and returns the losses; ``tiny.base_state(model)`` copies every non-delta
         parameter under its logical name.
+    decode_step_ops: ``decode_step_ops(model)`` lists the aten ops one decode step of a causal LM
+        dispatches at the top level (not inside another aten op), after a step that fills its caches.
 """
 
 from __future__ import annotations
@@ -111,3 +113,25 @@ class Tiny:
 def tiny() -> Tiny:
     """Tiny-model builders and training helpers (see module docstring)."""
     return Tiny()
+
+
+def _decode_step_ops(model: nn.Module) -> list[str]:
+    """aten ops dispatched at the top level (not inside another aten op) by one decode step of ``model``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)  # the first step fills caches
+        out = model(input_ids=ids, use_cache=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+    names = [e.name for e in prof.events() if e.name.startswith("aten::")
+             and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    return names
+
+
+@pytest.fixture
+def decode_step_ops() -> Callable[[nn.Module], list[str]]:
+    return _decode_step_ops

@@ -17,7 +17,7 @@ from deltatune.errors import (
 )
 from deltatune.freeze import trainable_summary
 from deltatune.methods import get_method
-from deltatune.methods.adapter import AdapterConfig, AdapterLayer, placement_targets
+from deltatune.methods.adapter import AdapterConfig, AdapterLayer, ParamCache, param_cache, placement_targets
 from deltatune.methods.base import DeltaLayer, logical_param_name
 
 METHOD = get_method("adapter")
@@ -331,3 +331,64 @@ def test_param_names_follow_contract(tiny):
     names = [logical_param_name(n) for n, p in model.named_parameters() if p.requires_grad]
     assert "bert.encoder.layer.0.output.dense.adapter_down.default.weight" in names
     assert all(METHOD.is_delta_param(n) for n in names)
+
+
+def _cast_linear(seed: int = 0):
+    from deltatune.methods.adapter import _CastLinear
+
+    torch.manual_seed(seed)
+    layer = _CastLinear(12, 5)  # fp32 weights
+    with torch.no_grad():
+        layer.bias.normal_()
+    return layer
+
+
+def _cast_formula(layer, x):
+    return F.linear(x, layer.weight.to(x.dtype), layer.bias.to(x.dtype))
+
+
+def test_cast_linear_keeps_its_casts_without_gradients_and_never_a_stale_one(tmp_path):
+    import pickle
+
+    layer = _cast_linear()
+    x = torch.randn(3, 12).bfloat16()
+    with torch.no_grad():
+        first = layer(x)
+        assert torch.equal(first, _cast_formula(layer, x))
+        kept = param_cache(layer).entry[1]
+        assert kept[0].dtype == torch.bfloat16 and len(kept) == 2
+        assert torch.equal(layer(x), first) and param_cache(layer).entry[1] is kept  # reused
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    layer(x.float()).square().sum().backward()  # with gradients (and fp32): no cast kept
+    assert param_cache(layer).entry[1] is kept
+    opt.step()  # in place: the version counters move
+    with torch.no_grad():
+        assert torch.equal(layer(x), _cast_formula(layer, x)) and not torch.equal(layer(x), first)
+        layer.load_state_dict(_cast_linear(seed=1).state_dict())
+        assert torch.equal(layer(x), _cast_formula(layer, x))
+    out = layer(x)  # gradients on: the weights get them through the casts
+    out.float().sum().backward()
+    assert layer.weight.grad is not None
+    copy = pickle.loads(pickle.dumps(layer))
+    assert param_cache(copy).entry is None and param_cache(layer).entry is not None
+    with torch.no_grad():
+        assert torch.equal(copy(x), layer(x))
+
+
+def test_adapter_decode_step_dispatches_no_casts(monkeypatch, decode_step_ops):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    api.apply(model, AdapterConfig(bottleneck_size=8))
+    n_inserted = sum(isinstance(m, AdapterLayer) for m in model.modules())
+    assert n_inserted == 4  # after attention and after the MLP of 2 layers
+    cached = decode_step_ops(model)
+    monkeypatch.setattr(ParamCache, "key", staticmethod(lambda params, dt: None))  # nothing kept
+    uncached = decode_step_ops(model)
+    # each insertion casts two weights and two biases on every step without the cache, none with it
+    assert uncached.count("aten::to") - cached.count("aten::to") == 4 * n_inserted
+    assert len(uncached) - len(cached) == 4 * n_inserted
+

@@ -12,7 +12,7 @@ from deltatune.checkpoint import load_delta, save_delta
 from deltatune.errors import DeltaConfigError, DeltaConfigTypeError
 from deltatune.freeze import trainable_summary
 from deltatune.methods import get_method
-from deltatune.methods.adapter import AdapterConfig
+from deltatune.methods.adapter import AdapterConfig, ParamCache, param_cache
 from deltatune.methods.base import DeltaLayer
 from deltatune.methods.low_rank_adapter import LowRankAdapterConfig, LowRankAdapterLayer, LowRankAdapterMethod
 
@@ -229,9 +229,9 @@ def test_composed_cache_is_reused_and_never_stale():
     x = torch.randn(3, 4, 12)
     with torch.no_grad():
         first = layer(x)
-        cached_w = layer._composed[1]
+        cached_w = param_cache(layer).entry[1][0]
         assert torch.equal(first, _uncached(layer, x))
-        assert torch.equal(layer(x), first) and layer._composed[1] is cached_w  # reused, not recomputed
+        assert torch.equal(layer(x), first) and param_cache(layer).entry[1][0] is cached_w  # reused, not recomputed
 
     # an optimiser step (in place, under no_grad) bumps the version counters
     opt = torch.optim.AdamW(layer.parameters(), lr=0.1)
@@ -266,14 +266,14 @@ def test_no_cache_while_training_and_frozen_factors_still_pass_gradients_to_the_
     layer = _random_low_rank_linear()
     x = torch.randn(3, 12, requires_grad=True)
     out = layer(x)  # gradients enabled, factors trainable: the factored path
-    assert layer._composed is None
+    assert param_cache(layer).entry is None
     out.sum().backward()
     assert layer.w_left.grad is not None and layer.w_right.grad is not None and layer.bias.grad is not None
     ref_grad = x.grad.clone()
     x.grad = None
     layer.requires_grad_(False)  # frozen adapter, trainable input: the composed (cached) path
     out = layer(x)
-    assert layer._composed is not None
+    assert param_cache(layer).entry is not None
     out.sum().backward()
     torch.testing.assert_close(x.grad, ref_grad)
     assert torch.equal(out.detach(), _uncached(layer, x.detach()))
@@ -286,9 +286,9 @@ def test_cached_layer_pickles_without_its_cache(tmp_path):
     x = torch.randn(2, 12)
     with torch.no_grad():
         ref = layer(x)
-    assert layer._composed is not None
+    assert param_cache(layer).entry is not None
     copy = pickle.loads(pickle.dumps(layer))
-    assert copy._composed is None and layer._composed is not None
+    assert param_cache(copy).entry is None and param_cache(layer).entry is not None
     with torch.no_grad():
         assert torch.equal(copy(x), ref)
     torch.save(layer, tmp_path / "layer.pt")
@@ -297,24 +297,7 @@ def test_cached_layer_pickles_without_its_cache(tmp_path):
         assert torch.equal(loaded(x), ref)
 
 
-def _decode_step_ops(model):
-    """aten ops dispatched at the top level (not inside another aten op) by one decode step of ``model``."""
-    from torch.profiler import ProfilerActivity, profile
-
-    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
-        model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)  # the first step fills caches
-        out = model(input_ids=ids, use_cache=True)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
-    names = [e.name for e in prof.events() if e.name.startswith("aten::")
-             and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
-    return names
-
-
-def test_decode_step_dispatches_fewer_ops_with_the_cache(monkeypatch):
+def test_decode_step_dispatches_fewer_ops_with_the_cache(monkeypatch, decode_step_ops):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from deltatune.methods.low_rank_adapter import LowRankLinear
@@ -323,15 +306,15 @@ def test_decode_step_dispatches_fewer_ops_with_the_cache(monkeypatch):
     cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
     base = LlamaForCausalLM(cfg).eval()
-    n_base = len(_decode_step_ops(base))
+    n_base = len(decode_step_ops(base))
     model = LlamaForCausalLM(cfg).eval()
     model.load_state_dict(base.state_dict())
     api.apply(model, LowRankAdapterConfig(reduction_factor=4, identity_init=False))
     n_inserted = sum(isinstance(m, LowRankLinear) for m in model.modules())
     assert n_inserted == 8  # down and up after attention and MLP of 2 layers
-    cached = _decode_step_ops(model)
-    monkeypatch.setattr(LowRankLinear, "_key", lambda self, dt: None)  # no caching: composed on every call
-    uncached = _decode_step_ops(model)
+    cached = decode_step_ops(model)
+    monkeypatch.setattr(ParamCache, "key", staticmethod(lambda params, dt: None))  # no caching: composed each call
+    uncached = decode_step_ops(model)
     # uncached, every projection forms w_left @ w_right (one aten::matmul each), cached none does
     assert uncached.count("aten::matmul") - cached.count("aten::matmul") == n_inserted
     assert len(cached) - n_base <= len(uncached) - n_base - n_inserted
@@ -343,13 +326,13 @@ def test_inference_tensors_are_not_cached_and_still_correct():
         layer = _random_low_rank_linear()  # parameters made in inference mode: no version counter
         x = torch.randn(2, 12)
         assert torch.equal(layer(x), _uncached(layer, x))
-        assert layer._composed is None
+        assert param_cache(layer).entry is None
         layer.w_left.mul_(2.0)
         assert torch.equal(layer(x), _uncached(layer, x))
     plain = _random_low_rank_linear()
     with torch.inference_mode():  # normal parameters used in inference mode: cached, and still exact
         x = torch.randn(2, 12)
-        assert torch.equal(plain(x), _uncached(plain, x)) and plain._composed is not None
+        assert torch.equal(plain(x), _uncached(plain, x)) and param_cache(plain).entry is not None
     with torch.no_grad():
         plain.bias.add_(1.0)
         assert torch.equal(plain(x.clone()), _uncached(plain, x.clone()))

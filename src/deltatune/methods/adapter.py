@@ -27,6 +27,7 @@ The module also holds the machinery shared with :mod:`deltatune.methods.low_rank
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import Any, ClassVar
@@ -229,12 +230,74 @@ class BottleneckAdapterLayer(DeltaLayer):
         )
 
 
+class ParamCache:
+    """Tensors derived from some parameters (a cast, a product), made once when no gradient is needed and
+    reused while the parameters are unchanged, so a decoding step dispatches no cast or product again.
+
+    The entry is keyed on each parameter's identity, ``data_ptr``, dtype, device, shape and version counter
+    (``tensor._version``: an optimiser step and ``load_state_dict`` write in place and bump it; ``.to()``,
+    FSDP and ``param.data = ...`` change the storage, which the entry holds on to, so its address cannot be
+    reused by another tensor while the entry lives): a stale tensor is never used. Nothing is kept for
+    inference tensors (no version counter), under ``torch.compile`` or during a CUDA capture (a tensor made
+    then lives in the graph's pool). Not pickled (``torch.save`` and copies start empty)."""
+
+    entry: tuple[Any, ...] | None = None  # (key, derived tensors, weak references, aliases)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    @staticmethod
+    def key(params: tuple[torch.Tensor, ...], dt: torch.dtype) -> tuple[Any, ...] | None:
+        """What the derived tensors depend on; None: nothing may be cached now."""
+        if any(p.is_inference() for p in params) or torch.compiler.is_compiling():
+            return None
+        if params[0].is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        # (inference mode makes inference tensors, which a later autograd-recording call cannot save)
+        inference = torch.is_inference_mode_enabled()
+        return (dt, inference, *((p.data_ptr(), p.dtype, p.device, p.shape, p._version) for p in params))
+
+    def get(
+        self, params: tuple[torch.Tensor, ...], dt: torch.dtype, make: Callable[[], tuple[torch.Tensor, ...]]
+    ) -> tuple[torch.Tensor, ...]:
+        """``make()`` (run without gradients), or the kept result while ``params`` are the ones it came from."""
+        key = ParamCache.key(params, dt)
+        hit = self.entry
+        if key is not None and hit is not None and hit[0] == key and all(r() is p for r, p in zip(hit[2], params)):
+            return hit[1]
+        with torch.no_grad():
+            out = make()
+        if key is not None:
+            # the detached aliases keep the storages alive, so no other tensor can take their addresses
+            self.entry = (key, out, tuple(weakref.ref(p) for p in params), tuple(p.detach() for p in params))
+        return out
+
+
+def param_cache(module: nn.Module) -> ParamCache:
+    """The :class:`ParamCache` of ``module`` (made on first use; modules pickled before it existed lack it)."""
+    cache = module.__dict__.get("_param_cache")
+    if cache is None:
+        cache = module.__dict__["_param_cache"] = ParamCache()
+    return cache
+
+
+def needs_grad(*params: torch.Tensor | None) -> bool:
+    """Whether autograd is recording and one of ``params`` requires a gradient."""
+    return torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+
+
 class _CastLinear(nn.Linear):
-    """``nn.Linear`` whose (fp32) weights are cast to the input's dtype."""
+    """``nn.Linear`` whose (fp32) weights are cast to the input's dtype; without gradients the cast copies
+    are kept (:class:`ParamCache`), so decoding runs one ``linear`` per projection."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        dt = x.dtype
+        if self.weight.dtype == dt or needs_grad(self.weight, self.bias):
+            bias = self.bias.to(dt) if self.bias is not None else None
+            return F.linear(x, self.weight.to(dt), bias)
+        params = (self.weight,) if self.bias is None else (self.weight, self.bias)
+        w, *b = param_cache(self).get(params, dt, lambda: tuple(p.to(dt) for p in params))
+        return F.linear(x, w, b[0] if b else None)
 
 
 class AdapterLayer(BottleneckAdapterLayer):

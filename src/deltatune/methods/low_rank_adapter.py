@@ -20,7 +20,6 @@ Placement, modes (``"dense"`` / ``"layer"``) and width inference are the adapter
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -31,7 +30,13 @@ import torch.nn.functional as F
 from ..errors import DeltaConfigError
 from ..inject import ModuleSlot
 from ..validation import check_bool, check_choice, check_positive_int
-from .adapter import BottleneckAdapterLayer, BottleneckAdapterMethod, check_adapter_fields
+from .adapter import (
+    BottleneckAdapterLayer,
+    BottleneckAdapterMethod,
+    check_adapter_fields,
+    needs_grad,
+    param_cache,
+)
 from .base import DeltaConfig
 
 __all__ = ["LowRankAdapterConfig", "LowRankAdapterLayer", "LowRankAdapterMethod", "LowRankLinear", "METHOD"]
@@ -104,10 +109,7 @@ class LowRankLinear(nn.Module):
     gradient: decoding, evaluation, a frozen adapter) the layer uses the composed matrix ``w_left · w_right``
     in the input's dtype and the bias in that dtype, computed once and kept while the parameters are
     unchanged, so a decoding step dispatches one ``linear`` per projection (not a matmul, casts and the
-    linear). The cache is keyed on each parameter's identity, ``data_ptr``, dtype, device and version
-    counter (``tensor._version``: an optimiser step and ``load_state_dict`` write in place and bump it;
-    ``.to()``, FSDP and ``param.data = ...`` change the storage, which the cache holds on to, so its
-    address cannot be reused by another tensor while the entry lives): a stale copy is never used. Only
+    linear); :class:`~deltatune.methods.adapter.ParamCache` says when it is recomputed (never stale). Only
     the composed tensors are kept (``in × out``, small), outside the ``state_dict``.
     """
 
@@ -118,51 +120,21 @@ class LowRankLinear(nn.Module):
         self.w_left = nn.Parameter(torch.empty(in_features, rank, **kw))
         self.w_right = nn.Parameter(torch.empty(rank, out_features, **kw))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw))
-        self._composed: tuple[Any, ...] | None = None  # (key, w, b, weakrefs to the parameters, aliases)
 
     def weight(self) -> torch.Tensor:
         """The full ``(in, out)`` matrix ``w_left · w_right``."""
         return self.w_left @ self.w_right
 
-    def _key(self, dt: torch.dtype) -> tuple[Any, ...] | None:
-        """What the composed matrices depend on. None (nothing is cached): a parameter is an inference tensor
-        (no version counter), ``torch.compile`` is tracing, or a CUDA graph is being captured (a tensor made
-        during a capture lives in the graph's memory pool, which a later replay may overwrite)."""
-        params = (self.w_left, self.w_right, self.bias)
-        if any(p.is_inference() for p in params) or torch.compiler.is_compiling():
-            return None
-        if self.w_left.is_cuda and torch.cuda.is_current_stream_capturing():
-            return None
-        # (inference mode makes inference tensors, which a later autograd-recording call cannot save)
-        inference = torch.is_inference_mode_enabled()
-        return (dt, inference, *((p.data_ptr(), p.dtype, p.device, p.shape, p._version) for p in params))
-
     def composed(self, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``((w_left · w_right)ᵀ, bias)`` in ``dt``, for ``F.linear``: the cached pair while the parameters
+        """``((w_left · w_right)ᵀ, bias)`` in ``dt``, for ``F.linear``: the kept pair while the parameters
         are the ones (same tensors, storage, dtype, device and version) it was computed from."""
-        key = self._key(dt)
-        params = (self.w_left, self.w_right, self.bias)
-        hit = getattr(self, "_composed", None)  # (absent from modules unpickled from older versions)
-        if key is not None and hit is not None and hit[0] == key and all(r() is p for r, p in zip(hit[3], params)):
-            return hit[1], hit[2]
-        with torch.no_grad():
-            w = (self.w_left @ self.w_right).to(dt).t()
-            b = self.bias.to(dt)
-        if key is not None:
-            # the detached aliases keep the storages alive, so no other tensor can take their addresses
-            alias = tuple(p.detach() for p in params)
-            self._composed = (key, w, b, tuple(weakref.ref(p) for p in params), alias)
+        w_left, w_right, bias = params = (self.w_left, self.w_right, self.bias)
+        w, b = param_cache(self).get(params, dt, lambda: ((w_left @ w_right).to(dt).t(), bias.to(dt)))
         return w, b
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled (``torch.save``, multiprocessing) without the cache (weak references do not pickle)."""
-        state = self.__dict__.copy()
-        state["_composed"] = None
-        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = x.dtype
-        if torch.is_grad_enabled() and (self.w_left.requires_grad or self.w_right.requires_grad or self.bias.requires_grad):
+        if needs_grad(self.w_left, self.w_right, self.bias):
             return (x @ self.w_left.to(dt)) @ self.w_right.to(dt) + self.bias.to(dt)
         # without gradients: the small composed matrix (cached), then the batch through one matmul with the
         # bias fused in, instead of two matmuls and an add
