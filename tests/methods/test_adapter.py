@@ -391,4 +391,12 @@ def test_adapter_decode_step_dispatches_no_casts(monkeypatch, decode_step_ops):
     # each insertion casts two weights and two biases on every step without the cache, none with it
     assert uncached.count("aten::to") - cached.count("aten::to") == 4 * n_inserted
     assert len(uncached) - len(cached) == 4 * n_inserted
+    # adapters in the model's dtype: an insertion adds its two linears, the activation and the residual add
+    monkeypatch.undo()
+    base = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    n_base = len(decode_step_ops(base))
+    api.apply(base, AdapterConfig(bottleneck_size=8, dropout=0.1))
+    base.to(torch.bfloat16).eval()
+    added = decode_step_ops(base)
+    assert len(added) - n_base == 4 * n_inserted
 

@@ -209,9 +209,11 @@ class BottleneckAdapterLayer(DeltaLayer):
             )
         z = getattr(self, self.prefix + "down")[name](h)
         z = getattr(self, self.prefix + "act")[name](z)
-        z = getattr(self, self.prefix + "dropout")[name](z)
+        drop = getattr(self, self.prefix + "dropout")[name]
+        if drop.training:  # (Dropout and Identity in eval mode return their input: no op dispatched)
+            z = drop(z)
         z = getattr(self, self.prefix + "up")[name](z)
-        return h + z.to(h.dtype)
+        return h + (z if z.dtype == h.dtype else z.to(h.dtype))
 
     def delta_forward(self, active: list[str], *args: Any, **kwargs: Any) -> Any:
         out = self.base_layer(*args, **kwargs)
@@ -292,7 +294,9 @@ class _CastLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = x.dtype
-        if self.weight.dtype == dt or needs_grad(self.weight, self.bias):
+        if self.weight.dtype == dt and (self.bias is None or self.bias.dtype == dt):
+            return F.linear(x, self.weight, self.bias)
+        if needs_grad(self.weight, self.bias):
             bias = self.bias.to(dt) if self.bias is not None else None
             return F.linear(x, self.weight.to(dt), bias)
         params = (self.weight,) if self.bias is None else (self.weight, self.bias)
