@@ -19,6 +19,9 @@ lane mindpet env PYTHON=python3 bash scripts/mindpet_parity.sh
 # decoding and perplexity against PyTorch
 lane llama.cpp bash -c "bash scripts/build_llama_cpp.sh \
   && python3 -m pytest -q -p no:xdist -p no:cacheprovider tests/test_export_gguf.py -k llama_cpp"
-# Jittor vs PyTorch (deltatune align): operators compile once into ~/.cache/jittor
+# Jittor vs PyTorch (deltatune align): operators compile once into ~/.cache/jittor; first with Jittor's
+# own matmuls (use_mkl=0), then with Debian's oneDNN as deltatune.jittor sets it up when it is installed
 lane jittor env use_mkl=0 nvcc_path= python3 -m pytest -q -n 2 --dist loadgroup --timeout 2400 -p no:cacheprovider tests/jittor
+lane jittor-onednn bash -c "bash scripts/install_onednn.sh && env -u use_mkl -u nvcc_path python3 -m pytest -q -n 2 \
+  --dist loadgroup --timeout 2400 -p no:cacheprovider tests/jittor/test_jittor.py"
 exit $rc
