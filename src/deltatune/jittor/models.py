@@ -176,6 +176,14 @@ class _Base:
         self.training = False
         self.dropout_enabled = True
         self.linears: dict[str, Linear] = {}
+        #: a dict to record named intermediate values of the next forward passes in (diagnostics:
+        #: ``benchmarks/jittor_layer_diff.py``); ``None``: nothing is recorded
+        self.capture: dict[str, Any] | None = None
+
+    def _keep(self, name: str, value: Any) -> Any:
+        if self.capture is not None:
+            self.capture[name] = value
+        return value
 
     def train(self, mode: bool = True) -> _Base:
         """Training mode (dropout active where enabled); returns self."""
@@ -274,10 +282,12 @@ class JtLlama(_Base):
         for i in range(self.n_layers):
             p = f"model.layers.{i}"
             lin = self.linears
-            h = _rms_norm(x, self.norms[f"{p}.input_layernorm"], self.eps)
+            h = self._keep(f"{p}.input_layernorm", _rms_norm(x, self.norms[f"{p}.input_layernorm"], self.eps))
             q = lin[f"{p}.self_attn.q_proj"](h).reshape(b, t, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
             k = lin[f"{p}.self_attn.k_proj"](h).reshape(b, t, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
             v = lin[f"{p}.self_attn.v_proj"](h).reshape(b, t, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
+            self._keep(f"{p}.self_attn.q_proj", q)
+            self._keep(f"{p}.self_attn.v_proj", v)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             if past is not None:
                 k = jt.concat([past[i][0], k], dim=2)
@@ -290,12 +300,13 @@ class JtLlama(_Base):
                 v = v.reshape(b, self.n_kv, 1, tk, self.head_dim).broadcast((b, self.n_kv, rep, tk, self.head_dim))
                 v = v.reshape(b, self.n_heads, tk, self.head_dim)
             a = _attend(q, k, v, bias, self.head_dim**-0.5, float(self.config.get("attention_dropout", 0.0)), drop)
-            a = a.transpose(0, 2, 1, 3).reshape(b, t, self.n_heads * self.head_dim)
-            x = x + lin[f"{p}.self_attn.o_proj"](a)
-            h = _rms_norm(x, self.norms[f"{p}.post_attention_layernorm"], self.eps)
+            a = self._keep(f"{p}.self_attn.attn", a.transpose(0, 2, 1, 3).reshape(b, t, self.n_heads * self.head_dim))
+            x = x + self._keep(f"{p}.self_attn.o_proj", lin[f"{p}.self_attn.o_proj"](a))
+            h = self._keep(f"{p}.post_attention_layernorm", _rms_norm(x, self.norms[f"{p}.post_attention_layernorm"], self.eps))
             g = lin[f"{p}.mlp.gate_proj"](h)
-            x = x + lin[f"{p}.mlp.down_proj"](g * jt.sigmoid(g) * lin[f"{p}.mlp.up_proj"](h))
-        x = _rms_norm(x, self.norms["model.norm"], self.eps)
+            x = x + self._keep(f"{p}.mlp", lin[f"{p}.mlp.down_proj"](g * jt.sigmoid(g) * lin[f"{p}.mlp.up_proj"](h)))
+            self._keep(p, x)
+        x = self._keep("model.norm", _rms_norm(x, self.norms["model.norm"], self.eps))
         if last_only:
             x = x[:, -1:, :]
         return jt.nn.matmul_transpose(x, self.lm_head), new_past
