@@ -122,9 +122,32 @@ class Linear:
 
 
 def _rms_norm(x: Any, weight: Any, eps: float) -> Any:
+    """``weight * (x * rsqrt(mean(x^2) + eps))`` as ``LlamaRMSNorm``; the mean of squares is summed in
+    float64 and rounded to float32 (PyTorch's float32 sum is blocked and near-exact; Jittor's CPU
+    reduction adds the 576 or so squares one after another, ~10x the rounding error)."""
     jt = require_jittor()
-    var = (x * x).mean(-1, keepdims=True)
+    x64 = x.float64()
+    var = (x64 * x64).mean(-1, keepdims=True).float32()
     return weight * (x * jt.rsqrt(var + eps))
+
+
+def rope_inv_freq(theta: float, head_dim: int) -> np.ndarray:
+    """The rotary inverse frequencies ``1 / theta ** (arange(0, d, 2) / d)`` bit for bit as transformers'
+    ``compute_default_rope_parameters`` forms them in float32: the exponents are float32 quotients,
+    the power is correctly rounded to float32 (as PyTorch's ``float ** float32 tensor``; numpy's float32
+    ``**`` is not, and differs in the last bit for some frequencies), the reciprocal a float32 division."""
+    x = np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
+    power = np.power(np.float64(theta), x.astype(np.float64)).astype(np.float32)
+    return (np.float32(1.0) / power).astype(np.float32)
+
+
+def rope_cos_sin(inv_freq: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(cos, sin)`` of the rotary angles, each ``(B, T, d)``: the angles are float32 products
+    ``position * inv_freq`` (as transformers' ``LlamaRotaryEmbedding``), their cosine and sine the
+    correctly rounded float32 values (within one unit in the last place of PyTorch's)."""
+    freqs = pos.astype(np.float32)[:, :, None] * inv_freq[None, None, :]
+    emb = np.concatenate([freqs, freqs], -1).astype(np.float64)
+    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
 
 
 def _layer_norm(x: Any, weight: Any, bias: Any, eps: float) -> Any:
@@ -254,14 +277,12 @@ class JtLlama(_Base):
         head = w.get("lm_head.weight")
         self.tied = head is None or bool(config.get("tie_word_embeddings", False))
         self.lm_head = self.embed if self.tied else to_jt(head).stop_grad()
-        inv = 1.0 / (np.float32(self.theta) ** (np.arange(0, self.head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(self.head_dim)))
-        self.inv_freq = inv.astype(np.float32)
+        self.inv_freq = rope_inv_freq(self.theta, self.head_dim)
 
     def _rope(self, pos: np.ndarray) -> tuple[Any, Any]:
         require_jittor()
-        freqs = pos.astype(np.float32)[:, :, None] * self.inv_freq[None, None, :]
-        emb = np.concatenate([freqs, freqs], -1)
-        return to_jt(np.cos(emb)[:, None]), to_jt(np.sin(emb)[:, None])  # (B, 1, T, d)
+        cos, sin = rope_cos_sin(self.inv_freq, pos)
+        return to_jt(cos[:, None]), to_jt(sin[:, None])  # (B, 1, T, d)
 
     @staticmethod
     def _rotate(x: Any, cos: Any, sin: Any) -> Any:
