@@ -13,9 +13,11 @@ printed next to the difference between them (``T err``, ``J err``: max |x - x64|
 difference that grows because one side is less exact shows as that side's error. ``--ops`` checks
 single operations on PyTorch's own float32 inputs of one layer (RMSNorm, rotary, softmax attention,
 SwiGLU, a frozen linear, the loss), so a formula or precision difference shows without propagation.
+``--deltas RUN_DIR`` (an ``align --mode exact`` run of the same recipe) counts the trained LoRA entries
+that differ by more than 1e-3 of their matrix's max, A and B apart, with their step-1 gradients.
 
     PYTHONPATH=$PWD/src python benchmarks/jittor_layer_diff.py configs/align_e2e_cpu.yaml \\
-        --set data.data_dir=/work/shared/data --fp64 --ops
+        --set data.data_dir=/work/shared/data --fp64 --ops [--deltas runs/align-exact]
 """
 
 from __future__ import annotations
@@ -194,6 +196,48 @@ def op_checks(tmodel: torch.nn.Module, t64: torch.nn.Module | None, jmodel: Any,
     return rows
 
 
+def delta_distribution(run_dir: Path, t_grads: dict[str, np.ndarray], j_grads: dict[str, np.ndarray],
+                       tol: float = 1e-3) -> dict[str, Any]:
+    """Which trained LoRA entries of an align run differ by more than ``tol`` of their matrix's max |PyTorch
+    value|: counts for A and B, their step-1 gradients (relative to the matrix's largest step-1 gradient)
+    and how many of them had step-1 gradients of opposite sign in the two frameworks."""
+    from safetensors.numpy import load_file
+
+    t = load_file(str(run_dir / "torch" / "delta" / "delta.safetensors"))
+    j = load_file(str(run_dir / "jittor" / "delta" / "delta.safetensors"))
+    out: dict[str, Any] = {}
+    worst: list[tuple[float, str, int, float, bool]] = []
+    for kind in ("A", "B"):
+        keys = [k for k in t if f"lora_{kind}." in k]
+        n_all = n_bad = n_flip = 0
+        g_bad: list[np.ndarray] = []
+        g_all: list[np.ndarray] = []
+        for k in keys:
+            d = np.abs(j[k].astype(np.float64) - t[k]) / (float(np.abs(t[k]).max()) or 1.0)
+            g = t_grads[k]
+            gmax = float(np.abs(g).max())
+            rel_g = np.abs(g) / gmax if gmax > 0 else np.zeros_like(g)
+            flip = np.sign(g) != np.sign(j_grads[k])
+            bad = d > tol
+            n_all += d.size
+            n_bad += int(bad.sum())
+            n_flip += int((bad & flip).sum())
+            g_bad.append(rel_g[bad])
+            g_all.append(rel_g.ravel())
+            for i in np.argsort(d.ravel())[-3:]:
+                worst.append((float(d.ravel()[i]), k, int(i), float(g.ravel()[i]), bool(flip.ravel()[i])))
+        gb, ga = np.concatenate(g_bad), np.concatenate(g_all)
+        out[kind] = {"entries": n_all, "over_tol": n_bad, "over_tol_step1_sign_differs": n_flip,
+                     "step1_rel_grad_over_tol_median": float(np.median(gb)) if gb.size else None,
+                     "step1_rel_grad_over_tol_max": float(gb.max()) if gb.size else None,
+                     "step1_rel_grad_all_median": float(np.median(ga)),
+                     "step1_grad_zero": int((ga == 0).sum())}
+    worst.sort(reverse=True)
+    out["worst"] = [{"rel_diff": w[0], "key": w[1], "index": w[2], "step1_grad": w[3], "step1_sign_differs": w[4]}
+                    for w in worst[:8]]
+    return out
+
+
 def _fmt(v: float | None) -> str:
     return "       -" if v is None else f"{v:8.2e}"
 
@@ -207,6 +251,8 @@ def main() -> None:
     ap.add_argument("--op-layer", type=int, default=0)
     ap.add_argument("--random-b", type=float, default=0.0,
                     help="set the LoRA B matrices to N(0, this^2) (0: align's zero init; then A's gradients are 0)")
+    ap.add_argument("--deltas", help="an align run directory: how its trained LoRA entries that differ by more than "
+                                     "1e-3 of their matrix's max are distributed (A/B, step-1 gradients)")
     ap.add_argument("--json", help="write every number to this JSON file")
     args = ap.parse_args()
 
@@ -296,6 +342,19 @@ def main() -> None:
         for name, a, b, c_ in op_checks(model, m64, jmodel, batch, args.op_layer, c.label_smoothing):
             print(f"{name:<56} {_fmt(a)} {_fmt(b)} {_fmt(c_)}")
             report["ops"].append({"op": name, "rel": a, "torch_err": b, "jittor_err": c_})
+    if args.deltas:
+        dist = delta_distribution(Path(args.deltas), t["grads"], j["grads"])
+        report["deltas"] = dist
+        print(f"\ntrained LoRA entries of {args.deltas} with |J - T| > 1e-3 * max|T| of their matrix")
+        for kind in ("A", "B"):
+            r = dist[kind]
+            print(f"  {kind}: {r['over_tol']} of {r['entries']} entries ({r['over_tol_step1_sign_differs']} with step-1 "
+                  f"gradients of opposite sign); their step-1 |grad| / matrix max: median "
+                  f"{_fmt(r['step1_rel_grad_over_tol_median'])}, max {_fmt(r['step1_rel_grad_over_tol_max'])} "
+                  f"(all entries: median {r['step1_rel_grad_all_median']:.2e}, {r['step1_grad_zero']} exactly 0)")
+        for w in dist["worst"]:
+            print(f"  {w['rel_diff']:.3e}  {w['key']}[{w['index']}]  step-1 grad {w['step1_grad']:+.3e}"
+                  f"{'  (opposite sign in Jittor)' if w['step1_sign_differs'] else ''}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 
