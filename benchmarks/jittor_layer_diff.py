@@ -14,7 +14,9 @@ difference that grows because one side is less exact shows as that side's error.
 single operations on PyTorch's own float32 inputs of one layer (RMSNorm, rotary, softmax attention,
 SwiGLU, a frozen linear, the loss), so a formula or precision difference shows without propagation.
 ``--deltas RUN_DIR`` (an ``align --mode exact`` run of the same recipe) counts the trained LoRA entries
-that differ by more than 1e-3 of their matrix's max, A and B apart, with their step-1 gradients.
+that differ by more than 1e-3 of their matrix's max, A and B apart, with their step-1 gradients;
+``--torch-floor`` trains the recipe in PyTorch three times (float32 SDPA, float32 eager attention,
+float64) and compares those LoRA weights by the same measure: the floor two correct runs reach.
 
     PYTHONPATH=$PWD/src python benchmarks/jittor_layer_diff.py configs/align_e2e_cpu.yaml \\
         --set data.data_dir=/work/shared/data --fp64 --ops [--deltas runs/align-exact]
@@ -32,18 +34,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from deltatune.checkpoint import delta_parameter_names, save_delta
+from deltatune.checkpoint import delta_parameter_names, delta_state_dict, save_delta
 from deltatune.data import build_causal_lm_features
+from deltatune.jittor import models as jm
 from deltatune.jittor import require_jittor
-from deltatune.jittor.align import _mode_recipe, resolve_model_dir
-from deltatune.jittor.lora import load_delta, trainable
+from deltatune.jittor.align import _mode_recipe, _train_torch, resolve_model_dir
+from deltatune.jittor.lora import load_delta, set_mode, trainable
 from deltatune.jittor.models import load_pretrained, to_jt, to_np
 from deltatune.jittor.train import logits_loss_sum
 from deltatune.tasks.data_to_text import apply_delta, feature_kwargs, load_model, prepare_data, train_collator
 from deltatune.tasks.loader import load_recipe
 from deltatune.train.distributed import EpochBatchSampler
 from deltatune.train.losses import lm_loss_sum
+from deltatune.train.losses import logits_loss_sum as t_logits_loss_sum
 
 #: per layer: (name printed, module whose output (or "<" its input) PyTorch records); Jittor records the
 #: same names (``JtLlama.capture``)
@@ -121,8 +127,6 @@ def jittor_pass(jmodel: Any, batch: dict[str, torch.Tensor], label_smoothing: fl
 def op_checks(tmodel: torch.nn.Module, t64: torch.nn.Module | None, jmodel: Any, batch: dict[str, torch.Tensor],
               layer: int, label_smoothing: float) -> list[tuple[str, float, float | None, float | None]]:
     """Single operations on PyTorch's float32 inputs of ``layer``: (op, rel J-T, rel T-64, rel J-64)."""
-    from deltatune.jittor import models as jm
-    from deltatune.jittor.train import logits_loss_sum as jt_loss
 
     jt = require_jittor()
     lay = tmodel.model.layers[layer]
@@ -150,8 +154,6 @@ def op_checks(tmodel: torch.nn.Module, t64: torch.nn.Module | None, jmodel: Any,
         row("rotary cos", to_np(jc)[:, 0], cos, None)
         row("rotary sin", to_np(js)[:, 0], sin, None)
         q = lay.self_attn.q_proj(h).view(x.shape[0], x.shape[1], -1, jmodel.head_dim).transpose(1, 2)
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         qr, _ = apply_rotary_pos_emb(q, q, cos, sin)
         jq = to_np(jmodel._rotate(to_jt(q.numpy()), jc, js))
         q64, _ = apply_rotary_pos_emb(q.double(), q.double(), cos.double(), sin.double())
@@ -184,10 +186,8 @@ def op_checks(tmodel: torch.nn.Module, t64: torch.nn.Module | None, jmodel: Any,
         jl = to_np(jt.nn.matmul_transpose(to_jt(hid.numpy()), jmodel.lm_head))
         row("lm head (tied embedding)", jl, tl, hid.double() @ tmodel.lm_head.weight.double().T)
         labels = batch["labels"]
-        total, n = jt_loss(to_jt(tl.numpy()), labels.numpy(), label_smoothing)
-        from deltatune.train.losses import logits_loss_sum as t_loss
-
-        tt, tn = t_loss(tl, labels, label_smoothing=label_smoothing)
+        total, n = logits_loss_sum(to_jt(tl.numpy()), labels.numpy(), label_smoothing)
+        tt, tn = t_logits_loss_sum(tl, labels, label_smoothing=label_smoothing)
         t64l = torch.nn.functional.cross_entropy(tl.double()[:, :-1].reshape(-1, tl.shape[-1]), labels[:, 1:].reshape(-1),
                                                  ignore_index=-100, label_smoothing=label_smoothing, reduction="sum")
         jv, tv, v64 = float(total.item()) / n, float(tt) / int(tn), float(t64l) / int(tn)
@@ -201,12 +201,10 @@ def delta_distribution(run_dir: Path, t_grads: dict[str, np.ndarray], j_grads: d
     """Which trained LoRA entries of an align run differ by more than ``tol`` of their matrix's max |PyTorch
     value|: counts for A and B, their step-1 gradients (relative to the matrix's largest step-1 gradient)
     and how many of them had step-1 gradients of opposite sign in the two frameworks."""
-    from safetensors.numpy import load_file
-
     t = load_file(str(run_dir / "torch" / "delta" / "delta.safetensors"))
     j = load_file(str(run_dir / "jittor" / "delta" / "delta.safetensors"))
     out: dict[str, Any] = {}
-    worst: list[tuple[float, str, int, float, bool]] = []
+    worst: list[tuple[float, str, int, float, bool, float, float]] = []
     for kind in ("A", "B"):
         keys = [k for k in t if f"lora_{kind}." in k]
         n_all = n_bad = n_flip = 0
@@ -225,7 +223,8 @@ def delta_distribution(run_dir: Path, t_grads: dict[str, np.ndarray], j_grads: d
             g_bad.append(rel_g[bad])
             g_all.append(rel_g.ravel())
             for i in np.argsort(d.ravel())[-3:]:
-                worst.append((float(d.ravel()[i]), k, int(i), float(g.ravel()[i]), bool(flip.ravel()[i])))
+                worst.append((float(d.ravel()[i]), k, int(i), float(g.ravel()[i]), bool(flip.ravel()[i]),
+                              float(j_grads[k].ravel()[i]), gmax))
         gb, ga = np.concatenate(g_bad), np.concatenate(g_all)
         out[kind] = {"entries": n_all, "over_tol": n_bad, "over_tol_step1_sign_differs": n_flip,
                      "step1_rel_grad_over_tol_median": float(np.median(gb)) if gb.size else None,
@@ -233,8 +232,45 @@ def delta_distribution(run_dir: Path, t_grads: dict[str, np.ndarray], j_grads: d
                      "step1_rel_grad_all_median": float(np.median(ga)),
                      "step1_grad_zero": int((ga == 0).sum())}
     worst.sort(reverse=True)
-    out["worst"] = [{"rel_diff": w[0], "key": w[1], "index": w[2], "step1_grad": w[3], "step1_sign_differs": w[4]}
-                    for w in worst[:8]]
+    out["worst"] = [{"rel_diff": w[0], "key": w[1], "index": w[2], "step1_grad": w[3], "step1_sign_differs": w[4],
+                     "step1_grad_jittor": w[5], "step1_grad_matrix_max": w[6]} for w in worst[:8]]
+    return out
+
+
+def torch_floor(recipe: Any, run_dir: Path | None) -> list[dict[str, Any]]:
+    """The recipe trained by align's PyTorch side three times: float32 with SDPA attention, float32 with eager
+    attention, float64; the LoRA weights of each pair (and of ``run_dir``'s Jittor delta) compared with
+    align's measure. How far apart two PyTorch runs that differ only in rounding end up."""
+    object.__setattr__(recipe, "_align_log_every", recipe.train.log_every)
+    data = prepare_data(recipe)
+    runs: dict[str, tuple[dict[str, np.ndarray], list[float]]] = {}
+    for variant in ("fp32-sdpa", "fp32-eager", "fp64"):
+        model, tok = load_model(recipe, progress=False)
+        d = recipe.data
+        feats = build_causal_lm_features(data.train, tok, max_length=d.max_length, target_prefix=d.target_prefix,
+                                         expand_references=d.expand_references, **feature_kwargs(recipe))
+        if variant == "fp32-eager":
+            model.set_attn_implementation("eager")
+        apply_delta(recipe, model)
+        if variant == "fp64":
+            model.double()
+        with tempfile.TemporaryDirectory() as tmp:
+            res = _train_torch(recipe, "exact", model, tok, feats, None, Path(tmp), False)
+        runs[variant] = ({k: v.double().numpy() for k, v in delta_state_dict(model).items()}, [r["loss"] for r in res["rows"]])
+    if run_dir is not None:
+        runs["jittor (--deltas)"] = ({k: v.astype(np.float64) for k, v in
+                                     load_file(str(run_dir / "jittor" / "delta" / "delta.safetensors")).items()}, [])
+    out = []
+    names = list(runs)
+    for i, a_name in enumerate(names):
+        for b_name in names[i + 1:]:
+            a, b = runs[a_name][0], runs[b_name][0]
+            rel = {k: np.abs(b[k] - a[k]) / (float(np.abs(a[k]).max()) or 1.0) for k in a}
+            la, lb = runs[a_name][1], runs[b_name][1]
+            out.append({"a": a_name, "b": b_name, "max_rel_weight_diff": max(float(r.max()) for r in rel.values()),
+                        "over_1e-3_A": sum(int((r > 1e-3).sum()) for k, r in rel.items() if "lora_A" in k),
+                        "over_1e-3_B": sum(int((r > 1e-3).sum()) for k, r in rel.items() if "lora_B" in k),
+                        "max_rel_loss_diff": max((abs(x - y) / abs(x) for x, y in zip(la, lb)), default=None)})
     return out
 
 
@@ -253,6 +289,9 @@ def main() -> None:
                     help="set the LoRA B matrices to N(0, this^2) (0: align's zero init; then A's gradients are 0)")
     ap.add_argument("--deltas", help="an align run directory: how its trained LoRA entries that differ by more than "
                                      "1e-3 of their matrix's max are distributed (A/B, step-1 gradients)")
+    ap.add_argument("--torch-floor", action="store_true",
+                    help="also train the recipe in PyTorch fp32 (SDPA), fp32 (eager) and fp64 and compare their LoRA "
+                         "weights pairwise (and with --deltas' Jittor delta) by align's measure")
     ap.add_argument("--json", help="write every number to this JSON file")
     args = ap.parse_args()
 
@@ -291,8 +330,6 @@ def main() -> None:
         save_delta(model, Path(tmp) / "init")
         jmodel = load_pretrained(resolve_model_dir(recipe.model.name_or_path))
         load_delta(jmodel, Path(tmp) / "init")
-    from deltatune.jittor.lora import set_mode
-
     set_mode(jmodel, True, dropout=False)
     j = jittor_pass(jmodel, batch, c.label_smoothing)
 
@@ -335,6 +372,18 @@ def main() -> None:
         if t64:
             line += f" {w[1]:9.2e} {w[2]:9.2e}"
         print(line)
+    # Adam's first update of an entry is ~lr * sign(gradient): entries whose gradient signs differ move apart
+    pairs = [("J vs T", j["grads"], t["grads"])]
+    if t64:
+        pairs += [("T vs fp64", t["grads"], t64["grads"]), ("J vs fp64", j["grads"], t64["grads"])]
+    flips = {}
+    for name, ga, gb in pairs:
+        n = sum(int((np.sign(ga[k]) != np.sign(gb[k])).sum()) for k in gb if np.abs(gb[k]).max() > 0)
+        total = sum(gb[k].size for k in gb if np.abs(gb[k]).max() > 0)
+        flips[name] = {"opposite_sign": n, "entries": total}
+    report["grad_sign_flips"] = flips
+    print("LoRA gradient entries of opposite sign (nonzero matrices): "
+          + ", ".join(f"{k} {v['opposite_sign']} of {v['entries']}" for k, v in flips.items()))
     if args.ops:
         print(f"\nsingle operations on PyTorch's float32 inputs of layer {args.op_layer}")
         print(f"{'op':<56} {'rel J-T':>9} {'T err':>9} {'J err':>9}")
@@ -353,8 +402,15 @@ def main() -> None:
                   f"{_fmt(r['step1_rel_grad_over_tol_median'])}, max {_fmt(r['step1_rel_grad_over_tol_max'])} "
                   f"(all entries: median {r['step1_rel_grad_all_median']:.2e}, {r['step1_grad_zero']} exactly 0)")
         for w in dist["worst"]:
-            print(f"  {w['rel_diff']:.3e}  {w['key']}[{w['index']}]  step-1 grad {w['step1_grad']:+.3e}"
-                  f"{'  (opposite sign in Jittor)' if w['step1_sign_differs'] else ''}")
+            print(f"  {w['rel_diff']:.3e}  {w['key']}[{w['index']}]  step-1 grad PyTorch {w['step1_grad']:+.3e}, "
+                  f"Jittor {w['step1_grad_jittor']:+.3e} (matrix max |grad| {w['step1_grad_matrix_max']:.3e})")
+    if args.torch_floor:
+        print("\nLoRA weights after training, PyTorch runs that differ only in rounding (align's measure)")
+        report["torch_floor"] = torch_floor(recipe, Path(args.deltas) if args.deltas else None)
+        for r in report["torch_floor"]:
+            loss = f", max rel loss diff {r['max_rel_loss_diff']:.2e}" if r["max_rel_loss_diff"] is not None else ""
+            print(f"  {r['a']} vs {r['b']}: max rel weight diff {r['max_rel_weight_diff']:.3e}; entries > 1e-3 of "
+                  f"their matrix's max: A {r['over_1e-3_A']}, B {r['over_1e-3_B']}{loss}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 
