@@ -15,6 +15,12 @@ frameworks.
 Every base weight is frozen (``stop_grad``); only LoRA matrices train (see :mod:`.lora`).
 Calls: ``model(input_ids, attention_mask=None, position_ids=None, past=None, last_only=False)`` with
 numpy or Jittor integer arrays; returns ``(logits, past)``, ``past`` being the per-layer key/value cache.
+
+Numerics follow transformers' float32 formulas; where Jittor's CPU reductions (which add one value after
+another) would be measurably less exact than PyTorch's blocked sums, the sum runs in float64 (RMSNorm's
+mean of squares), and the rotary tables are formed as transformers forms them (see :func:`rope_inv_freq`).
+``model.capture = {}`` records named intermediates of the next forward passes (diagnostics:
+``benchmarks/jittor_layer_diff.py``).
 """
 
 from __future__ import annotations

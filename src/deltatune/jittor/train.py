@@ -2,7 +2,8 @@
 
 * Loss: label-smoothed cross-entropy over the shifted labels, prompt and padding (``-100``) masked,
   summed over the batch's counted tokens and divided by their number (the Trainer's default loss,
-  ``F.cross_entropy(..., label_smoothing=eps)``: ``(1 - eps) * nll + eps * mean_v(-log p_v)``).
+  ``F.cross_entropy(..., label_smoothing=eps)``: ``(1 - eps) * nll + eps * mean_v(-log p_v)``); the
+  log-softmax and its sums over the vocabulary in float64, the summed loss rounded to float32.
 * Gradient clipping as ``torch.nn.utils.clip_grad_norm_`` (total L2 norm, ``max_norm / (norm + 1e-6)``
   capped at 1).
 * :class:`AdamW`: the update of :class:`deltatune.train.AdamW` (decoupled weight decay
