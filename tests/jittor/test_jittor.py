@@ -107,6 +107,54 @@ def test_delta_round_trips_both_ways(kind: str, tmp_path: Path) -> None:
     assert meta["config"] == json.loads((tmp_path / "delta" / "delta_config.json").read_text())["config"]
 
 
+def test_rotary_tables_equal_transformers_at_smollm2_theta_and_long_positions(tmp_path: Path) -> None:
+    # SmolLM2's head_dim 64 and rope_theta 1e5: numpy's float32 power differs from transformers' in the last
+    # bit of some inverse frequencies, which positions multiply (cos/sin 1.9e-6 apart at position 63)
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tm.llama_config(head_dim=64, rope_theta=100000.0, vocab_size=tm.VOCAB, max_position_embeddings=4096)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path)
+    jmodel = load_pretrained(tmp_path)
+    rot = model.model.rotary_emb
+    np.testing.assert_array_equal(jmodel.inv_freq, rot.inv_freq.numpy())
+    pos = np.stack([np.arange(4096), np.arange(4096)[::-1]])
+    with torch.no_grad():
+        cos, sin = rot(torch.zeros(1), torch.from_numpy(pos))
+    jc, js = jmodel._rope(pos)
+    # cos/sin of the same float32 angles: one unit in the last place at most
+    assert np.abs(to_np(jc)[:, 0] - cos.numpy()).max() <= 1.2e-7
+    assert np.abs(to_np(js)[:, 0] - sin.numpy()).max() <= 1.2e-7
+
+
+def test_label_smoothed_loss_and_its_gradient_match_float64_on_a_50k_vocabulary() -> None:
+    # Jittor's float32 CPU sums over the classes are sequential: 1.7e-6 relative on the loss and 1e-3 (of the
+    # largest entry) on the logits' gradient before the loss summed in float64; PyTorch's float32: 6e-8, 8e-6
+    from deltatune.jittor.train import logits_loss_sum
+
+    jt = require_jittor()
+    rng = np.random.default_rng(0)
+    v = 49152
+    logits = rng.normal(-2.0, 2.5, (2, 64, v)).astype(np.float32)
+    labels = rng.integers(0, v, (2, 64))
+    labels[:, :10] = -100
+    labels[1, 50:] = -100
+    x = torch.from_numpy(logits).double().requires_grad_()
+    y = torch.from_numpy(labels)[:, 1:].reshape(-1)
+    want = torch.nn.functional.cross_entropy(x[:, :-1].reshape(-1, v), y, ignore_index=-100, label_smoothing=0.1,
+                                             reduction="sum")
+    n = int((y != -100).sum())
+    (want / n).backward()
+    jl = to_jt(logits)
+    total, got_n = logits_loss_sum(jl, labels, 0.1)
+    grad = to_np(jt.grad(total / float(got_n), jl))
+    assert got_n == n
+    assert abs(float(total.item()) - want.item()) / want.item() <= 2e-7
+    ref = x.grad.numpy()
+    assert np.abs(grad - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
 def _gpt2_dir(path: Path, vocab_from: Path) -> Path:
     """A tiny GPT-2 (dropout 0.1 as GPT-2 ships) with the word-level tokenizer of the tiny Llama directory."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel

@@ -15,6 +15,12 @@ frameworks.
 Every base weight is frozen (``stop_grad``); only LoRA matrices train (see :mod:`.lora`).
 Calls: ``model(input_ids, attention_mask=None, position_ids=None, past=None, last_only=False)`` with
 numpy or Jittor integer arrays; returns ``(logits, past)``, ``past`` being the per-layer key/value cache.
+
+Numerics follow transformers' float32 formulas; where Jittor's CPU reductions (which add one value after
+another) would be measurably less exact than PyTorch's blocked sums, the sum runs in float64 (RMSNorm's
+mean of squares), and the rotary tables are formed as transformers forms them (see :func:`rope_inv_freq`).
+``model.capture = {}`` records named intermediates of the next forward passes (diagnostics:
+``benchmarks/jittor_layer_diff.py``).
 """
 
 from __future__ import annotations
@@ -122,9 +128,32 @@ class Linear:
 
 
 def _rms_norm(x: Any, weight: Any, eps: float) -> Any:
+    """``weight * (x * rsqrt(mean(x^2) + eps))`` as ``LlamaRMSNorm``; the mean of squares is summed in
+    float64 and rounded to float32 (PyTorch's float32 sum is blocked and near-exact; Jittor's CPU
+    reduction adds the 576 or so squares one after another, ~10x the rounding error)."""
     jt = require_jittor()
-    var = (x * x).mean(-1, keepdims=True)
+    x64 = x.float64()
+    var = (x64 * x64).mean(-1, keepdims=True).float32()
     return weight * (x * jt.rsqrt(var + eps))
+
+
+def rope_inv_freq(theta: float, head_dim: int) -> np.ndarray:
+    """The rotary inverse frequencies ``1 / theta ** (arange(0, d, 2) / d)`` bit for bit as transformers'
+    ``compute_default_rope_parameters`` forms them in float32: the exponents are float32 quotients,
+    the power is correctly rounded to float32 (as PyTorch's ``float ** float32 tensor``; numpy's float32
+    ``**`` is not, and differs in the last bit for some frequencies), the reciprocal a float32 division."""
+    x = np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
+    power = np.power(np.float64(theta), x.astype(np.float64)).astype(np.float32)
+    return (np.float32(1.0) / power).astype(np.float32)
+
+
+def rope_cos_sin(inv_freq: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(cos, sin)`` of the rotary angles, each ``(B, T, d)``: the angles are float32 products
+    ``position * inv_freq`` (as transformers' ``LlamaRotaryEmbedding``), their cosine and sine the
+    correctly rounded float32 values (within one unit in the last place of PyTorch's)."""
+    freqs = pos.astype(np.float32)[:, :, None] * inv_freq[None, None, :]
+    emb = np.concatenate([freqs, freqs], -1).astype(np.float64)
+    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
 
 
 def _layer_norm(x: Any, weight: Any, bias: Any, eps: float) -> Any:
@@ -176,6 +205,14 @@ class _Base:
         self.training = False
         self.dropout_enabled = True
         self.linears: dict[str, Linear] = {}
+        #: a dict to record named intermediate values of the next forward passes in (diagnostics:
+        #: ``benchmarks/jittor_layer_diff.py``); ``None``: nothing is recorded
+        self.capture: dict[str, Any] | None = None
+
+    def _keep(self, name: str, value: Any) -> Any:
+        if self.capture is not None:
+            self.capture[name] = value
+        return value
 
     def train(self, mode: bool = True) -> _Base:
         """Training mode (dropout active where enabled); returns self."""
@@ -246,14 +283,12 @@ class JtLlama(_Base):
         head = w.get("lm_head.weight")
         self.tied = head is None or bool(config.get("tie_word_embeddings", False))
         self.lm_head = self.embed if self.tied else to_jt(head).stop_grad()
-        inv = 1.0 / (np.float32(self.theta) ** (np.arange(0, self.head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(self.head_dim)))
-        self.inv_freq = inv.astype(np.float32)
+        self.inv_freq = rope_inv_freq(self.theta, self.head_dim)
 
     def _rope(self, pos: np.ndarray) -> tuple[Any, Any]:
         require_jittor()
-        freqs = pos.astype(np.float32)[:, :, None] * self.inv_freq[None, None, :]
-        emb = np.concatenate([freqs, freqs], -1)
-        return to_jt(np.cos(emb)[:, None]), to_jt(np.sin(emb)[:, None])  # (B, 1, T, d)
+        cos, sin = rope_cos_sin(self.inv_freq, pos)
+        return to_jt(cos[:, None]), to_jt(sin[:, None])  # (B, 1, T, d)
 
     @staticmethod
     def _rotate(x: Any, cos: Any, sin: Any) -> Any:
@@ -274,10 +309,12 @@ class JtLlama(_Base):
         for i in range(self.n_layers):
             p = f"model.layers.{i}"
             lin = self.linears
-            h = _rms_norm(x, self.norms[f"{p}.input_layernorm"], self.eps)
+            h = self._keep(f"{p}.input_layernorm", _rms_norm(x, self.norms[f"{p}.input_layernorm"], self.eps))
             q = lin[f"{p}.self_attn.q_proj"](h).reshape(b, t, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
             k = lin[f"{p}.self_attn.k_proj"](h).reshape(b, t, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
             v = lin[f"{p}.self_attn.v_proj"](h).reshape(b, t, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
+            self._keep(f"{p}.self_attn.q_proj", q)
+            self._keep(f"{p}.self_attn.v_proj", v)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             if past is not None:
                 k = jt.concat([past[i][0], k], dim=2)
@@ -290,12 +327,13 @@ class JtLlama(_Base):
                 v = v.reshape(b, self.n_kv, 1, tk, self.head_dim).broadcast((b, self.n_kv, rep, tk, self.head_dim))
                 v = v.reshape(b, self.n_heads, tk, self.head_dim)
             a = _attend(q, k, v, bias, self.head_dim**-0.5, float(self.config.get("attention_dropout", 0.0)), drop)
-            a = a.transpose(0, 2, 1, 3).reshape(b, t, self.n_heads * self.head_dim)
-            x = x + lin[f"{p}.self_attn.o_proj"](a)
-            h = _rms_norm(x, self.norms[f"{p}.post_attention_layernorm"], self.eps)
+            a = self._keep(f"{p}.self_attn.attn", a.transpose(0, 2, 1, 3).reshape(b, t, self.n_heads * self.head_dim))
+            x = x + self._keep(f"{p}.self_attn.o_proj", lin[f"{p}.self_attn.o_proj"](a))
+            h = self._keep(f"{p}.post_attention_layernorm", _rms_norm(x, self.norms[f"{p}.post_attention_layernorm"], self.eps))
             g = lin[f"{p}.mlp.gate_proj"](h)
-            x = x + lin[f"{p}.mlp.down_proj"](g * jt.sigmoid(g) * lin[f"{p}.mlp.up_proj"](h))
-        x = _rms_norm(x, self.norms["model.norm"], self.eps)
+            x = x + self._keep(f"{p}.mlp", lin[f"{p}.mlp.down_proj"](g * jt.sigmoid(g) * lin[f"{p}.mlp.up_proj"](h)))
+            self._keep(p, x)
+        x = self._keep("model.norm", _rms_norm(x, self.norms["model.norm"], self.eps))
         if last_only:
             x = x[:, -1:, :]
         return jt.nn.matmul_transpose(x, self.lm_head), new_past
