@@ -47,10 +47,9 @@ want() { [ -z "${PARTS:-}" ] || [[ " $PARTS " == *" $1 "* ]]; }
 
 # 1. GPU tests (about 20 s)
 if want tests; then
-part 100 tests $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
-    tests/train/test_trainer_cuda_graph.py tests/train/test_fused.py tests/train/test_cuda_graph.py \
-    tests/kernels/test_kernels_cuda.py tests/kernels/test_kernels_lora.py tests/train/test_collate.py \
-    tests/kernels/test_dropout_triton.py
+part 100 tests $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" ${TESTS:-tests/train/test_trainer_cuda_graph.py \
+    tests/train/test_fused.py tests/train/test_cuda_graph.py tests/kernels/test_kernels_cuda.py \
+    tests/kernels/test_kernels_lora.py tests/train/test_collate.py tests/kernels/test_dropout_triton.py}
 cp "$LOG" "$OUT/tests.txt"
 fi
 
@@ -81,12 +80,19 @@ fi
 
 # 3b'. the dropout kernels alone (each mask setting, a tile sweep), then the 1B step with each setting: the
 #      defaults (24 bits, 10 rounds, 64x64x4 tiles), the swept tiles, 16 bits with 10 and with 7 rounds
+#      (short on device time: DROPK_SWEEP=0 skips the tile sweep, DROPK_RNGS="16,7" picks the settings,
+#      DROPK_MODES the default run's modes)
 if want dropk; then
-part 240 dropout-kernels $PY bench_dropout_kernels.py --sweep --json "$OUT/dropout-kernels.json" --tiles-out "$OUT/tiles.env"
+if [ "${DROPK_SWEEP:-1}" = 1 ]; then
+    part 240 dropout-kernels $PY bench_dropout_kernels.py --sweep --json "$OUT/dropout-kernels.json" --tiles-out "$OUT/tiles.env"
+else
+    part 90 dropout-kernels $PY bench_dropout_kernels.py --shapes llama1b-h2048,llama1b-h8192 --json "$OUT/dropout-kernels.json"
+fi
 TILES="$(sed -n 's/^DELTATUNE_DROPOUT_TILES=//p' "$OUT/tiles.env" 2>/dev/null)"
 part 150 step-llama1b-default $PY bench_lora_vs_peft.py --shape llama1b --batch 8 --seq 2048 --isolate \
-    --modes peft_nodrop,deltatune_eager,deltatune_nodrop_eager --fused liger --json "$OUT/step-llama1b-default.json"
-for rng in 24,10 16,10 16,7; do
+    --modes "${DROPK_MODES:-peft_nodrop,deltatune_eager,deltatune_nodrop_eager}" --fused liger \
+    --json "$OUT/step-llama1b-default.json"
+for rng in ${DROPK_RNGS:-24,10 16,10 16,7}; do
     part 60 "step-llama1b-rng$rng-tiles" env DELTATUNE_DROPOUT_TILES="$TILES" DELTATUNE_DROPOUT_BITS="${rng%,*}" \
         DELTATUNE_DROPOUT_ROUNDS="${rng#*,}" $PY bench_lora_vs_peft.py --shape llama1b --batch 8 --seq 2048 --isolate \
         --modes deltatune_eager --fused liger --json "$OUT/step-llama1b-rng${rng/,/-}-tiles.json"
@@ -100,6 +106,7 @@ fi
 
 # 4. decoding per method (about 1 min)
 if want decode; then
-part 150 decode $PY bench_decode_methods.py --shape smollm2 --batch 8 --new-tokens 64 --repeats 5 --interleave --out "$OUT/decode"
+part 150 decode $PY bench_decode_methods.py --shape smollm2 --batch 8 --new-tokens 64 --repeats "${DECODE_REPEATS:-5}" \
+    --interleave --out "$OUT/decode"
 fi
 say "done"
