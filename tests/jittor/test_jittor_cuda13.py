@@ -171,16 +171,25 @@ def test_the_copy_imports_as_jittor_from_its_own_folder(tmp_path):
 GPU_SCRIPT = REPO / "benchmarks" / "gpu_jittor_cuda13.sh"
 
 
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.exists() else None
+
+
 def test_gpu_script_reports_every_step_and_exits_cleanly_without_cuda(tmp_path):
     """benchmarks/gpu_jittor_cuda13.sh on a machine without nvcc: the patch step builds the copy, the
     import step fails with Jittor's own message in the summary, the steps that need it are skipped, and
     the script still exits 0 with the log written."""
     _installed()
     out, nvcc = tmp_path / "out", tmp_path / "no-cuda" / "bin" / "nvcc"
-    keep = ("PATH", "HOME", "LANG", "LC_ALL", "VIRTUAL_ENV", "TMPDIR")
+    real_config = Path.home() / ".cache" / "jittor" / "config.json"
+    config_before = _read(real_config)
+    keep = ("PATH", "LANG", "LC_ALL", "VIRTUAL_ENV", "TMPDIR")
     env = {k: v for k, v in os.environ.items() if k in keep}
+    # HOME too: Jittor writes JITTOR_HOME into ~/.cache/jittor/config.json, which would point every later
+    # Jittor run of this user at this test's deleted folder
     env.update({"OUT": str(out), "NVCC": str(nvcc), "PY": sys.executable, "BUDGET_S": "200",
-                "JITTOR_CUDA13_DEST": str(tmp_path / "copy"), "JITTOR_HOME": str(tmp_path / "home")})
+                "JITTOR_CUDA13_DEST": str(tmp_path / "copy"), "JITTOR_HOME": str(tmp_path / "home"),
+                "HOME": str(tmp_path / "home")})
     r = subprocess.run(["bash", str(GPU_SCRIPT)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     summary = (out / "summary.txt").read_text()
@@ -198,5 +207,6 @@ def test_gpu_script_reports_every_step_and_exits_cleanly_without_cuda(tmp_path):
     assert f"  export nvcc_path={nvcc}" in summary
     log = (out / "jittor_cuda13.log").read_text()
     assert "===== step import: exit 1 after" in log and "Traceback" in log
+    assert _read(real_config) == config_before  # the user's Jittor config is left as it was
     assert (tmp_path / "copy" / jc.MANIFEST).is_file()
     assert sorted(p.name for p in out.iterdir()) == ["jittor_cuda13.log", "summary.txt"]
