@@ -166,13 +166,18 @@ if TRITON_DROPOUT:
         groups = k0 // PER + tl.arange(0, BK // PER)
         ctr = rows.to(tl.int64)[:, None] * KG + groups[None, :]
         r0, r1, r2, r3 = tl.randint4x(seed, ctr, ROUNDS)
+        r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BN, BK * 4 // PER))  # numbers in column order
         if BITS == 24:
-            r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BN, BK))
             return (r >> 8).to(tl.int32) >= thr
-        else:
-            r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BN, BK // 2))
-            h = tl.reshape(tl.join(r & 0xFFFF, r >> 16), (BN, BK))
-            return h.to(tl.int32) >= thr
+        h = tl.reshape(tl.join(r & 0xFFFF, r >> 16), (BN, BK))
+        return h.to(tl.int32) >= thr
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        """``a @ b`` accumulated in float32; exact float32 products (no TF32) for float32 inputs."""
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
 
     @triton.jit
     def _xa_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, N, K, R, thr, scale,
@@ -192,10 +197,7 @@ if TRITON_DROPOUT:
             x = tl.where(keep, x, tl.zeros_like(x))
             am = (cols[:, None] < K) & (rr[None, :] < R)
             a = tl.load(a_ptr + cols[:, None] * sak + rr[None, :] * sar, mask=am, other=0.0)
-            if IEEE:
-                acc += tl.dot(x, a, input_precision="ieee")
-            else:
-                acc += tl.dot(x, a)
+            acc += _dot(x, a, IEEE)
         acc = acc * scale
         om = (rows[:, None] < N) & (rr[None, :] < R)
         tl.store(out_ptr + rows[:, None].to(tl.int64) * son + rr[None, :], acc.to(out_ptr.dtype.element_ty), mask=om)
@@ -221,10 +223,7 @@ if TRITON_DROPOUT:
                         mask=rm[:, None] & (cols[None, :] < K), other=0.0)
             keep = _keep_tile(seed, rows, pk * BK, K, thr, BN, BK, BITS, ROUNDS)
             x = tl.where(keep, x, tl.zeros_like(x))
-            if IEEE:
-                acc += tl.dot(tl.trans(g), x, input_precision="ieee")
-            else:
-                acc += tl.dot(tl.trans(g), x)
+            acc += _dot(tl.trans(g), x, IEEE)
         acc = acc * scale
         out = part_ptr + ps.to(tl.int64) * R * K + rr[:, None] * K + cols[None, :]
         tl.store(out, acc, mask=(rr[:, None] < R) & (cols[None, :] < K))
@@ -244,10 +243,7 @@ if TRITON_DROPOUT:
                     mask=(rows[:, None] < N) & (rr[None, :] < R), other=0.0)
         a = tl.load(a_ptr + rr[:, None] * sar + cols[None, :] * sak,
                     mask=(rr[:, None] < R) & (cols[None, :] < K), other=0.0)
-        if IEEE:
-            t = tl.dot(g, a, input_precision="ieee")
-        else:
-            t = tl.dot(g, a)
+        t = _dot(g, a, IEEE)
         keep = _keep_tile(seed, rows, pk * BK, K, thr, BN, BK, BITS, ROUNDS)
         t = tl.where(keep, t * scale, tl.zeros_like(t))
         m = (rows[:, None] < N) & (cols[None, :] < K)
