@@ -41,7 +41,7 @@ from deltatune.checkpoint import delta_parameter_names, delta_state_dict, save_d
 from deltatune.data import build_causal_lm_features
 from deltatune.jittor import models as jm
 from deltatune.jittor import require_jittor
-from deltatune.jittor.align import _mode_recipe, _train_torch, resolve_model_dir
+from deltatune.jittor.align import _mode_recipe, _train_torch, lora_rel_diff, resolve_model_dir
 from deltatune.jittor.lora import load_delta, set_mode, trainable
 from deltatune.jittor.models import load_pretrained, to_jt, to_np
 from deltatune.jittor.train import logits_loss_sum
@@ -210,8 +210,9 @@ def delta_distribution(run_dir: Path, t_grads: dict[str, np.ndarray], j_grads: d
         n_all = n_bad = n_flip = 0
         g_bad: list[np.ndarray] = []
         g_all: list[np.ndarray] = []
+        rel = lora_rel_diff({k: t[k] for k in keys}, j)
         for k in keys:
-            d = np.abs(j[k].astype(np.float64) - t[k]) / (float(np.abs(t[k]).max()) or 1.0)
+            d = rel[k]
             g = t_grads[k]
             gmax = float(np.abs(g).max())
             rel_g = np.abs(g) / gmax if gmax > 0 else np.zeros_like(g)
@@ -265,7 +266,7 @@ def torch_floor(recipe: Any, run_dir: Path | None) -> list[dict[str, Any]]:
     for i, a_name in enumerate(names):
         for b_name in names[i + 1:]:
             a, b = runs[a_name][0], runs[b_name][0]
-            rel = {k: np.abs(b[k] - a[k]) / (float(np.abs(a[k]).max()) or 1.0) for k in a}
+            rel = lora_rel_diff(a, b)
             la, lb = runs[a_name][1], runs[b_name][1]
             out.append({"a": a_name, "b": b_name, "max_rel_weight_diff": max(float(r.max()) for r in rel.values()),
                         "over_1e-3_A": sum(int((r > 1e-3).sum()) for k, r in rel.items() if "lora_A" in k),

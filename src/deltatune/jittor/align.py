@@ -303,17 +303,21 @@ def _decode_jittor(recipe: Any, jmodel: Any, tok: Any, torch_model: Any, example
     return {"ids": ids, "info": info}
 
 
+def lora_rel_diff(ref: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """align's weight measure, per matrix and element: ``|other - ref| / max|ref|`` (float64; a zero
+    matrix divides by 1)."""
+    return {k: np.abs(other[k].astype(np.float64) - r) / (float(np.abs(r).max()) or 1.0) for k, r in ref.items()}
+
+
 def _lora_weight_diff(torch_dir: Path, jittor_dir: Path) -> tuple[float, float]:
     """(max over matrices of max|J - T| / max|T|, max over matrices of ||J - T||_F / ||T||_F)."""
     from safetensors.numpy import load_file
 
     a = load_file(os.fspath(torch_dir / "delta.safetensors"))
     b = load_file(os.fspath(jittor_dir / "delta.safetensors"))
-    worst = worst_fro = 0.0
-    for k, ta in a.items():
-        scale = float(np.abs(ta).max()) or 1.0
-        worst = max(worst, float(np.abs(b[k] - ta).max()) / scale)
-        worst_fro = max(worst_fro, float(np.linalg.norm(b[k] - ta)) / (float(np.linalg.norm(ta)) or 1.0))
+    worst = max((float(r.max()) for r in lora_rel_diff(a, b).values()), default=0.0)
+    worst_fro = max((float(np.linalg.norm(b[k] - ta)) / (float(np.linalg.norm(ta)) or 1.0) for k, ta in a.items()),
+                    default=0.0)
     return worst, worst_fro
 
 
